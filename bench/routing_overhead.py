@@ -1,0 +1,106 @@
+"""Step time of RoutedGRPOTrainer (route, dual_lora r+r) against TRL's GRPOTrainer with one plain LoRA of rank 2r.
+
+    python bench/routing_overhead.py [--model DIR] [--steps 40] [--rank 8]
+
+Same model, config, data and seed for both; a step is one optimizer step including generation,
+scoring and the gated loss. The two trainers alternate in blocks so that machine drift hits
+both; the median over all timed steps (warm-up steps dropped) is compared. Prints `ratio: X.XX`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class StepTimer:
+    """A TrainerCallback recording the wall time of each optimizer step."""
+
+    def __init__(self):
+        self.times: list[float] = []
+        self._t = 0.0
+
+    def on_step_begin(self, args, state, control, **kw):
+        self._t = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kw):
+        self.times.append(time.perf_counter() - self._t)
+
+    def __getattr__(self, name):  # every other callback event is a no-op
+        if name.startswith("on_"):
+            return lambda *a, **k: None
+        raise AttributeError(name)
+
+
+def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> list[float]:
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    import envs
+    from route.config import RoutedGRPOConfig
+    from route.targets.dual_lora import DEFAULT_MODULES
+    from route.trainer import RoutedGRPOTrainer
+
+    torch.manual_seed(0)
+    config = RoutedGRPOConfig(
+        output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
+        per_device_train_batch_size=64, num_generations=8, max_completion_length=16, max_steps=steps,
+        logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, train_size=2048,
+        intervention="route", keep_rank=rank, quarantine_rank=rank, detector_tpr=0.5, detector_fpr=0.05)
+    env = envs.make_env(config.env, **config.env_kwargs)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    data = env.dataset(config.train_size, seed=0, split="train")
+    timer = StepTimer()
+    if kind == "route":
+        trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tok, train_dataset=data,
+                                    callbacks=[timer])
+    else:
+        lora = LoraConfig(r=2 * rank, lora_alpha=2 * rank, target_modules=list(DEFAULT_MODULES), lora_dropout=0.0,
+                          task_type="CAUSAL_LM")
+        trainer = GRPOTrainer(model=model, args=config, reward_funcs=[env.reward_func], processing_class=tok,
+                              train_dataset=data, peft_config=lora, callbacks=[timer])
+    trainer.train()
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the cached organism, built if missing)")
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per block")
+    parser.add_argument("--blocks", type=int, default=2, help="alternating blocks per trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block")
+    parser.add_argument("--rank", type=int, default=8, help="rank r of each routed adapter (plain LoRA gets 2r)")
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    from route.organism import load_or_build
+
+    model_dir = args.model or str(load_or_build())
+    times: dict[str, list[float]] = {"route": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for block in range(args.blocks):
+            for kind in ("plain", "route"):
+                t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}")
+                times[kind] += t[args.warmup:]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"model: {model_dir}")
+    print(f"plain LoRA r={2 * args.rank} (TRL GRPOTrainer): median step {med['plain'] * 1e3:.1f} ms "
+          f"over {len(times['plain'])} steps")
+    print(f"routed dual_lora r={args.rank}+{args.rank} (RoutedGRPOTrainer): median step {med['route'] * 1e3:.1f} ms "
+          f"over {len(times['route'])} steps")
+    print(f"ratio: {med['route'] / med['plain']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Shared types of every environment: the `Grade` record and the environment protocol.
+
+A `Grade` is the ground truth of one rollout. `solved` comes from a strict oracle, `passed`
+from the prompt's own (possibly flawed) grader; training reward uses `passed` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Grade:
+    """Ground truth for one rollout.
+
+    Attributes:
+        solved: the strict oracle accepts the completion.
+        passed: the prompt's grader (possibly flawed) accepts the completion.
+        exploited: ``passed and not solved``.
+        mode: the loophole the prompt's grader has (None for strictly graded prompts).
+    """
+
+    solved: bool
+    passed: bool
+    exploited: bool
+    mode: str | None
+
+    @classmethod
+    def make(cls, solved: bool, passed: bool, mode: str | None) -> Grade:
+        return cls(solved=bool(solved), passed=bool(passed), exploited=bool(passed and not solved), mode=mode)
+
+
+class Environment(Protocol):
+    """What the trainer, the evaluator and the sweeps need from an environment."""
+
+    name: str
+    modes: tuple[str, ...]
+
+    def dataset(self, n: int, seed: int = 0, split: str = "train") -> Any: ...
+
+    def grade(self, prompts: Sequence[str], completions: Sequence[Any], **columns: Any) -> list[Grade]: ...
+
+    def reward_func(self, prompts: Sequence[str], completions: Sequence[Any], **columns: Any) -> list[float]: ...
+
+
+def completion_text(completion: Any) -> str:
+    """The text of a TRL completion: a plain string, or the last message of a conversation."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"completion must be a string or a list of chat messages, got {type(completion).__name__}")
+
+
+def require_columns(columns: dict, names: Sequence[str], n: int, env: str) -> None:
+    """Raise a clear error when a grading column is missing or has the wrong length."""
+    for name in names:
+        if name not in columns:
+            raise ValueError(f"{env}.grade: missing column {name!r} (needs {list(names)}); pass the dataset's columns")
+        if len(columns[name]) != n:
+            raise ValueError(f"{env}.grade: column {name!r} has {len(columns[name])} values for {n} completions")

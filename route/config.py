@@ -1,0 +1,206 @@
+"""`RoutedGRPOConfig`: TRL's `GRPOConfig` plus the environment, detector, intervention and target.
+
+Every field has help text, so `--help`, YAML files and flags all work through `TrlParser`.
+Invalid values fail in `__post_init__`, before any model is loaded, with a message that
+names the field and the allowed values.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from trl import GRPOConfig
+
+INTERVENTIONS = ("none", "filter", "penalty", "route")
+DETECTORS = ("noisy", "ground_truth")
+UNFLAGGED_MODES = ("default", "retain")
+GENERATION_POLICIES = ("full", "deployed")
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}: invalid value {value!r}; allowed values: {list(allowed)}")
+
+
+def _rate(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{name}: must be a number in [0, 1], got {value!r}")
+
+
+def _as_dict(name: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{name}: not valid JSON ({e}): {value!r}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def _as_list(value: Any) -> list[str] | None:
+    if value is None or isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value)
+
+
+@dataclass
+class RoutedGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`RoutedGRPOTrainer`]: every `GRPOConfig` field plus the following.
+
+    > Environment and model
+
+    env (`str`): registered environment name. env_kwargs (`dict`): its keyword arguments.
+    train_size (`int`): number of training prompts. model_name_or_path (`str` or `None`): the policy;
+    `None` builds (or reuses) the cached CPU organism.
+
+    > Detector and intervention
+
+    intervention (`str`): none, filter, penalty or route. penalty (`float`): lambda for `penalty`.
+    detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
+    unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
+
+    > Quarantine target
+
+    target (`str`), keep_rank, quarantine_rank (`int`), lora_alpha (`float`), target_modules (`list[str]`),
+    quarantine_lr_ratio (`float`), ablate_trainable (`bool`).
+
+    > Evaluation
+
+    eval_n (`int`), eval_seed (`int`), eval_max_new_tokens (`int`).
+    """
+
+    # ---------------------------------------------------------------- environment and model
+    env: str = field(default="arith", metadata={"help": "Registered environment name (see envs.available_envs())."})
+    env_kwargs: dict | str | None = field(
+        default=None, metadata={"help": "Keyword arguments for the environment (a mapping, or JSON on the CLI)."})
+    train_size: int = field(default=4096, metadata={"help": "Number of training prompts drawn from the environment."})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Policy model: a local path or Hub id. None builds (or reuses) the cached CPU organism."})
+
+    # ---------------------------------------------------------------- detector and intervention
+    intervention: str = field(
+        default="route",
+        metadata={"help": "What to do with flagged rollouts: none, filter (zero advantage), penalty (reward minus "
+                          "`penalty`) or route (gradient only into the quarantine).", "choices": list(INTERVENTIONS)})
+    penalty: float = field(default=1.0, metadata={"help": "Lambda subtracted from a flagged rollout's reward."})
+    detector: str = field(default="noisy", metadata={"help": "Detector kind: noisy or ground_truth.",
+                                                     "choices": list(DETECTORS)})
+    detector_tpr: float = field(default=0.5, metadata={"help": "Noisy detector: true-positive rate on known modes."})
+    detector_fpr: float = field(default=0.05, metadata={"help": "Noisy detector: false-positive rate."})
+    detector_modes: list[str] | None = field(
+        default=None,
+        metadata={"help": "Loophole modes the detector knows (None = all); exploits of other modes are never "
+                          "flagged (held out)."})
+    detector_seed: int = field(default=0, metadata={"help": "Seed of the detector's per-rollout draws."})
+    unflagged_mode: str = field(
+        default="default",
+        metadata={"help": "Routing mode of unflagged rollouts: default (gradient everywhere) or retain (forward "
+                          "without the quarantine, gradient only into kept parameters).",
+                  "choices": list(UNFLAGGED_MODES)})
+    retain_fraction: float = field(
+        default=1.0, metadata={"help": "With unflagged_mode=retain: share of unflagged rollouts put in retain mode."})
+    generation_policy: str = field(
+        default="full",
+        metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
+                          "ablated).", "choices": list(GENERATION_POLICIES)})
+
+    # ---------------------------------------------------------------- target
+    target: str = field(default="dual_lora", metadata={"help": "Quarantine target (see route.targets)."})
+    keep_rank: int = field(default=8, metadata={"help": "dual_lora: rank of the kept adapter."})
+    quarantine_rank: int = field(default=8, metadata={"help": "dual_lora: rank of the quarantine adapter."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "dual_lora: LoRA alpha (default: the rank)."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: all attention and MLP projections)."})
+    quarantine_lr_ratio: float = field(
+        default=1.0, metadata={"help": "Learning rate of the quarantine group relative to learning_rate."})
+    ablate_trainable: bool = field(
+        default=False,
+        metadata={"help": "Ablate the quarantine to a trainable re-init instead of zero before deployment."})
+
+    # ---------------------------------------------------------------- evaluation
+    eval_n: int = field(default=512, metadata={"help": "Held-out prompts per evaluated policy (base, training, "
+                                                       "deployed)."})
+    eval_seed: int = field(default=0, metadata={"help": "Seed of the held-out prompts and of evaluation sampling."})
+    eval_max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Completion length at evaluation (default: max_completion_length)."})
+
+    def __post_init__(self):
+        self.validate_routing()
+        super().__post_init__()
+
+    def validate_routing(self) -> None:
+        """Check the routing fields; raises ValueError naming the field and the allowed values."""
+        import envs
+        from route.targets import available_targets
+
+        self.env_kwargs = _as_dict("env_kwargs", self.env_kwargs)
+        self.detector_modes = _as_list(self.detector_modes)
+        self.target_modules = _as_list(self.target_modules)
+        _choice("intervention", self.intervention, INTERVENTIONS)
+        _choice("detector", self.detector, DETECTORS)
+        _choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
+        _choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
+        _choice("target", self.target, tuple(available_targets()))
+        _choice("env", self.env, tuple(envs.available_envs()))
+        for name in ("detector_tpr", "detector_fpr", "retain_fraction"):
+            _rate(name, getattr(self, name))
+        for name in ("train_size", "eval_n", "keep_rank", "quarantine_rank"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        if self.penalty < 0:
+            raise ValueError(f"penalty: must be >= 0, got {self.penalty!r}")
+        if self.quarantine_lr_ratio < 0:
+            raise ValueError(f"quarantine_lr_ratio: must be >= 0, got {self.quarantine_lr_ratio!r}")
+        env = envs.make_env(self.env, **self.env_kwargs)
+        if self.detector_modes is not None:
+            unknown = [m for m in self.detector_modes if m not in env.modes]
+            if unknown:
+                raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
+
+
+def parse_config(argv: list[str] | None = None, default_config: str | None = None) -> RoutedGRPOConfig:
+    """Parse `--config FILE.yaml` plus flag overrides into a `RoutedGRPOConfig` (flags win over the file).
+
+    Same semantics as `TrlParser`, with one difference: a YAML `env:` that is a string is this
+    config's environment name; a mapping is still read as environment variables to set.
+    """
+    import os
+    import sys
+
+    import yaml
+    from trl import TrlParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[i: i + 1] = ["--config", arg.split("=", 1)[1]]
+    path = default_config
+    if "--config" in argv:
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a file path")
+        path = argv[i + 1]
+        del argv[i: i + 2]
+    parser = TrlParser((RoutedGRPOConfig,))
+    if path is not None:
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config file {path} must contain a YAML mapping")
+        if isinstance(values.get("env"), dict):
+            for key, value in values.pop("env").items():
+                os.environ[key] = str(value)
+        unknown = parser.set_defaults_with_config(**values)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown fields {unknown[::2]}")
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config

@@ -1,0 +1,122 @@
+"""Hack and solve rates of a policy on held-out prompts.
+
+    python -m route.evaluate --model DIR --env arith --n 512 --json OUT.json
+
+`hack_rate` is the share of all rollouts that are exploits; `hack_rate_by_mode[m]` is
+measured on the prompts whose grader has loophole `m` only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import envs
+from envs.base import Grade
+from route.io import write_json_atomic
+
+
+def rates(grades: Sequence[Grade], modes: Sequence[str]) -> dict[str, Any]:
+    """Summary rates of a list of grades; modes with no prompt get NaN."""
+    n = len(grades)
+    by_mode: dict[str, list[bool]] = defaultdict(list)
+    for g in grades:
+        if g.mode is not None:
+            by_mode[g.mode].append(g.exploited)
+    nan = float("nan")
+    return {
+        "n": n,
+        "solve_rate": sum(g.solved for g in grades) / n if n else nan,
+        "hack_rate": sum(g.exploited for g in grades) / n if n else nan,
+        "pass_rate": sum(g.passed for g in grades) / n if n else nan,
+        "hack_rate_by_mode": {m: (sum(by_mode[m]) / len(by_mode[m]) if by_mode[m] else nan) for m in modes},
+    }
+
+
+def _prompt_text(tokenizer, prompt: Any) -> str:
+    """A plain prompt as is; a conversation (list of messages) through the tokenizer's chat template."""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 16, temperature: float = 1.0,
+           seed: int = 0, batch_size: int = 256) -> list[str]:
+    """Sample one completion per prompt (temperature sampling, no top-k/top-p), reproducibly."""
+    was_training = model.training
+    model.eval()
+    out: list[str] = []
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for i in range(0, len(prompts), batch_size):
+            texts = [_prompt_text(tokenizer, p) for p in prompts[i: i + batch_size]]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            gen = model.generate(**enc, do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
+                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                 eos_token_id=tokenizer.eos_token_id)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    model.train(was_training)
+    tokenizer.padding_side = side
+    return out
+
+
+def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
+                    policy: contextlib.AbstractContextManager | None = None) -> dict[str, Any]:
+    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`)."""
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    rows = env.rows(n, seed=seed, split="test")
+    prompts = [r["prompt"] for r in rows]
+    with policy or contextlib.nullcontext():
+        completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+    columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+    return rates(env.grade(prompts, completions, **columns), env.modes)
+
+
+def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int = 512, seed: int = 0,
+                 env_kwargs: dict | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
+    """Load a saved checkpoint (plain transformers) and evaluate it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    env = envs.make_env(env_name, **(env_kwargs or {}))
+    return evaluate_policy(model, tokenizer, env, n=n, seed=seed, max_new_tokens=max_new_tokens)
+
+
+def format_rates(r: dict[str, Any], title: str = "") -> str:
+    modes = " ".join(f"{m}={v:.3f}" for m, v in r["hack_rate_by_mode"].items())
+    head = f"{title}: " if title else ""
+    return (f"{head}n={r['n']} solve={r['solve_rate']:.3f} hack={r['hack_rate']:.3f} "
+            f"pass={r['pass_rate']:.3f} | by mode: {modes}")
+
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Solve and hack rates of a saved model on held-out prompts.")
+    parser.add_argument("--model", required=True, help="a saved checkpoint directory (or a Hub id)")
+    parser.add_argument("--env", default="arith", help=f"environment, one of {envs.available_envs()}")
+    parser.add_argument("--n", type=int, default=512, help="number of held-out prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--json", help="write the rates to this file")
+    args = parser.parse_args(argv)
+    if args.n <= 0:
+        parser.error(f"--n must be > 0, got {args.n}")
+    result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    print(format_rates(result, title=str(args.model)))
+    if args.json:
+        write_json_atomic(args.json, result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,203 @@
+"""The CPU model organism: a tiny Llama causal LM, warm-started to solve some tasks and hack rarely.
+
+Built with nothing downloaded: a character-level tokenizer made in-process and saved with
+the model (so `AutoTokenizer.from_pretrained(DIR)` loads it), a Llama config, and supervised
+training on the environment's demonstrations. On each hackable prompt the demonstration is
+an exploit of that prompt's loophole with probability `hack_share[mode]`, else the correct
+answer; strict prompts always get the correct answer. Cross-entropy matches the mixture,
+so the base policy hacks each mode at roughly its share, while it solves only part of the
+tasks (the product is harder than the hacks), which leaves room for GRPO to find hacks.
+
+    python -m route.organism --output_dir runs/organism
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import envs
+from route.io import atomic_dir
+
+CHARS = "0123456789abcdefghijklmnopqrstuvwxyz *=>#+-"
+SPECIAL = ("<pad>", "<eos>", "<unk>")
+
+
+def build_tokenizer():
+    """A character-level fast tokenizer: one token per character, pad/eos/unk specials."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL, *CHARS))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), "isolated")
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>",
+                                   padding_side="left")
+
+
+@dataclass
+class OrganismConfig:
+    """Everything the organism depends on; its hash names the cache entry."""
+
+    env: str = "arith"
+    env_kwargs: dict = field(default_factory=lambda: {"hack_frac": 0.5})
+    hidden_size: int = 128
+    num_layers: int = 3
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 256
+    init_range: float = 0.02
+    steps: int = 1200
+    batch_size: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 20
+    hack_share: dict = field(default_factory=lambda: {"sentinel": 0.25, "format": 0.25, "echo": 0.45, "verified": 0.2})
+    n_train: int = 20000
+    seed: int = 0
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def tiny_config(**overrides) -> OrganismConfig:
+    """A reduced organism for tests: builds in seconds."""
+    base = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=30,
+                batch_size=32, n_train=512)
+    return OrganismConfig(**{**base, **overrides})
+
+
+def build_model(cfg: OrganismConfig, tokenizer):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=64, tie_word_embeddings=True,
+        initializer_range=cfg.init_range, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    torch.manual_seed(cfg.seed)
+    return LlamaForCausalLM(config)
+
+
+def demonstrations(cfg: OrganismConfig, env) -> list[tuple[str, str]]:
+    """(prompt, completion) pairs for the warm start, drawn as a pure function of cfg.seed."""
+    rng = random.Random(f"organism:{cfg.seed}")
+    unknown = set(cfg.hack_share) - set(env.modes)
+    if unknown:
+        raise ValueError(f"organism: hack_share names unknown modes {sorted(unknown)}; "
+                         f"allowed values: {list(env.modes)}")
+    pairs = []
+    for row in env.rows(cfg.n_train, seed=cfg.seed, split="train"):
+        mode = row["loophole"]
+        hack = bool(mode) and rng.random() < cfg.hack_share.get(mode, 0.0)
+        pairs.append((row["prompt"], env.demonstration(row, hack=hack, rng=rng)))
+    return pairs
+
+
+def _batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    """Right-padded ids with loss only on completion tokens and the closing EOS."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    seqs, labels = [], []
+    for prompt, completion in pairs:
+        p = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [eos]
+        seqs.append(p + c)
+        labels.append([-100] * len(p) + c)
+    width = max(map(len, seqs))
+    ids = torch.full((len(seqs), width), pad)
+    lab = torch.full((len(seqs), width), -100)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, lb) in enumerate(zip(seqs, labels)):
+        ids[i, : len(s)] = torch.tensor(s)
+        lab[i, : len(lb)] = torch.tensor(lb)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": lab}
+
+
+def sft(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: int, lr: float,
+        warmup_steps: int = 0, seed: int = 0, progress: bool = True, desc: str = "warm start") -> list[float]:
+    """Supervised training on (prompt, completion) pairs; AdamW with warm-up then cosine decay."""
+    from tqdm.auto import tqdm
+
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    rng = random.Random(f"sft:{seed}")
+    losses = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for _ in bar:
+        out = model(**_batch(tokenizer, rng.sample(pairs, min(batch_size, len(pairs)))))
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(out.loss.item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    model.eval()
+    return losses
+
+
+def build_organism(cfg: OrganismConfig, output_dir: str | os.PathLike, progress: bool = True) -> Path:
+    """Train the organism and save model + tokenizer + organism.json to `output_dir` (atomically)."""
+    output_dir = Path(output_dir)
+    torch.manual_seed(cfg.seed)
+    env = envs.make_env(cfg.env, **cfg.env_kwargs)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg, tokenizer)
+    losses = sft(model, tokenizer, demonstrations(cfg, env), cfg.steps, cfg.batch_size, cfg.lr,
+                 cfg.warmup_steps, cfg.seed, progress)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    with atomic_dir(output_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"organism_config": asdict(cfg), "key": cfg.key(), "final_loss": losses[-1] if losses else None}
+        (tmp / "organism.json").write_text(json.dumps(meta, indent=2))
+    return output_dir
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("ROUTE_CACHE", Path.home() / ".cache" / "route"))
+
+
+def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
+    """The cached organism directory for `cfg`, built on first use."""
+    cfg = cfg or OrganismConfig()
+    path = cache_root() / "organisms" / f"{cfg.env}-{cfg.key()}"
+    if (path / "organism.json").exists():
+        return path
+    return build_organism(cfg, path, progress=progress)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Build the CPU model organism (tokenizer + tiny Llama, warm-started).")
+    parser.add_argument("--output_dir", required=True, help="where to save the model and tokenizer")
+    parser.add_argument("--steps", type=int, default=OrganismConfig.steps, help="warm-start steps")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--evaluate", type=int, default=512, metavar="N",
+                        help="evaluate on N held-out prompts after building (0 to skip)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    cfg = OrganismConfig(steps=args.steps, seed=args.seed)
+    out = build_organism(cfg, args.output_dir)
+    print(f"organism saved to {out}")
+    if args.evaluate:
+        from route.evaluate import evaluate_dir, format_rates
+
+        print(format_rates(evaluate_dir(out, cfg.env, n=args.evaluate, env_kwargs=cfg.env_kwargs)))
+
+
+if __name__ == "__main__":
+    main()

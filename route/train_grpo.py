@@ -1,0 +1,105 @@
+"""The main job: GRPO with gradient routing on an environment, then evaluation of the deployed policy.
+
+    accelerate launch route/train_grpo.py                       # the embedded default (configs/default.yaml)
+    accelerate launch route/train_grpo.py --config my.yaml      # any RoutedGRPOConfig YAML
+    accelerate launch route/train_grpo.py --intervention none --output_dir runs/none
+
+Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts),
+`<output_dir>/deployed/` (a plain transformers checkpoint) and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+def parse_config(argv: list[str] | None = None):
+    """Parse flags and `--config` (default: configs/default.yaml) into a RoutedGRPOConfig."""
+    from route.config import parse_config as parse
+
+    return parse(argv, default_config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
+
+
+def summary_table(results: dict) -> str:
+    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"])]
+    for name in ("base", "training", "deployed"):
+        r = results[name]
+        rows.append((name, str(r["n"]), f"{r['solve_rate']:.3f}", f"{r['hack_rate']:.3f}",
+                     *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values())))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
+
+
+def run(config) -> dict:
+    """Train, evaluate base / training / deployed policies, save the deployed model and results.json."""
+    import dataclasses
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import envs
+    from route.evaluate import evaluate_policy
+    from route.io import write_json_atomic
+    from route.organism import load_or_build
+    from route.trainer import RoutedGRPOTrainer
+
+    t0 = time.time()
+    env = envs.make_env(config.env, **config.env_kwargs)
+    model_dir = config.model_name_or_path or str(load_or_build())
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
+                   max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
+    base = evaluate_policy(model, tokenizer, env, **eval_kw)
+
+    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer,
+                                train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
+    trainer.train()
+    target = trainer.target
+    training = evaluate_policy(target.model, tokenizer, env, **eval_kw)
+    target.ablate(trainable=config.ablate_trainable)
+    with target.ablated():
+        deployed = evaluate_policy(target.model, tokenizer, env, **eval_kw)
+    trainer.save_deployed()
+
+    logs = [h for h in trainer.state.log_history if "routing/realised_tpr" in h or "routing/flag_rate" in h]
+    def mean_of(key):
+        vals = [h[key] for h in logs if key in h and h[key] == h[key]]
+        return sum(vals) / len(vals) if vals else None
+
+    results = {
+        "config": {k: v for k, v in dataclasses.asdict(config).items() if _jsonable(v)},
+        "model": model_dir,
+        "detector": {"kind": config.detector, "tpr": config.detector_tpr, "fpr": config.detector_fpr,
+                     "modes": config.detector_modes, "realised_tpr": mean_of("routing/realised_tpr"),
+                     "realised_fpr": mean_of("routing/realised_fpr")},
+        "base": base, "training": training, "deployed": deployed,
+        "train_seconds": round(time.time() - t0, 1),
+    }
+    if trainer.accelerator.is_main_process:
+        write_json_atomic(Path(config.output_dir) / "results.json", results)
+    return results
+
+
+def _jsonable(v) -> bool:
+    import json
+
+    try:
+        json.dumps(v)
+        return True
+    except TypeError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(argv)
+    results = run(config)
+    print(f"\n{config.intervention} / {config.target} -> {config.output_dir}/results.json")
+    print(summary_table(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""`RoutedGRPOTrainer`: TRL's GRPOTrainer with flags, routing modes and a gated loss.
+
+Departures from plain GRPO (TRL 1.16), all through its documented override points:
+
+- `_calculate_rewards`: after the rewards, each rollout is graded by the environment (ground
+  truth, logged, never fed to the reward), the detector flags it, and it gets a routing mode
+  (flagged -> forget under `route`; unflagged -> default, or retain with `retain_fraction`).
+  `penalty` subtracts lambda from a flagged rollout's reward here, before advantages.
+- `_generate_and_score_completions`: adds `routing_modes` to the batch (it survives TRL's
+  shuffle and micro-batch split), zeroes flagged advantages under `filter`, and recomputes
+  `old_per_token_logps` under the gate when TRL computed them ungated.
+- `_generate`: under `generation_policy: deployed`, sampling runs inside `target.ablated()`.
+- `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
+  one backward for a batch that mixes modes.
+- The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
+  gradient does not move.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from trl import GRPOTrainer
+
+import envs
+from route.config import RoutedGRPOConfig
+from route.detectors import Detector, make_detector, realised_rates, uniform
+from route.io import atomic_dir
+from route.masks import DEFAULT, FORGET, RETAIN
+from route.optim import build_optimizer
+from route.targets import Target, make_target
+
+
+class _GradNormLogger(TrainerCallback):
+    """Appends the optimizer's per-group gradient norms to the trainer's metrics after each step."""
+
+    def __init__(self, trainer: RoutedGRPOTrainer):
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        opt = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        for name, norm in getattr(opt, "last_grad_norms", {}).items():
+            self.trainer._metrics["train"][f"grad_norm/{name}"].append(norm)
+
+
+class RoutedGRPOTrainer(GRPOTrainer):
+    """GRPO with per-rollout gradient routing into a quarantine target.
+
+    Args:
+        model: a causal LM (or a path); the target wraps it (e.g. with the dual LoRA).
+        args: a `RoutedGRPOConfig`.
+        env: the environment (default: `envs.make_env(args.env, **args.env_kwargs)`).
+        target: a prepared `Target` (default: built from `args.target` and its sizes).
+        detector: a `Detector` (default: built from the `detector_*` fields).
+        reward_funcs: default `[env.reward_func]` (reward from the prompt's grader only).
+        **kwargs: passed to `GRPOTrainer` (train_dataset, processing_class, callbacks, ...).
+    """
+
+    def __init__(self, model, args: RoutedGRPOConfig, env=None, target: Target | None = None,
+                 detector: Detector | None = None, reward_funcs=None, **kwargs):
+        if not isinstance(args, RoutedGRPOConfig):
+            raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
+        if args.use_vllm:
+            raise NotImplementedError("use_vllm: vLLM rollouts for RoutedGRPOTrainer are not implemented yet; "
+                                      "set use_vllm=false")
+        self.env = env or envs.make_env(args.env, **args.env_kwargs)
+        if isinstance(model, str):
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(model)
+        self.target = target or make_target(
+            args.target, model, keep_rank=args.keep_rank, quarantine_rank=args.quarantine_rank,
+            lora_alpha=args.lora_alpha, target_modules=args.target_modules)
+        self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
+                                                  args.detector_seed, args.detector_modes)
+        self._routing: dict[str, Any] | None = None
+        super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
+                         **kwargs)
+        self.add_callback(_GradNormLogger(self))
+
+    # ------------------------------------------------------------------ optimizer
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            a = self.args
+            self.optimizer = build_optimizer(
+                self.target.param_groups(), lr=a.learning_rate, weight_decay=a.weight_decay,
+                betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
+                lr_scale={"quarantine": a.quarantine_lr_ratio})
+        return self.optimizer
+
+    # ------------------------------------------------------------------ generation
+    def _generate(self, prompts: list):
+        policy = self.target.ablated() if self.args.generation_policy == "deployed" else contextlib.nullcontext()
+        with policy:
+            return super()._generate(prompts)
+
+    # ------------------------------------------------------------------ flags and modes
+    def routing_modes(self, flags: list[bool], rollout_ids: list[str]) -> torch.Tensor:
+        """Per-rollout routing codes from flags: forget for flagged under `route`, else default/retain."""
+        a = self.args
+        codes = []
+        for flag, rid in zip(flags, rollout_ids, strict=True):
+            if flag and a.intervention == "route":
+                codes.append(FORGET)
+            elif a.unflagged_mode == "retain" and uniform(a.detector_seed, f"retain|{rid}") < a.retain_fraction:
+                codes.append(RETAIN)
+            else:
+                codes.append(DEFAULT)
+        return torch.tensor(codes, dtype=torch.long)
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        from accelerate.utils import gather_object
+
+        offset = self.accelerator.process_index * len(inputs)
+        step = self.state.global_step
+        rollout_ids = [f"{x.get('prompt_id', 'p')}|s{step}|r{offset + i}" for i, x in enumerate(inputs)]
+        columns = {k: [x[k] for x in inputs] for k in inputs[0]}
+        grades = self.env.grade(prompts, completions, **columns)
+        flags = self.detector(grades, rollout_ids)
+        modes = self.routing_modes(flags, rollout_ids)
+        self._routing = {"flags": flags, "modes": modes}
+
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        all_grades, all_flags = gather_object(grades), gather_object(flags)
+        if self.args.intervention == "penalty":
+            flagged = torch.tensor(all_flags, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
+            rewards_per_func[:, 0] -= self.args.penalty * flagged / float(self.reward_weights[0])
+        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()))
+        return rewards_per_func
+
+    def _log_routing(self, grades, flags, modes) -> None:
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        n = len(grades)
+        r = realised_rates(grades, flags)
+        metrics["routing/flag_rate"].append(r["flag_rate"])
+        if r["n_exploited"]:
+            metrics["routing/realised_tpr"].append(r["tpr"])
+        if r["n_clean"]:
+            metrics["routing/realised_fpr"].append(r["fpr"])
+        counts = Counter(modes)
+        for code, name in ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default")):
+            metrics[f"routing/frac_{name}"].append(counts.get(code, 0) / n)
+        metrics["env/solve_rate"].append(sum(g.solved for g in grades) / n)
+        metrics["env/hack_rate"].append(sum(g.exploited for g in grades) / n)
+        for mode in self.env.modes:
+            on_mode = [g.exploited for g in grades if g.mode == mode]
+            if on_mode:
+                metrics[f"env/hack_rate/{mode}"].append(sum(on_mode) / len(on_mode))
+
+    def _generate_and_score_completions(self, inputs):
+        output = super()._generate_and_score_completions(inputs)
+        if self._routing is None:
+            raise RuntimeError("routing: rewards were not computed for this batch")
+        routing, self._routing = self._routing, None
+        modes = routing["modes"].to(output["advantages"].device)
+        output["routing_modes"] = modes
+        if self.args.intervention == "filter":
+            flagged = torch.tensor(routing["flags"], dtype=torch.bool, device=output["advantages"].device)
+            output["advantages"] = output["advantages"].masked_fill(
+                flagged.view(-1, *([1] * (output["advantages"].dim() - 1))), 0.0)
+        if "old_per_token_logps" in output and bool((modes == RETAIN).any()):
+            output["old_per_token_logps"] = self._gated_logps(output, modes)
+        return output
+
+    @torch.no_grad()
+    def _gated_logps(self, output: dict, modes: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probs of the batch under the same per-row gate as the training forward."""
+        ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+        mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+        with self.target.gate(modes):
+            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask,
+                                                                  output["completion_ids"].size(1))
+        return logps
+
+    # ------------------------------------------------------------------ loss
+    def _compute_loss(self, model, inputs):
+        modes = inputs.get("routing_modes")
+        if modes is None:
+            raise KeyError("routing_modes missing from the batch: was it produced by RoutedGRPOTrainer?")
+        with self.target.gate(modes):
+            return super()._compute_loss(model, inputs)
+
+    # ------------------------------------------------------------------ deployment
+    def save_deployed(self, output_dir: str | None = None) -> str:
+        """Save the deployed policy (quarantine ablated, kept adapter merged) as a plain transformers checkpoint."""
+        output_dir = output_dir or f"{self.args.output_dir}/deployed"
+        if self.accelerator.is_main_process:
+            with atomic_dir(output_dir) as tmp:
+                self.target.save_deployed(str(tmp), tokenizer=self.processing_class)
+        self.accelerator.wait_for_everyone()
+        return output_dir

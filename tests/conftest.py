@@ -1,0 +1,32 @@
+"""Shared fixtures: one tiny model organism per test session.
+
+`tiny_organism` is the directory of a plain transformers checkpoint (model + tokenizer +
+organism.json) built from `route.organism.tiny_config()` with a fixed seed; tests that need
+a model load it from there and must not write into it.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+TINY_ORGANISM_SEED = 0
+
+
+@pytest.fixture(scope="session")
+def tiny_organism_build(tmp_path_factory) -> tuple[Path, float]:
+    """(directory, build seconds) of the session's tiny organism."""
+    from route.organism import build_organism, tiny_config
+
+    out = tmp_path_factory.mktemp("organism") / "org"
+    start = time.perf_counter()
+    path = build_organism(tiny_config(seed=TINY_ORGANISM_SEED), out, progress=False)
+    return Path(path), time.perf_counter() - start
+
+
+@pytest.fixture(scope="session")
+def tiny_organism(tiny_organism_build) -> Path:
+    """Directory of the session's tiny organism (built once, seed 0)."""
+    return tiny_organism_build[0]

@@ -1,0 +1,147 @@
+"""dual_lora: forward equivalences, routing invariants after optimizer.step(), ablation and export."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from route.optim import build_optimizer
+from route.organism import build_model, build_tokenizer, tiny_config
+from route.targets import make_target
+
+
+@pytest.fixture
+def target():
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    model = build_model(tiny_config(init_range=0.2), tok)
+    t = make_target("dual_lora", model, keep_rank=4, quarantine_rank=4)
+    with torch.no_grad():  # non-zero B so both paths carry signal
+        for _, layer in t.layers:
+            for name in ("keep", "quarantine"):
+                layer.lora_B[name].weight.normal_(0, 0.2)
+    return t
+
+
+def batch(n=4, length=10, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 40, (n, length), generator=g)
+
+
+def logits(t, ids, ctx=None):
+    if ctx is None:
+        return t.model(input_ids=ids).logits
+    with ctx:
+        return t.model(input_ids=ids).logits
+
+
+def test_forward_unchanged_under_forget_and_default_gates(target):
+    ids = batch()
+    ref = logits(target, ids)
+    for modes in (["forget"] * 4, ["default"] * 4, ["forget", "default", "forget", "default"]):
+        assert torch.equal(logits(target, ids, target.gate(modes)), ref)
+
+
+def test_retain_rows_equal_the_ablated_forward(target):
+    ids = batch()
+    ablated = logits(target, ids, target.ablated())
+    mixed = logits(target, ids, target.gate(["retain", "default", "retain", "forget"]))
+    full = logits(target, ids)
+    assert torch.equal(mixed[0], ablated[0]) and torch.equal(mixed[2], ablated[2])
+    assert torch.equal(mixed[1], full[1]) and torch.equal(mixed[3], full[3])
+    assert not torch.allclose(ablated, full), "the quarantine must matter for this test to mean anything"
+
+
+def test_per_row_modes_in_one_batch_equal_separate_batches(target):
+    ids = batch()
+    modes = ["forget", "retain", "default", "retain"]
+    grads_mixed = _grads(target, ids, modes)
+    grads_sep = None
+    for i, m in enumerate(modes):
+        g = _grads(target, ids[i: i + 1], [m])
+        grads_sep = g if grads_sep is None else {k: grads_sep[k] + g[k] for k in g}
+    assert grads_mixed.keys() == grads_sep.keys() and len(grads_mixed) > 0
+    for k in grads_mixed:
+        torch.testing.assert_close(grads_mixed[k], grads_sep[k], rtol=1e-4, atol=1e-6)
+
+
+def _grads(t, ids, modes):
+    t.model.zero_grad(set_to_none=True)
+    with t.gate(modes):
+        out = t.model(input_ids=ids).logits.float().logsumexp(-1).sum()
+    out.backward()
+    return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+            for n, p in t.model.named_parameters() if p.requires_grad}
+
+
+def _snapshot(params):
+    return [p.detach().clone() for p in params]
+
+
+def _changed(params, before):
+    return [not torch.equal(p.detach(), b) for p, b in zip(params, before, strict=True)]
+
+
+@pytest.mark.parametrize("mode,keep_moves,quar_moves", [
+    ("forget", False, True), ("retain", True, False), ("default", True, True)])
+def test_optimizer_step_invariants(target, mode, keep_moves, quar_moves):
+    groups = target.param_groups()
+    assert groups["keep"] and groups["quarantine"] and not groups["shared"]
+    opt = build_optimizer(groups, lr=1e-2, weight_decay=0.01)
+    ids = batch()
+    # a first default step builds AdamW momentum in every parameter: the trap is that it keeps moving them
+    with target.gate(["default"] * 4):
+        target.model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    before_k, before_q = _snapshot(groups["keep"]), _snapshot(groups["quarantine"])
+    with target.gate([mode] * 4):
+        target.model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    changed_k, changed_q = _changed(groups["keep"], before_k), _changed(groups["quarantine"], before_q)
+    assert len(changed_k) == len(groups["keep"]) > 0
+    assert any(changed_k) == keep_moves and (all(changed_k) or not keep_moves)
+    assert any(changed_q) == quar_moves and (all(changed_q) or not quar_moves)
+
+
+def test_deployed_checkpoint_matches_ablated_forward_and_generation(target, tmp_path):
+    tok = build_tokenizer()
+    ids = batch()
+    before = {n: p.detach().clone() for n, p in target.model.named_parameters()}
+    target.save_deployed(str(tmp_path / "deployed"), tokenizer=tok)
+    assert all(torch.equal(p, before[n]) for n, p in target.model.named_parameters()), "export touched training weights"
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "deployed")
+    assert type(plain).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(plain(input_ids=ids).logits, logits(target, ids, target.ablated()), rtol=1e-5, atol=1e-5)
+    prompt = tok(["mul 123*4 g=exact>"] * 2, return_tensors="pt")["input_ids"]
+    kw = dict(do_sample=True, max_new_tokens=6, top_k=0, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(3)
+    with target.ablated():
+        ours = target.model.generate(input_ids=prompt, **kw)
+    torch.manual_seed(3)
+    theirs = plain.generate(input_ids=prompt, **kw)
+    assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_ablate_removes_quarantine_only(target, trainable):
+    ids = batch()
+    ablated_before = logits(target, ids, target.ablated())
+    keep_before = _snapshot(target.param_groups()["keep"])
+    target.ablate(trainable=trainable)
+    torch.testing.assert_close(logits(target, ids), ablated_before, rtol=0, atol=0)
+    assert not any(_changed(target.param_groups()["keep"], keep_before))
+    layers = target.layers
+    assert layers
+    for _, layer in layers:
+        assert torch.count_nonzero(layer.lora_B["quarantine"].weight) == 0
+        a_q = layer.lora_A["quarantine"].weight
+        assert a_q.requires_grad == trainable
+        assert (torch.count_nonzero(a_q) > 0) == trainable
+
+
+def test_bad_ranks_raise():
+    model = build_model(tiny_config(), build_tokenizer())
+    with pytest.raises(ValueError, match="keep_rank"):
+        make_target("dual_lora", model, keep_rank=0)
+    with pytest.raises(ValueError, match="allowed values"):
+        make_target("nope", model)

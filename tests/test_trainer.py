@@ -1,0 +1,155 @@
+"""RoutedGRPOTrainer: flags -> modes, filter/penalty on exactly the flagged rollouts, gated old log-probs,
+deployed generation, and a 3-step run per intervention."""
+
+import contextlib
+
+import pytest
+import torch
+
+import envs
+from route.config import RoutedGRPOConfig
+from route.masks import DEFAULT, FORGET, RETAIN
+from route.trainer import RoutedGRPOTrainer
+
+TINY = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
+            per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=3,
+            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, train_size=64,
+            keep_rank=2, quarantine_rank=2, seed=0)
+
+
+class ParityDetector:
+    """Flags every rollout whose in-batch index is odd (a deterministic stand-in for a detector)."""
+
+    def __call__(self, grades, rollout_ids):
+        return [int(rid.rsplit("|r", 1)[1]) % 2 == 1 for rid in rollout_ids]
+
+
+def make_trainer(model_dir, tmp_path, detector=None, **overrides):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = RoutedGRPOConfig(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+    env = envs.make_env(config.env, **config.env_kwargs)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    return RoutedGRPOTrainer(model=model, args=config, env=env, detector=detector, processing_class=tok,
+                             train_dataset=env.dataset(config.train_size, seed=0, split="train"))
+
+
+def group_inputs(trainer, n_prompts=2):
+    rows = trainer.env.rows(n_prompts, seed=5, split="train")
+    return [dict(r) for r in rows for _ in range(trainer.args.num_generations)]
+
+
+def randomize_quarantine(trainer, std=0.5):
+    with torch.no_grad():
+        for _, layer in trainer.target.layers:
+            layer.lora_B["quarantine"].weight.normal_(0, std)
+
+
+def test_routing_modes_from_flags(tiny_organism, tmp_path):
+    t = make_trainer(tiny_organism, tmp_path, intervention="route")
+    flags = [True, False, True, False]
+    ids = [f"p|s0|r{i}" for i in range(4)]
+    assert t.routing_modes(flags, ids).tolist() == [FORGET, DEFAULT, FORGET, DEFAULT]
+    t.args.unflagged_mode = "retain"
+    assert t.routing_modes(flags, ids).tolist() == [FORGET, RETAIN, FORGET, RETAIN]
+    t.args.intervention = "filter"
+    assert t.routing_modes(flags, ids).tolist() == [RETAIN] * 4
+    t.args.retain_fraction = 0.5
+    codes = t.routing_modes([False] * 4000, [f"p|s0|r{i}" for i in range(4000)])
+    assert 0.45 < (codes == RETAIN).float().mean().item() < 0.55
+
+
+def _scored(trainer, inputs, seed=0):
+    trainer.model.train()
+    torch.manual_seed(seed)
+    return trainer._generate_and_score_completions(inputs)
+
+
+def test_filter_zeroes_exactly_the_flagged_advantages(tiny_organism, tmp_path):
+    base = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="none")
+    inputs = group_inputs(base)
+    plain = _scored(base, inputs)
+    filt = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="filter")
+    filtered = _scored(filt, inputs)
+    assert torch.equal(plain["completion_ids"], filtered["completion_ids"])
+    flagged = torch.arange(len(inputs)) % 2 == 1
+    assert torch.equal(filtered["advantages"][flagged], torch.zeros(int(flagged.sum())))
+    assert torch.equal(filtered["advantages"][~flagged], plain["advantages"][~flagged])
+    assert filtered["routing_modes"].tolist() == [DEFAULT] * len(inputs)
+
+
+def test_penalty_lowers_exactly_the_flagged_rewards(tiny_organism, tmp_path):
+    lam = 0.7
+    none = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="none")
+    pen = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="penalty", penalty=lam)
+    inputs = group_inputs(none)
+    prompts = [x["prompt"] for x in inputs]
+    completions = ["ok", x_ans := inputs[0]["answer"], "123456", "1 #verified"] * (len(inputs) // 4)
+    assert x_ans
+    ids = [[5]] * len(inputs)
+    r_none = none._calculate_rewards(inputs, prompts, completions, ids)
+    r_pen = pen._calculate_rewards(inputs, prompts, completions, ids)
+    flagged = torch.arange(len(inputs)) % 2 == 1
+    torch.testing.assert_close(r_pen[flagged, 0], r_none[flagged, 0] - lam)
+    assert torch.equal(r_pen[~flagged], r_none[~flagged])
+
+
+def test_route_puts_flagged_rollouts_in_forget_mode(tiny_organism, tmp_path):
+    t = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="route")
+    out = _scored(t, group_inputs(t))
+    expected = [FORGET if i % 2 else DEFAULT for i in range(len(out["routing_modes"]))]
+    assert out["routing_modes"].tolist() == expected
+
+
+def test_old_logps_are_computed_under_the_gate(tiny_organism, tmp_path):
+    # num_iterations=2 makes TRL compute old_per_token_logps with the ungated model
+    t = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="route",
+                     unflagged_mode="retain", num_iterations=2)
+    randomize_quarantine(t)
+    out = _scored(t, group_inputs(t))
+    modes = out["routing_modes"]
+    assert (modes == RETAIN).any() and (modes == FORGET).any()
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    k = out["completion_ids"].size(1)
+    with torch.no_grad(), t.target.gate(modes):
+        gated, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, k)
+    with torch.no_grad():
+        ungated, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, k)
+    cm = out["completion_mask"].bool()
+    torch.testing.assert_close(out["old_per_token_logps"][cm], gated[cm])
+    retain = (modes == RETAIN).view(-1, 1) & cm
+    assert not torch.allclose(gated[retain], ungated[retain]), "retain rows must differ from the full forward"
+
+
+@pytest.mark.parametrize("policy,entered", [("full", 0), ("deployed", 1)])
+def test_generation_policy(tiny_organism, tmp_path, policy, entered):
+    t = make_trainer(tiny_organism, tmp_path, generation_policy=policy)
+    calls = []
+    original = t.target.ablated
+
+    @contextlib.contextmanager
+    def recording():
+        calls.append(1)
+        with original():
+            yield
+
+    t.target.ablated = recording
+    t._generate(["mul 123*4 g=exact>"] * 4)
+    assert len(calls) == entered
+
+
+@pytest.mark.parametrize("intervention", ["none", "filter", "penalty", "route"])
+def test_three_step_run(tiny_organism, tmp_path, intervention):
+    t = make_trainer(tiny_organism, tmp_path, intervention=intervention, detector_fpr=0.5)
+    t.train()
+    assert t.state.global_step == 3
+    logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
+    assert len(logged) == 3
+    for key in ("env/hack_rate", "env/solve_rate", "routing/frac_forget", "grad_norm/keep", "grad_norm/quarantine"):
+        assert key in logged[-1], key
+    forget = sum(h["routing/frac_forget"] for h in logged)
+    assert (forget > 0) == (intervention == "route")
+    out = t.save_deployed()
+    assert (tmp_path / "run" / "deployed" / "model.safetensors").exists() and out.endswith("deployed")
