@@ -13,8 +13,8 @@ import argparse
 import json
 import statistics
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 
 def load(paths: Iterable[str | Path]) -> list[dict]:

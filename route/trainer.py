@@ -32,7 +32,7 @@ from route.detectors import Detector, make_detector, realised_rates, uniform
 from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
-from route.targets import Target, make_target
+from route.targets import Target, build_target
 
 
 class _GradNormLogger(TrainerCallback):
@@ -72,9 +72,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model)
-        self.target = target or make_target(
-            args.target, model, keep_rank=args.keep_rank, quarantine_rank=args.quarantine_rank,
-            lora_alpha=args.lora_alpha, target_modules=args.target_modules)
+        self.target = target or build_target(args, model)
         self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
                                                   args.detector_seed, args.detector_modes)
         self._routing: dict[str, Any] | None = None

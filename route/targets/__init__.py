@@ -4,6 +4,10 @@ Every target implements `Target`, so the trainer, evaluation, export and the vLL
 branch on the target type. Targets are looked up by name in a registry:
 
     target = make_target("dual_lora", model, keep_rank=8, quarantine_rank=8)
+    target = build_target(config, model)          # sizes from a RoutedGRPOConfig
+
+A target class is registered with `@register_target(name)` and has a `from_config(model, config)`
+classmethod that reads its sizes from the trainer config.
 """
 
 from __future__ import annotations
@@ -56,8 +60,16 @@ def make_target(name: str, model: nn.Module, **kwargs: Any) -> Target:
     return _REGISTRY[name](model, **kwargs)
 
 
+def build_target(config: Any, model: nn.Module) -> Target:
+    """The target named by `config.target`, sized from the config (each target's `from_config`)."""
+    _load_builtin()
+    if config.target not in _REGISTRY:
+        raise ValueError(f"target: unknown value {config.target!r}; allowed values: {sorted(_REGISTRY)}")
+    return _REGISTRY[config.target].from_config(model, config)
+
+
 def _load_builtin() -> None:
     import route.targets.dual_lora  # noqa: F401
 
 
-__all__ = ["Target", "available_targets", "make_target", "register_target"]
+__all__ = ["Target", "available_targets", "build_target", "make_target", "register_target"]

@@ -71,6 +71,11 @@ class DualLoRATarget:
         if not self.layers:
             raise ValueError(f"dual_lora: no module matched target_modules={target_modules}")
 
+    @classmethod
+    def from_config(cls, model: nn.Module, config) -> DualLoRATarget:
+        return cls(model, keep_rank=config.keep_rank, quarantine_rank=config.quarantine_rank,
+                   lora_alpha=config.lora_alpha, target_modules=config.target_modules)
+
     # ------------------------------------------------------------------ gating
     def _hooks(self, gate: RowGate) -> HookSet:
         def on(path):
