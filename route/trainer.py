@@ -8,8 +8,14 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   `penalty` subtracts lambda from a flagged rollout's reward here, before advantages.
 - `_generate_and_score_completions`: adds `routing_modes` to the batch (it survives TRL's
   shuffle and micro-batch split), zeroes flagged advantages under `filter`, and recomputes
-  `old_per_token_logps` under the gate when TRL computed them ungated.
+  `old_per_token_logps` under the per-row gate whenever TRL scored a row under another policy.
 - `_generate`: under `generation_policy: deployed`, sampling runs inside `target.ablated()`.
+- vLLM (`use_vllm`, colocate or server): TRL's own `VLLMGeneration.sync_weights` pushes the weights, once per
+  optimizer step; only its weight source is replaced (`route.vllm_sync.TargetWeightSync`): the target's
+  deployed or fully merged weights, merged in fp32 out of place. TRL's importance-sampling correction compares
+  vLLM's sampling log-probs with the trainer's forward of the *generating* policy (`_get_per_token_logps_and_entropies`
+  runs inside `target.ablated()` while TRL scores a deployed-policy batch), so the quarantine's effect on forget
+  rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio then uses old log-probs under the gate.
 - `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
   one backward for a batch that mixes modes.
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
@@ -33,6 +39,7 @@ from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
 from route.targets import Target, build_target
+from route.vllm_sync import TargetWeightSync, check_vllm_config
 
 
 class _GradNormLogger(TrainerCallback):
@@ -64,9 +71,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
                  detector: Detector | None = None, reward_funcs=None, **kwargs):
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
-        if args.use_vllm:
-            raise NotImplementedError("use_vllm: vLLM rollouts for RoutedGRPOTrainer are not implemented yet; "
-                                      "set use_vllm=false")
+        check_vllm_config(args)
         self.env = env or envs.make_env(args.env, **args.env_kwargs)
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
@@ -76,8 +81,12 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
                                                   args.detector_seed, args.detector_modes)
         self._routing: dict[str, Any] | None = None
+        self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
+        self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
         super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
                          **kwargs)
+        if self.weight_sync is not None:
+            self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))
 
     # ------------------------------------------------------------------ optimizer
@@ -149,8 +158,28 @@ class RoutedGRPOTrainer(GRPOTrainer):
             if on_mode:
                 metrics[f"env/hack_rate/{mode}"].append(sum(on_mode) / len(on_mode))
 
+    @property
+    def _scores_as_deployed(self) -> bool:
+        """Whether TRL's scoring forward (old log-probs, hence the vLLM IS ratio) runs as the deployed policy.
+
+        With vLLM's IS correction on, TRL's `old_per_token_logps` are the denominator-side of its ratio against the
+        sampling log-probs, so they must come from the policy that sampled: deployed -> inside `target.ablated()`.
+        """
+        a = self.args
+        return a.use_vllm and a.vllm_importance_sampling_correction and a.generation_policy == "deployed"
+
+    def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
+        if self._score_ablated and model is self.model:
+            with self.target.ablated():
+                return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+        return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
+
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._score_ablated = self._scores_as_deployed
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._score_ablated = False
         if self._routing is None:
             raise RuntimeError("routing: rewards were not computed for this batch")
         routing, self._routing = self._routing, None
@@ -160,19 +189,29 @@ class RoutedGRPOTrainer(GRPOTrainer):
             flagged = torch.tensor(routing["flags"], dtype=torch.bool, device=output["advantages"].device)
             output["advantages"] = output["advantages"].masked_fill(
                 flagged.view(-1, *([1] * (output["advantages"].dim() - 1))), 0.0)
-        if "old_per_token_logps" in output and bool((modes == RETAIN).any()):
+        # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows).
+        scored_as_gate = (modes == RETAIN) if self._scores_as_deployed else (modes != RETAIN)
+        if "old_per_token_logps" in output and not bool(scored_as_gate.all()):
             output["old_per_token_logps"] = self._gated_logps(output, modes)
         return output
 
     @torch.no_grad()
     def _gated_logps(self, output: dict, modes: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs of the batch under the same per-row gate as the training forward."""
+        """Per-token log-probs of the batch under the same per-row gate as the training forward.
+
+        Chunked like TRL's own scoring forward (`per_device_train_batch_size` rows), each chunk with its rows' modes.
+        """
         ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
         mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
-        with self.target.gate(modes):
-            logps, _, _ = self._get_per_token_logps_and_entropies(self.model, ids, mask,
-                                                                  output["completion_ids"].size(1))
-        return logps
+        chunk = self.args.per_device_train_batch_size if self.model.training else self.args.per_device_eval_batch_size
+        logps = []
+        for start in range(0, ids.size(0), chunk):
+            rows = slice(start, start + chunk)
+            with self.target.gate(modes[rows]):
+                lp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids[rows], mask[rows],
+                                                                   output["completion_ids"].size(1))
+            logps.append(lp)
+        return torch.cat(logps, dim=0)
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):

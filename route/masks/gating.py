@@ -11,6 +11,13 @@ One forward and one backward serve a batch that mixes modes. `torch.where(m, y, 
 routes the gradient without changing values, so forget and default rows compute exactly the
 ungated forward. Masks are data (a `RowGate`) and are applied by hooks that a `HookSet`
 context adds and removes exactly.
+
+The table above is the `gradient_routing` strategy; `RowGate.from_modes(..., strategy=...)`
+builds the other SGTM strategies (`route.masks.strategies`) from the same masks: forget rows
+may instead zero the kept path (`activation_masking`) or keep its value and gradient flow but
+send no gradient into the kept *parameters* (`parameter_masking`, applied by
+`route.masks.linear`). SGTM's seed applies its strategy to a whole batch after the backward;
+here every rule is per row, inside the one backward.
 """
 
 from __future__ import annotations
@@ -53,20 +60,45 @@ class RowGate:
         kept_grad: rows whose kept path receives gradient (retain, default); others are detached.
         quar_on: rows whose forward includes the quarantine (forget, default).
         all_default: fast path, no row is gated.
+        kept_on: rows whose kept path is present (None: all); `activation_masking` zeroes it on forget rows.
+        kept_params: rows whose gradient reaches the kept slices' parameters (None: all); `parameter_masking`.
+        proj_params: the same for output projections' kept columns and biases (None: all).
+        shared_params: rows whose gradient reaches shared parameters (None: all); see `SGTMMasks`.
     """
 
     kept_grad: Tensor
     quar_on: Tensor
     all_default: bool
     all_quar_on: bool
+    kept_on: Tensor | None = None
+    kept_params: Tensor | None = None
+    proj_params: Tensor | None = None
+    shared_params: Tensor | None = None
 
     @classmethod
-    def from_modes(cls, modes: Sequence[str] | Tensor, batch_size: int | None = None) -> RowGate:
+    def from_modes(cls, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
+                   strategy: str = "gradient_routing", mask_shared: bool = False) -> RowGate:
+        """Masks for `modes` under an SGTM strategy (default: gradient routing, the dual-LoRA rule).
+
+        `mask_shared`: forget rows send no gradient into shared parameters either.
+        """
+        from route.masks.strategies import get_strategy
+
+        rule = get_strategy(strategy)
         codes = encode_modes(modes, batch_size)
-        kept_grad = codes != FORGET
+        forget = codes == FORGET
         quar_on = codes != RETAIN
+
+        def rows_or_none(on: Tensor) -> Tensor | None:
+            return None if bool(on.all()) else on
+
+        kept_grad = ~forget if rule.forget_kept in ("detach", "zero") else torch.ones_like(forget)
         return cls(kept_grad=kept_grad, quar_on=quar_on, all_default=bool((codes == DEFAULT).all()),
-                   all_quar_on=bool(quar_on.all()))
+                   all_quar_on=bool(quar_on.all()),
+                   kept_on=rows_or_none(~forget) if rule.forget_kept == "zero" else None,
+                   kept_params=rows_or_none(~forget) if rule.mask_kept_params else None,
+                   proj_params=rows_or_none(~forget) if rule.mask_proj_params else None,
+                   shared_params=rows_or_none(~forget) if mask_shared else None)
 
     @classmethod
     def ablated(cls) -> RowGate:
@@ -84,8 +116,12 @@ class RowGate:
         return mask.to(y.device).view(-1, *([1] * (y.dim() - 1)))
 
     def kept(self, y: Tensor) -> Tensor:
-        """The kept path's output: detached on forget rows."""
+        """The kept path's output: detached on forget rows (zeroed under activation masking)."""
         if self.all_default or self.is_ablated:
+            return y
+        if self.kept_on is not None:
+            y = y * self._rows(self.kept_on, y).to(y.dtype)
+        if bool(self.kept_grad.all()):
             return y
         return torch.where(self._rows(self.kept_grad, y), y, y.detach())
 
@@ -96,6 +132,14 @@ class RowGate:
         if self.all_quar_on:
             return y
         return y * self._rows(self.quar_on, y).to(y.dtype)
+
+    def split(self, y: Tensor, kept_dim: int) -> Tensor:
+        """One activation whose last dim is [kept units | quarantine units]: each part gated as its path."""
+        if self.all_default:
+            return y
+        if kept_dim == y.shape[-1]:
+            return self.kept(y)
+        return torch.cat([self.kept(y[..., :kept_dim]), self.quarantine(y[..., kept_dim:])], dim=-1)
 
 
 class HookSet:

@@ -35,6 +35,10 @@ class Target(Protocol):
 
     def deployed_state_dict(self) -> dict[str, Tensor]: ...  # merged, quarantine ablated, fp32 out of place
 
+    # The training policy's weights: merged like `deployed_state_dict()` but with the quarantine in place
+    # (`quarantine=False` gives the deployed weights). The vLLM sync pushes it under `generation_policy: full`.
+    def merged_state_dict(self, quarantine: bool = True) -> dict[str, Tensor]: ...
+
 
 _REGISTRY: dict[str, Callable[..., Target]] = {}
 

@@ -4,8 +4,10 @@
 
 Both adapters are PEFT LoRA adapters ("keep" and "quarantine") active at once, so the model
 stays a `PeftModel` (saving, TRL's PEFT paths). Gating hooks sit on the outputs of each
-layer's `lora_B` modules and apply the shared `RowGate`: forget rows detach the kept output,
-retain rows zero the quarantine output. `ablate(trainable=True)` is the LoRA analogue of a
+layer's `lora_B` modules and apply the shared `RowGate` of the mask core (`route.masks`) under
+the `gradient_routing` strategy: forget rows detach the kept output, retain rows zero the
+quarantine output. The SGTM models and the `sgtm` target gate the model's own units with the
+same `RowGate`, so there is one gating implementation. `ablate(trainable=True)` is the LoRA analogue of a
 trainable re-init: B_q = 0 (the deployed forward is unchanged) and A_q is redrawn at the
 kept A's scale, so gradient can reach the quarantine again.
 """
@@ -18,10 +20,11 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from route.masks import HookSet, RowGate
+from route.masks import HookSet, RowGate, redraw_like_
 from route.targets import register_target
 
 KEEP, QUARANTINE = "keep", "quarantine"
+STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated with
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -89,7 +92,7 @@ class DualLoRATarget:
 
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self._hooks(RowGate.from_modes(modes))
+        return self._hooks(RowGate.from_modes(modes, strategy=STRATEGY))
 
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed policy: the quarantine contributes nothing."""
@@ -102,7 +105,7 @@ class DualLoRATarget:
             layer.lora_B[QUARANTINE].weight.zero_()
             a_q = layer.lora_A[QUARANTINE].weight
             if trainable:
-                a_q.normal_(0.0, float(layer.lora_A[KEEP].weight.float().std()))
+                redraw_like_(a_q, layer.lora_A[KEEP].weight)
             else:
                 a_q.zero_()
             for p in (a_q, layer.lora_B[QUARANTINE].weight):
@@ -123,14 +126,31 @@ class DualLoRATarget:
                 groups["shared"].append(p)
         return groups
 
-    def _merged_layers(self, dtype: torch.dtype | None) -> Iterator[tuple[str, Tensor]]:
+    def _merged_layers(self, dtype: torch.dtype | None, adapters: Sequence[str] = (KEEP,)
+                       ) -> Iterator[tuple[str, Tensor]]:
         for name, layer in self.layers:
             base = layer.get_base_layer()
-            w = base.weight.detach().float()
-            a, b = layer.lora_A[KEEP].weight.detach().float(), layer.lora_B[KEEP].weight.detach().float()
-            delta = (b @ a) * float(layer.scaling[KEEP])
-            merged = w + (delta.T if layer.fan_in_fan_out else delta)
+            merged = base.weight.detach().float()
+            for adapter in adapters:
+                a, b = layer.lora_A[adapter].weight.detach().float(), layer.lora_B[adapter].weight.detach().float()
+                delta = (b @ a) * float(layer.scaling[adapter])
+                merged = merged + (delta.T if layer.fan_in_fan_out else delta)
             yield f"{_base_name(name)}.weight", merged.to(dtype or base.weight.dtype)
+
+    @torch.no_grad()
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The plain model's state dict with the kept adapter and, if `quarantine`, the quarantine merged.
+
+        `quarantine=True` is the training policy's weights (what vLLM samples from under `generation_policy: full`);
+        `quarantine=False` is `deployed_state_dict()`. Merged in fp32, out of place, cast once (to `dtype`, default
+        each weight's own dtype); the training weights are untouched. Keys match the un-wrapped transformers model.
+        """
+        base = self.model.get_base_model()
+        out = {k: v.detach().clone() if dtype is None else v.detach().to(dtype)
+               for k, v in base.state_dict().items() if ".lora_" not in k}
+        out = {k.replace(".base_layer", ""): v for k, v in out.items()}
+        out.update(self._merged_layers(dtype, (KEEP, QUARANTINE) if quarantine else (KEEP,)))
+        return out
 
     @torch.no_grad()
     def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -139,12 +159,7 @@ class DualLoRATarget:
         Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype);
         the training weights are untouched. Keys match the un-wrapped transformers model.
         """
-        base = self.model.get_base_model()
-        out = {k: v.detach().clone() if dtype is None else v.detach().to(dtype)
-               for k, v in base.state_dict().items() if ".lora_" not in k}
-        out = {k.replace(".base_layer", ""): v for k, v in out.items()}
-        out.update(self._merged_layers(dtype))
-        return out
+        return self.merged_state_dict(quarantine=False, dtype=dtype)
 
     def deployed_model(self) -> nn.Module:
         """A fresh plain transformers model holding `deployed_state_dict()`."""

@@ -1,0 +1,124 @@
+"""SGTM for GPT-Neo with the seed's class names: `GPTNeoForCausalLMSGTM`, `GPTNeoModelSGTM`, `GPTNeoBlockSGTM`.
+
+    config = GPTNeoConfig(..., retain_mlp_dim=1984, retain_attn_heads=31, masking_strategy="parameter_masking",
+                          split_masked_weights=True, sgtm_mask_embeddings=False)
+    model = GPTNeoForCausalLMSGTM(config)
+    out = model(input_ids=ids, labels=ids, sgtm_mode="forget")
+
+Masked layers (`masked_layers`, default every layer; `model.transformer.masked_layers` holds
+the list) are `GPTNeoBlockSGTM`s, the others stay plain `GPTNeoBlock`s. In a masked block the
+first `retain_mlp_dim` MLP units and the first `retain_attn_heads` heads are retain, the rest
+forget. With `split_masked_weights`, q/k/v and `c_fc` are `SplitLinearOut`s; the output
+projections are not split (as in the seed). Construction draws exactly the random numbers of
+`GPTNeoForCausalLM(config)`, so the same seed gives the same weights; with retain units
+covering everything the model is vanilla GPT-Neo. `to_vanilla()` / `from_vanilla()` convert.
+
+Departures from the seed are those of `route.sgtm.api` (per-row modes, masking inside the
+backward, ablation also zeroing the output projections' forget columns); the gating itself is
+the shared core's (`route.masks`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+from transformers import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
+from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoBlock, GPTNeoPreTrainedModel
+
+from route.masks.arch import convert_layer
+from route.sgtm.api import SGTMModelMixin, load_vanilla, sgtm_settings, with_sgtm_mode
+
+SGTM_CONFIG_FIELDS = ("retain_mlp_dim", "retain_attn_heads", "masked_layers", "masking_strategy",
+                      "split_masked_weights", "sgtm_mask_embeddings")
+
+
+def _inner_dim(config: GPTNeoConfig) -> int:
+    return config.intermediate_size if config.intermediate_size is not None else 4 * config.hidden_size
+
+
+class GPTNeoBlockSGTM(GPTNeoBlock):
+    """A `GPTNeoBlock` whose MLP units and heads are split retain-first (masked linears of `route.masks`)."""
+
+    def __init__(self, config: GPTNeoConfig, layer_id: int | None = None, retain_mlp_dim: int | None = None,
+                 retain_attn_heads: int | None = None, split: bool | None = None):
+        super().__init__(config, layer_id)
+        self.retain_mlp_dim = config.retain_mlp_dim if retain_mlp_dim is None else retain_mlp_dim
+        self.retain_attn_heads = config.retain_attn_heads if retain_attn_heads is None else retain_attn_heads
+        split = bool(config.split_masked_weights) if split is None else split
+        convert_layer(self, "gpt_neo", self.retain_mlp_dim, self.retain_attn_heads, split=split, split_out=False)
+
+
+class GPTNeoModelSGTM(SGTMModelMixin, GPTNeoModel):
+    """`GPTNeoModel` with `GPTNeoBlockSGTM`s in `masked_layers`; `forward(..., sgtm_mode=...)`."""
+
+    _no_split_modules = ["GPTNeoBlock", "GPTNeoBlockSGTM"]
+
+    def __init__(self, config: GPTNeoConfig):
+        s = sgtm_settings(config, _inner_dim(config), config.num_heads, config.num_layers)
+        GPTNeoPreTrainedModel.__init__(self, config)
+        # the body of GPTNeoModel.__init__, with SGTM blocks in the masked layers (same modules, same draws)
+        self.embed_dim = config.hidden_size
+        self.wte = nn.Embedding(config.vocab_size, self.embed_dim)
+        self.wpe = nn.Embedding(config.max_position_embeddings, self.embed_dim)
+        self.drop = nn.Dropout(float(config.embed_dropout))
+        self.h = nn.ModuleList([GPTNeoBlockSGTM(config, layer_id=i) if i in s.masked_layers
+                                else GPTNeoBlock(config, layer_id=i) for i in range(config.num_layers)])
+        self.ln_f = nn.LayerNorm(self.embed_dim, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.masked_layers = list(s.masked_layers)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if not self._init_split_linear(module):
+            super()._init_weights(module)
+
+    forward = with_sgtm_mode(GPTNeoModel.forward)
+
+
+class GPTNeoForCausalLMSGTM(SGTMModelMixin, GPTNeoForCausalLM):
+    """`GPTNeoForCausalLM` on a `GPTNeoModelSGTM`: the seed's main class."""
+
+    _no_split_modules = ["GPTNeoBlock", "GPTNeoBlockSGTM"]
+
+    def __init__(self, config: GPTNeoConfig):
+        GPTNeoPreTrainedModel.__init__(self, config)
+        self.transformer = GPTNeoModelSGTM(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if not self._init_split_linear(module):
+            super()._init_weights(module)
+
+    forward = with_sgtm_mode(GPTNeoForCausalLM.forward)
+
+    @property
+    def masked_layers(self) -> list[int]:
+        return self.transformer.masked_layers
+
+    def to_vanilla(self, ablate: bool = False) -> GPTNeoForCausalLM:
+        """A plain `GPTNeoForCausalLM` with these weights (forget units zeroed if `ablate`)."""
+        config = copy.deepcopy(self.config)
+        for k in SGTM_CONFIG_FIELDS:
+            config.__dict__.pop(k, None)
+        vanilla = GPTNeoForCausalLM(config)
+        load_vanilla(vanilla, self.to_vanilla_state_dict(ablate=ablate))
+        vanilla.generation_config = copy.deepcopy(self.generation_config)
+        return vanilla.to(self.device)
+
+    @classmethod
+    def from_vanilla(cls, model: GPTNeoForCausalLM, **sgtm_fields) -> GPTNeoForCausalLMSGTM:
+        """An SGTM model holding a vanilla model's weights; `sgtm_fields` set the SGTM config fields."""
+        unknown = sorted(set(sgtm_fields) - set(SGTM_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"from_vanilla: unknown fields {unknown}; allowed values: {list(SGTM_CONFIG_FIELDS)}")
+        config = copy.deepcopy(model.config)
+        for k, v in sgtm_fields.items():
+            setattr(config, k, v)
+        out = cls(config)
+        load_vanilla(out, model.state_dict())
+        return out.to(model.device)
+
+
+__all__ = ["GPTNeoBlockSGTM", "GPTNeoForCausalLMSGTM", "GPTNeoModelSGTM"]

@@ -1,0 +1,148 @@
+"""vLLM weight sync for a quarantine target, through TRL's own `VLLMGeneration.sync_weights`.
+
+TRL 1.16 pushes weights to vLLM in `VLLMGeneration.sync_weights()` (trl/generation/vllm_generation.py), which
+walks `self._iter_named_params()` and hands each `(name, tensor)` to the engine: `load_weights` per tensor in
+colocate mode, `VLLMClient.update_named_params(metadata, iterator)` in server mode (the metadata is collected on the
+first sync and cached), then `reset_prefix_cache()`. The trainer calls it once per `global_step`
+(`GRPOTrainer._last_loaded_step`), i.e. at most once per optimizer step.
+
+For a PEFT model, TRL's `_iter_named_params` merges the active adapters into the base weights in place
+(`merge_adapter()`), yields them, and unmerges. That is wrong for a quarantine target twice over:
+
+- it merges every active adapter, the quarantine included, whatever `generation_policy` says (forward hooks such
+  as `target.ablated()` do not reach a weight merge), so vLLM would sample from the training policy;
+- in-place merge/unmerge rounds the base weights on every sync (in bf16 visibly), so they drift over a run.
+
+Departure from TRL: only the weight *source* is replaced. `TargetWeightSync.install(vllm_generation)` binds
+`_iter_named_params` of that one `VLLMGeneration` instance to `named_params()`, which yields
+`target.deployed_state_dict()` (`generation_policy: deployed`) or `target.merged_state_dict(quarantine=True)`
+(`full`): merged in fp32, out of place, cast once to each weight's dtype; the training weights are only read.
+Names are the plain transformers model's (what vLLM's `load_weights` expects, as TRL's own PEFT path produces);
+tied duplicates (e.g. `lm_head.weight` tied to the embeddings) and buffers are not pushed, as in TRL. Names,
+dtypes and shapes are checked to stay identical across syncs, since the server caches the metadata. Everything
+else (when to sync, colocate vs server, sleep mode, tensor parallelism, the generation itself) is TRL's code.
+
+Distributed: under DeepSpeed ZeRO-3 the parameters are gathered for the merge with TRL's `DistributedBackend`
+(every process iterates, as TRL's collectives need); ZeRO-2 and DDP need no gather. FSDP is refused (sharded
+parameters would need a per-module merge that no target implements yet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from route.targets import Target
+
+VLLM_MODES = ("colocate", "server")
+GenerationPolicy = str  # "full" | "deployed"
+
+
+def check_vllm_config(args: Any) -> None:
+    """Refuse vLLM settings this library cannot honour, before any model is loaded; errors name the field.
+
+    Checks `vllm_mode`, FSDP (`ACCELERATE_USE_FSDP`, set by `accelerate launch` with an FSDP config) and
+    `off_policy_mask_threshold` with deployed generation (TRL's OPSM compares the gated training forward with the
+    deployed sampling log-probs, which would mask exactly the forget rollouts).
+    """
+    if not getattr(args, "use_vllm", False):
+        return
+    if args.vllm_mode not in VLLM_MODES:
+        raise ValueError(f"vllm_mode: invalid value {args.vllm_mode!r} with use_vllm=true; "
+                         f"allowed values: {list(VLLM_MODES)}")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+        raise ValueError("use_vllm: the quarantine weight sync does not support FSDP; launch with DeepSpeed "
+                         "(e.g. --config_file configs/accelerate_zero2.yaml) or DDP")
+    if getattr(args, "off_policy_mask_threshold", None) is not None and args.generation_policy == "deployed":
+        raise ValueError("off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed "
+                         "(it would compare the gated training forward with the deployed sampling log-probs and "
+                         "mask the forget rollouts); leave it unset")
+
+
+def policy_state_dict(target: Target, generation_policy: GenerationPolicy) -> dict[str, Tensor]:
+    """The plain model's weights of the policy that generates: deployed (quarantine ablated) or full (merged)."""
+    if generation_policy == "deployed":
+        return target.deployed_state_dict()
+    if generation_policy == "full":
+        return target.merged_state_dict(quarantine=True)
+    raise ValueError(f"generation_policy: invalid value {generation_policy!r}; allowed values: ['full', 'deployed']")
+
+
+def vllm_name(name: str) -> str:
+    """A (PEFT-wrapped) parameter name -> the plain model's name, the rule TRL's `_iter_named_params` applies."""
+    return name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def _not_pushed(model: nn.Module) -> frozenset[str]:
+    """Names TRL never pushes: tied duplicates of a parameter (named_parameters dedups them) and buffers."""
+    unique = {vllm_name(n) for n, _ in model.named_parameters()}
+    every = {vllm_name(n) for n, _ in model.named_parameters(remove_duplicate=False)}
+    buffers = {vllm_name(n) for n, _ in model.named_buffers()}
+    return frozenset((every | buffers) - unique)
+
+
+Signature = list[tuple[str, str, tuple[int, ...]]]
+
+
+class TargetWeightSync:
+    """The weight source of TRL's vLLM sync: the target's merged generating policy.
+
+    Args:
+        target: the quarantine target (any `route.targets.Target`).
+        generation_policy: "deployed" pushes `target.deployed_state_dict()`, "full" pushes
+            `target.merged_state_dict(quarantine=True)`.
+        gather: a context manager factory that materialises sharded parameters for the merge (TRL's
+            `DistributedBackend.gather_params`; a no-op when None).
+    """
+
+    def __init__(self, target: Target, generation_policy: GenerationPolicy,
+                 gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] | None = None):
+        if generation_policy not in ("full", "deployed"):
+            raise ValueError(f"generation_policy: invalid value {generation_policy!r}; "
+                             "allowed values: ['full', 'deployed']")
+        if generation_policy == "full" and not callable(getattr(target, "merged_state_dict", None)):
+            raise NotImplementedError(
+                f"generation_policy: 'full' with use_vllm needs {type(target).__name__}.merged_state_dict("
+                "quarantine=True) (see route.targets.Target); use generation_policy=deployed")
+        self.target = target
+        self.generation_policy = generation_policy
+        self.gather = gather
+        self.signature: Signature | None = None
+        self._skip: frozenset[str] | None = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """What one sync pushes, in push order: name -> tensor (fresh tensors; the training weights are only read)."""
+        model = self.target.model
+        gather = self.gather(list(model.parameters())) if self.gather else contextlib.nullcontext()
+        with torch.no_grad(), gather:
+            weights = policy_state_dict(self.target, self.generation_policy)
+        if self._skip is None:
+            self._skip = _not_pushed(model)
+        return {k: v for k, v in weights.items() if k not in self._skip}
+
+    def named_params(self) -> Iterator[tuple[str, Tensor]]:
+        """`VLLMGeneration._iter_named_params` replacement: yields (vLLM name, tensor) for one sync."""
+        weights = self.state_dict()
+        signature = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in weights.items()]
+        if self.signature is None:
+            self.signature = signature
+        elif signature != self.signature:
+            changed = sorted({s[0] for s in signature} ^ {s[0] for s in self.signature}) or [
+                a for a, b in zip(signature, self.signature) if a != b][:3]
+            raise RuntimeError(f"vLLM sync: names, dtypes or shapes changed between syncs ({changed}); "
+                               "the vLLM server caches them after the first sync")
+        yield from weights.items()
+
+    def install(self, vllm_generation: Any) -> None:
+        """Make TRL's `vllm_generation.sync_weights()` push this source (an instance-level override, nothing else)."""
+        dist = getattr(vllm_generation, "_dist", None)
+        if dist is not None and dist.is_fsdp:
+            raise ValueError("use_vllm: the quarantine weight sync does not support FSDP; use DeepSpeed or DDP")
+        if self.gather is None and dist is not None:
+            self.gather = dist.gather_params
+        vllm_generation._iter_named_params = self.named_params
