@@ -70,7 +70,8 @@ class RoutedGRPOConfig(GRPOConfig):
     > Quarantine target
 
     target (`str`), keep_rank, quarantine_rank (`int`), lora_alpha (`float`), target_modules (`list[str]`),
-    quarantine_lr_ratio (`float`), ablate_trainable (`bool`).
+    quarantine_lr_ratio (`float`), ablate_trainable (`bool`). sgtm target: sgtm_forget_mlp_frac (`float`),
+    sgtm_forget_heads (`int`), sgtm_masked_layers (`list[int]`), sgtm_strategy (`str`), sgtm_mask_shared (`bool`).
 
     > Evaluation
 
@@ -125,6 +126,23 @@ class RoutedGRPOConfig(GRPOConfig):
     ablate_trainable: bool = field(
         default=False,
         metadata={"help": "Ablate the quarantine to a trainable re-init instead of zero before deployment."})
+    sgtm_forget_mlp_frac: float = field(
+        default=0.125,
+        metadata={"help": "sgtm: share of each masked layer's MLP units reserved as the quarantine (the last units, "
+                          "rounded, at least one when > 0)."})
+    sgtm_forget_heads: int = field(
+        default=0, metadata={"help": "sgtm: attention heads per masked layer reserved as the quarantine (the last "
+                                     "heads; whole KV groups)."})
+    sgtm_masked_layers: list[int] | None = field(
+        default=None, metadata={"help": "sgtm: indices of the layers that hold quarantine units (None: every layer)."})
+    sgtm_strategy: str = field(
+        default="parameter_masking",
+        metadata={"help": "sgtm: masking strategy for forget rollouts: parameter_masking, parameter_masking_no_proj, "
+                          "gradient_routing or activation_masking (see route.masks.strategies)."})
+    sgtm_mask_shared: bool = field(
+        default=True,
+        metadata={"help": "sgtm: forget rollouts send no gradient into parameters outside the quarantine "
+                          "(embeddings, norms, head, unmasked layers)."})
 
     # ---------------------------------------------------------------- evaluation
     eval_n: int = field(default=512, metadata={"help": "Held-out prompts per evaluated policy (base, training, "
@@ -160,11 +178,32 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(f"penalty: must be >= 0, got {self.penalty!r}")
         if self.quarantine_lr_ratio < 0:
             raise ValueError(f"quarantine_lr_ratio: must be >= 0, got {self.quarantine_lr_ratio!r}")
+        self._validate_sgtm()
         env = envs.make_env(self.env, **self.env_kwargs)
         if self.detector_modes is not None:
             unknown = [m for m in self.detector_modes if m not in env.modes]
             if unknown:
                 raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
+
+    def _validate_sgtm(self) -> None:
+        """The `sgtm` target's fields (sizes that depend on the model are checked when the target is built)."""
+        from route.masks import available_strategies
+
+        _rate("sgtm_forget_mlp_frac", self.sgtm_forget_mlp_frac)
+        _choice("sgtm_strategy", self.sgtm_strategy, tuple(available_strategies()))
+        if not isinstance(self.sgtm_forget_heads, int) or self.sgtm_forget_heads < 0:
+            raise ValueError(f"sgtm_forget_heads: must be an int >= 0, got {self.sgtm_forget_heads!r}")
+        layers = _as_list(self.sgtm_masked_layers)
+        if layers is not None:
+            try:
+                layers = [int(i) for i in layers]
+            except (TypeError, ValueError):
+                raise ValueError(f"sgtm_masked_layers: must be layer indices, got {self.sgtm_masked_layers!r}"
+                                 ) from None
+        self.sgtm_masked_layers = layers
+        if self.target == "sgtm" and self.sgtm_forget_mlp_frac == 0 and self.sgtm_forget_heads == 0:
+            raise ValueError("sgtm_forget_mlp_frac, sgtm_forget_heads: the sgtm quarantine is empty; reserve MLP "
+                             "units (sgtm_forget_mlp_frac > 0) or heads (sgtm_forget_heads > 0)")
 
 
 def parse_config(argv: list[str] | None = None, default_config: str | None = None) -> RoutedGRPOConfig:

@@ -45,12 +45,14 @@ def run(config) -> dict:
     from route.io import write_json_atomic
     from route.organism import load_or_build
     from route.trainer import RoutedGRPOTrainer
+    from route.vllm_sync import check_vllm_config
 
     t0 = time.time()
+    check_vllm_config(config)  # fail before loading anything
     env = envs.make_env(config.env, **config.env_kwargs)
     model_dir = config.model_name_or_path or str(load_or_build())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
     base = evaluate_policy(model, tokenizer, env, **eval_kw)

@@ -49,7 +49,11 @@ class _GradNormLogger(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        opt = getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)
+        opt = self.trainer.optimizer
+        for _ in range(4):  # accelerate's wrapper, DeepSpeed's ZeRO optimizer, ... around SkipZeroAdamW
+            if hasattr(opt, "last_grad_norms") or not hasattr(opt, "optimizer"):
+                break
+            opt = opt.optimizer
         for name, norm in getattr(opt, "last_grad_norms", {}).items():
             self.trainer._metrics["train"][f"grad_norm/{name}"].append(norm)
 
@@ -101,17 +105,27 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list):
+        # HF generate samples inside the context; vLLM samples from the weights `weight_sync` pushed (a weight merge
+        # is not affected by forward hooks, so the context alone would not make vLLM deployed)
         policy = self.target.ablated() if self.args.generation_policy == "deployed" else contextlib.nullcontext()
         with policy:
             return super()._generate(prompts)
 
     # ------------------------------------------------------------------ flags and modes
     def routing_modes(self, flags: list[bool], rollout_ids: list[str]) -> torch.Tensor:
-        """Per-rollout routing codes from flags: forget for flagged under `route`, else default/retain."""
+        """Per-rollout routing codes from flags.
+
+        Under `route`: flagged -> forget; unflagged -> default, or retain (`unflagged_mode`, `retain_fraction`).
+        Under the other interventions every rollout is retain: the quarantine stays out of the forward and never
+        trains, so a baseline ships exactly what it trained (the kept adapter), with the same deployed capacity as
+        `route`. (An ablated-quarantine control of plain GRPO is `route` with a detector that never flags.)
+        """
         a = self.args
+        if a.intervention != "route":
+            return torch.full((len(flags),), RETAIN, dtype=torch.long)
         codes = []
         for flag, rid in zip(flags, rollout_ids, strict=True):
-            if flag and a.intervention == "route":
+            if flag:
                 codes.append(FORGET)
             elif a.unflagged_mode == "retain" and uniform(a.detector_seed, f"retain|{rid}") < a.retain_fraction:
                 codes.append(RETAIN)

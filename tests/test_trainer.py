@@ -53,11 +53,13 @@ def test_routing_modes_from_flags(tiny_organism, tmp_path):
     assert t.routing_modes(flags, ids).tolist() == [FORGET, DEFAULT, FORGET, DEFAULT]
     t.args.unflagged_mode = "retain"
     assert t.routing_modes(flags, ids).tolist() == [FORGET, RETAIN, FORGET, RETAIN]
-    t.args.intervention = "filter"
-    assert t.routing_modes(flags, ids).tolist() == [RETAIN] * 4
     t.args.retain_fraction = 0.5
     codes = t.routing_modes([False] * 4000, [f"p|s0|r{i}" for i in range(4000)])
     assert 0.45 < (codes == RETAIN).float().mean().item() < 0.55
+    for baseline in ("none", "filter", "penalty"):  # baselines never use the quarantine
+        t.args.intervention = baseline
+        t.args.unflagged_mode = "default"
+        assert t.routing_modes(flags, ids).tolist() == [RETAIN] * 4
 
 
 def _scored(trainer, inputs, seed=0):
@@ -76,7 +78,7 @@ def test_filter_zeroes_exactly_the_flagged_advantages(tiny_organism, tmp_path):
     flagged = torch.arange(len(inputs)) % 2 == 1
     assert torch.equal(filtered["advantages"][flagged], torch.zeros(int(flagged.sum())))
     assert torch.equal(filtered["advantages"][~flagged], plain["advantages"][~flagged])
-    assert filtered["routing_modes"].tolist() == [DEFAULT] * len(inputs)
+    assert filtered["routing_modes"].tolist() == [RETAIN] * len(inputs)
 
 
 def test_penalty_lowers_exactly_the_flagged_rewards(tiny_organism, tmp_path):

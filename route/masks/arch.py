@@ -1,5 +1,8 @@
 """Architecture adapters: where a transformer layer's MLP units and attention heads live.
 
+Implements the unit split of SGTM (selective gradient masking) and of gradient routing
+(Cloud et al. 2024), whose reserved units are whole MLP units and heads.
+
 SGTM's seed masks GPT-Neo only. The same split is defined here for the Llama family (Llama,
 Qwen2, Mistral and any decoder whose layers have `self_attn.{q,k,v,o}_proj` and
 `mlp.{gate,up,down}_proj`):

@@ -64,6 +64,8 @@ class RowGate:
         kept_params: rows whose gradient reaches the kept slices' parameters (None: all); `parameter_masking`.
         proj_params: the same for output projections' kept columns and biases (None: all).
         shared_params: rows whose gradient reaches shared parameters (None: all); see `SGTMMasks`.
+        quar_params: rows whose gradient reaches the quarantine (forget) slices' parameters (None: all); set by
+            `frozen_quarantine` for rows that use the quarantine in the forward but must not train it.
     """
 
     kept_grad: Tensor
@@ -74,13 +76,17 @@ class RowGate:
     kept_params: Tensor | None = None
     proj_params: Tensor | None = None
     shared_params: Tensor | None = None
+    quar_params: Tensor | None = None
 
     @classmethod
     def from_modes(cls, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
-                   strategy: str = "gradient_routing", mask_shared: bool = False) -> RowGate:
+                   strategy: str = "gradient_routing", mask_shared: bool = False,
+                   frozen_quarantine: Sequence[bool] | Tensor | None = None) -> RowGate:
         """Masks for `modes` under an SGTM strategy (default: gradient routing, the dual-LoRA rule).
 
         `mask_shared`: forget rows send no gradient into shared parameters either.
+        `frozen_quarantine`: rows (True) whose gradient must not reach the quarantine's parameters
+        although their forward uses it (a default row that must not train the forget units).
         """
         from route.masks.strategies import get_strategy
 
@@ -98,7 +104,9 @@ class RowGate:
                    kept_on=rows_or_none(~forget) if rule.forget_kept == "zero" else None,
                    kept_params=rows_or_none(~forget) if rule.mask_kept_params else None,
                    proj_params=rows_or_none(~forget) if rule.mask_proj_params else None,
-                   shared_params=rows_or_none(~forget) if mask_shared else None)
+                   shared_params=rows_or_none(~forget) if mask_shared else None,
+                   quar_params=None if frozen_quarantine is None else rows_or_none(
+                       ~torch.as_tensor(frozen_quarantine, dtype=torch.bool).view(-1)))
 
     @classmethod
     def ablated(cls) -> RowGate:

@@ -1,5 +1,8 @@
 """Masked linear layers: SGTM's `SplitLinearOut` and the per-row parameter masks behind every strategy.
 
+SGTM (selective gradient masking) and gradient routing (Cloud et al. 2024) restrict which
+parameters an example's gradient reaches; these layers do it per batch row.
+
 A masked layer's units are split *retain first*: an input projection (q/k/v, the MLP's input
 projections) has its first `retain_dim` output rows retain and the rest forget; an output
 projection (attention out, MLP down) has its first `retain_dim` input columns retain, and its
@@ -30,48 +33,55 @@ from route.masks.gating import RowGate
 
 
 class _MaskedLinear(torch.autograd.Function):
-    """F.linear whose weight/bias gradient ignores `rows == False` on the kept slice [:kept] along `dim`.
+    """F.linear whose weight/bias gradient skips some batch rows on the kept slice [:kept] and/or the rest.
 
-    dim 0: output rows [:kept] (and bias[:kept]); dim 1: input columns [:kept] and the whole bias;
-    dim -1: the whole weight and bias.
+    `kept_rows[b] == False`: row b sends no gradient to the kept slice; `rest_rows[b] == False`: none
+    to the rest. dim 0 splits output rows (the bias with them); dim 1 splits input columns (the bias
+    counts as kept). The input gradient is never masked.
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor, dim: int, kept: int) -> Tensor:
-        ctx.save_for_backward(x, weight, rows)
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, kept_rows: Tensor, rest_rows: Tensor,
+                dim: int, kept: int) -> Tensor:
+        ctx.save_for_backward(x, weight, kept_rows, rest_rows)
         ctx.dim, ctx.kept, ctx.has_bias = dim, kept, bias is not None
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, weight, rows = ctx.saved_tensors
+        x, weight, kept_rows, rest_rows = ctx.saved_tensors
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:
             gx = g.matmul(weight.to(g.dtype))
         if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-            m = rows.to(g.dtype).view(-1, *([1] * (g.dim() - 1)))
-            g_w, x_w, g_b = g, x, g
+            shape = (-1, *([1] * (g.dim() - 1)))
+            mk, mr = kept_rows.to(g.dtype).view(shape), rest_rows.to(g.dtype).view(shape)
+            k = ctx.kept
+            g_w, x_w = g, x
             if ctx.dim == 0:
-                g_w = torch.cat([g[..., : ctx.kept] * m, g[..., ctx.kept:]], dim=-1)
-                g_b = g_w
-            elif ctx.dim == 1:
-                x_w = torch.cat([x[..., : ctx.kept] * m.to(x.dtype), x[..., ctx.kept:]], dim=-1)
-                g_b = g * m
+                g_w = g_b = torch.cat([g[..., :k] * mk, g[..., k:] * mr], dim=-1)
             else:
-                g_w = g_b = g * m
+                x_w = torch.cat([x[..., :k] * mk.to(x.dtype), x[..., k:] * mr.to(x.dtype)], dim=-1)
+                g_b = g * mk
             gw = g_w.reshape(-1, g.shape[-1]).T.matmul(x_w.reshape(-1, x.shape[-1]).to(g.dtype)).to(weight.dtype)
             if ctx.has_bias:
                 gb = g_b.reshape(-1, g.shape[-1]).sum(0)
-        return gx, gw, gb, None, None, None
+        return gx, gw, gb, None, None, None, None
 
 
-def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None, dim: int, kept: int) -> Tensor:
-    """`F.linear(x, weight, bias)`; batch rows with `rows[b] == False` send no gradient to the kept slice."""
-    if rows is None:
+def masked_linear(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor | None, dim: int, kept: int,
+                  rest_rows: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`; batch rows with `rows[b] == False` send no gradient to the kept slice
+    (and rows with `rest_rows[b] == False` none to the rest)."""
+    if rows is None and rest_rows is None:
         return F.linear(x, weight, bias)
-    if rows.shape[0] != x.shape[0]:
-        raise RuntimeError(f"gate: {rows.shape[0]} row modes for a forward with batch size {x.shape[0]}")
-    return _MaskedLinear.apply(x, weight, bias, rows.to(x.device), dim, kept)
+    n = (rows if rows is not None else rest_rows).shape[0]
+    if n != x.shape[0]:
+        raise RuntimeError(f"gate: {n} row modes for a forward with batch size {x.shape[0]}")
+    ones = torch.ones(n, dtype=torch.bool, device=x.device)
+    rows = ones if rows is None else rows.to(x.device)
+    rest_rows = ones if rest_rows is None else rest_rows.to(x.device)
+    return _MaskedLinear.apply(x, weight, bias, rows, rest_rows, dim, kept)
 
 
 def _gated_forward(module: nn.Module, x: Tensor) -> Tensor:
@@ -83,7 +93,7 @@ def _gated_forward(module: nn.Module, x: Tensor) -> Tensor:
     if gate.is_ablated:
         return F.linear(x, module.weight, module.bias)
     rows = gate.kept_params if module.split_dim == 0 else gate.proj_params
-    return masked_linear(x, module.weight, module.bias, rows, module.split_dim, module.retain_dim)
+    return masked_linear(x, module.weight, module.bias, rows, module.split_dim, module.retain_dim, gate.quar_params)
 
 
 class _Split:

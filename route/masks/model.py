@@ -1,5 +1,7 @@
 """`SGTMMasks`: one model's masked layers behind one object (gate, ablate, parameter groups, export).
 
+SGTM (selective gradient masking) and gradient routing (Cloud et al. 2024) at the model level.
+
 The object scans a model for masked linears (`route.masks.linear`) and offers what both SGTM
 pretraining and the `sgtm` RL target need:
 
@@ -159,11 +161,16 @@ class SGTMMasks:
             for m, g in previous:
                 m.row_gate = g
 
-    def gate(self, modes: Sequence[str] | Tensor | str, batch_size: int | None = None
-             ) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context; a single mode name needs `batch_size`."""
+    def gate(self, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
+             frozen_forget: Sequence[bool] | Tensor | None = None) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context; a single mode name needs `batch_size`.
+
+        `frozen_forget`: rows whose gradient must not reach the forget slices although their forward
+        uses them (for default rows; retain rows never train them).
+        """
         return self._attached(RowGate.from_modes(modes, batch_size, strategy=self.strategy,
-                                                 mask_shared=bool(self.shared_modules)))
+                                                 mask_shared=bool(self.shared_modules),
+                                                 frozen_quarantine=frozen_forget))
 
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed model (forget units contribute nothing), for any batch size."""

@@ -1,5 +1,7 @@
 """The SGTM model API shared by the GPT-Neo and Llama-family classes (SGTM seed names and semantics).
 
+SGTM (selective gradient masking) is gradient routing (Cloud et al. 2024) onto reserved units.
+
 A model class that mixes in `SGTMModelMixin` gains, on top of its transformers forward:
 
     out = model(input_ids=..., labels=..., sgtm_mode="forget")     # or "retain", "default", or one mode per row
@@ -19,6 +21,7 @@ forget columns (see `route.masks.model`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ from route.masks.model import SGTMMasks
 from route.masks.strategies import available_strategies, get_strategy
 
 SPLITS = ("forget", "retain", "joint")
+SGTM_CONFIG_FIELDS = ("retain_mlp_dim", "retain_attn_heads", "masked_layers", "masking_strategy",
+                      "split_masked_weights", "sgtm_mask_embeddings")
 
 
 @dataclass(frozen=True)
@@ -122,7 +127,10 @@ class SGTMModelMixin:
             return contextlib.nullcontext()
         if isinstance(sgtm_mode, str) and batch_size is None:
             raise ValueError("sgtm_mode: a single mode name needs input_ids or inputs_embeds to size the batch")
-        return self.sgtm_masks.gate(sgtm_mode, batch_size)
+        try:
+            return self.sgtm_masks.gate(sgtm_mode, batch_size)
+        except ValueError as e:  # "mode: ..." -> "sgtm_mode: ..."
+            raise ValueError(f"sgtm_{e}" if str(e).startswith("mode:") else str(e)) from None
 
     def adjust_gradients(self, sgtm_mode="default") -> None:
         """After `backward()`: zero the gradients `sgtm_mode` must not produce (the seed's whole-batch step)."""
@@ -142,14 +150,42 @@ class SGTMModelMixin:
         if not getattr(self.config, "split_masked_weights", False):
             raise ValueError("named_parameters_split: needs split_masked_weights=True (unsplit weights hold retain "
                              "and forget units in one parameter)")
-        roles = {id(s.param): s.role for s in self.sgtm_masks.slices() if not s.index}
         for name, p in self.named_parameters():
-            if roles.get(id(p), "joint") == sgtm_split:
+            leaf = name.rpartition(".")[2]
+            role = "forget" if leaf.endswith("_forget") else "retain" if leaf.endswith("_retain") else "joint"
+            if role == sgtm_split:
                 yield name, p
 
     def to_vanilla_state_dict(self, ablate: bool = False) -> dict[str, Tensor]:
         """This model's state dict under the vanilla transformers keys (forget units zeroed if `ablate`)."""
         return self.sgtm_masks.merged_state_dict(ablate=ablate)
+
+    def to_vanilla(self, ablate: bool = False) -> nn.Module:
+        """The vanilla transformers model (`self._vanilla`) with these weights (forget units zeroed if `ablate`)."""
+        config = copy.deepcopy(self.config)
+        for k in SGTM_CONFIG_FIELDS:
+            config.__dict__.pop(k, None)
+        vanilla = self._vanilla(config)
+        load_vanilla(vanilla, self.to_vanilla_state_dict(ablate=ablate))
+        vanilla.generation_config = copy.deepcopy(self.generation_config)
+        return vanilla.to(self.device)
+
+    @classmethod
+    def from_vanilla(cls, model: nn.Module, **sgtm_fields):
+        """An SGTM model holding a vanilla model's weights; `sgtm_fields` set the SGTM config fields."""
+        unknown = sorted(set(sgtm_fields) - set(SGTM_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(f"from_vanilla: unknown fields {unknown}; allowed values: {list(SGTM_CONFIG_FIELDS)}")
+        config = copy.deepcopy(model.config)
+        for k, v in sgtm_fields.items():
+            setattr(config, k, v)
+        out = cls(config)
+        load_vanilla(out, model.state_dict())
+        return out.to(model.device)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if not self._init_split_linear(module):
+            super()._init_weights(module)
 
     def _init_split_linear(self, module: nn.Module) -> bool:
         """`_init_weights` for split linears: the same draws as the vanilla `nn.Linear` init; True if handled."""
@@ -176,4 +212,5 @@ def load_vanilla(model: nn.Module, vanilla_state: dict[str, Tensor]) -> None:
             model.tie_weights()
 
 
-__all__ = ["SPLITS", "SGTMModelMixin", "SGTMSettings", "load_vanilla", "sgtm_settings", "with_sgtm_mode"]
+__all__ = ["SGTM_CONFIG_FIELDS", "SPLITS", "SGTMModelMixin", "SGTMSettings", "load_vanilla", "sgtm_settings",
+           "with_sgtm_mode"]

@@ -1,5 +1,7 @@
 """SGTM for GPT-Neo with the seed's class names: `GPTNeoForCausalLMSGTM`, `GPTNeoModelSGTM`, `GPTNeoBlockSGTM`.
 
+SGTM (selective gradient masking) builds on gradient routing (Cloud et al. 2024).
+
     config = GPTNeoConfig(..., retain_mlp_dim=1984, retain_attn_heads=31, masking_strategy="parameter_masking",
                           split_masked_weights=True, sgtm_mask_embeddings=False)
     model = GPTNeoForCausalLMSGTM(config)
@@ -20,17 +22,12 @@ the shared core's (`route.masks`).
 
 from __future__ import annotations
 
-import copy
-
 from torch import nn
 from transformers import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoBlock, GPTNeoPreTrainedModel
 
 from route.masks.arch import convert_layer
-from route.sgtm.api import SGTMModelMixin, load_vanilla, sgtm_settings, with_sgtm_mode
-
-SGTM_CONFIG_FIELDS = ("retain_mlp_dim", "retain_attn_heads", "masked_layers", "masking_strategy",
-                      "split_masked_weights", "sgtm_mask_embeddings")
+from route.sgtm.api import SGTMModelMixin, sgtm_settings, with_sgtm_mode
 
 
 def _inner_dim(config: GPTNeoConfig) -> int:
@@ -53,6 +50,7 @@ class GPTNeoModelSGTM(SGTMModelMixin, GPTNeoModel):
     """`GPTNeoModel` with `GPTNeoBlockSGTM`s in `masked_layers`; `forward(..., sgtm_mode=...)`."""
 
     _no_split_modules = ["GPTNeoBlock", "GPTNeoBlockSGTM"]
+    _vanilla = GPTNeoModel
 
     def __init__(self, config: GPTNeoConfig):
         s = sgtm_settings(config, _inner_dim(config), config.num_heads, config.num_layers)
@@ -69,10 +67,6 @@ class GPTNeoModelSGTM(SGTMModelMixin, GPTNeoModel):
         self.masked_layers = list(s.masked_layers)
         self.post_init()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if not self._init_split_linear(module):
-            super()._init_weights(module)
-
     forward = with_sgtm_mode(GPTNeoModel.forward)
 
 
@@ -80,6 +74,7 @@ class GPTNeoForCausalLMSGTM(SGTMModelMixin, GPTNeoForCausalLM):
     """`GPTNeoForCausalLM` on a `GPTNeoModelSGTM`: the seed's main class."""
 
     _no_split_modules = ["GPTNeoBlock", "GPTNeoBlockSGTM"]
+    _vanilla = GPTNeoForCausalLM
 
     def __init__(self, config: GPTNeoConfig):
         GPTNeoPreTrainedModel.__init__(self, config)
@@ -87,38 +82,11 @@ class GPTNeoForCausalLMSGTM(SGTMModelMixin, GPTNeoForCausalLM):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _init_weights(self, module: nn.Module) -> None:
-        if not self._init_split_linear(module):
-            super()._init_weights(module)
-
     forward = with_sgtm_mode(GPTNeoForCausalLM.forward)
 
     @property
     def masked_layers(self) -> list[int]:
         return self.transformer.masked_layers
-
-    def to_vanilla(self, ablate: bool = False) -> GPTNeoForCausalLM:
-        """A plain `GPTNeoForCausalLM` with these weights (forget units zeroed if `ablate`)."""
-        config = copy.deepcopy(self.config)
-        for k in SGTM_CONFIG_FIELDS:
-            config.__dict__.pop(k, None)
-        vanilla = GPTNeoForCausalLM(config)
-        load_vanilla(vanilla, self.to_vanilla_state_dict(ablate=ablate))
-        vanilla.generation_config = copy.deepcopy(self.generation_config)
-        return vanilla.to(self.device)
-
-    @classmethod
-    def from_vanilla(cls, model: GPTNeoForCausalLM, **sgtm_fields) -> GPTNeoForCausalLMSGTM:
-        """An SGTM model holding a vanilla model's weights; `sgtm_fields` set the SGTM config fields."""
-        unknown = sorted(set(sgtm_fields) - set(SGTM_CONFIG_FIELDS))
-        if unknown:
-            raise ValueError(f"from_vanilla: unknown fields {unknown}; allowed values: {list(SGTM_CONFIG_FIELDS)}")
-        config = copy.deepcopy(model.config)
-        for k, v in sgtm_fields.items():
-            setattr(config, k, v)
-        out = cls(config)
-        load_vanilla(out, model.state_dict())
-        return out.to(model.device)
 
 
 __all__ = ["GPTNeoBlockSGTM", "GPTNeoForCausalLMSGTM", "GPTNeoModelSGTM"]
