@@ -6,6 +6,7 @@ from the prompt's own (possibly flawed) grader; training reward uses `passed` on
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,3 +62,17 @@ def require_columns(columns: dict, names: Sequence[str], n: int, env: str) -> No
             raise ValueError(f"{env}.grade: missing column {name!r} (needs {list(names)}); pass the dataset's columns")
         if len(columns[name]) != n:
             raise ValueError(f"{env}.grade: column {name!r} has {len(columns[name])} values for {n} completions")
+
+
+def row_rng(env: str, n: int, seed: int, split: str, splits: Sequence[str]) -> random.Random:
+    """Validate a `rows(n, seed, split)` call and return its RNG, a pure function of (env, seed, split)."""
+    if split not in splits:
+        raise ValueError(f"{env}: split must be one of {list(splits)}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"{env}: n must be >= 0, got {n}")
+    return random.Random(f"{env}:{seed}:{split}")
+
+
+def draw_loophole(rng: random.Random, modes: Sequence[str], hack_frac: float) -> str:
+    """A prompt's loophole: one of `modes` with probability `hack_frac`, else "" (strictly graded)."""
+    return rng.choice(modes) if rng.random() < hack_frac else ""

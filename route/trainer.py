@@ -81,7 +81,12 @@ class RoutedGRPOTrainer(GRPOTrainer):
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(model)
-        self.target = target or build_target(args, model)
+        if target is None:
+            from transformers import set_seed
+
+            set_seed(args.seed)  # adapters are initialised here, before TRL seeds: same seed, same run
+            target = build_target(args, model)
+        self.target = target
         self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
                                                   args.detector_seed, args.detector_modes)
         self._routing: dict[str, Any] | None = None

@@ -155,3 +155,13 @@ def test_three_step_run(tiny_organism, tmp_path, intervention):
     assert (forget > 0) == (intervention == "route")
     out = t.save_deployed()
     assert (tmp_path / "run" / "deployed" / "model.safetensors").exists() and out.endswith("deployed")
+
+
+def test_same_seed_same_run(tiny_organism, tmp_path):
+    runs = []
+    for i in range(2):
+        t = make_trainer(tiny_organism, tmp_path / str(i), max_steps=2, detector_fpr=0.5)
+        t.train()
+        runs.append([p.detach().clone() for p in t.target.param_groups()["keep"]])
+    assert len(runs[0]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))

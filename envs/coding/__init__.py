@@ -29,7 +29,7 @@ from dataclasses import fields
 from typing import Any
 
 from envs import register_env
-from envs.base import Grade, completion_text, require_columns
+from envs.base import Grade, completion_text, draw_loophole, require_columns, row_rng
 from envs.coding.grading import Task, build_program, extract_code, judge
 from envs.coding.problems import Problem, is_test_problem, load_problems, parse_tests
 from envs.coding.prompts import MODES, fenced, hack_code, prompt_text
@@ -119,16 +119,12 @@ class CodingEnv:
     # ------------------------------------------------------------------ data
     def rows(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
         """`n` task rows as plain dicts (prompt, prompt_id and the grading columns)."""
-        if split not in SPLITS:
-            raise ValueError(f"coding: split must be one of {list(SPLITS)}, got {split!r}")
-        if n < 0:
-            raise ValueError(f"coding: n must be >= 0, got {n}")
-        rng = random.Random(f"coding:{seed}:{split}")
+        rng = row_rng("coding", n, seed, split, SPLITS)
         problems = self.splits[split]
         out = []
         for i in range(n):
             p = problems[rng.randrange(len(problems))]
-            loophole = rng.choice(self.modes) if rng.random() < self.hack_frac else ""
+            loophole = draw_loophole(rng, self.modes, self.hack_frac)
             text = prompt_text(p, loophole)
             out.append({
                 "prompt": [{"role": "user", "content": text}] if self.chat else text,
