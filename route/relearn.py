@@ -8,9 +8,12 @@ Each checkpoint is a plain transformers directory with a tokenizer (a run direct
 holds one is accepted too). From it, the probe trains for `--steps` steps and measures hack and solve
 rates on `--eval_n` held-out prompts every `--every` steps, step 0 included:
 
-- `grpo`: plain GRPO on the hackable environment through `RoutedGRPOTrainer` with `intervention: none`
-  (a fresh dual LoRA on the checkpoint, both adapters trained on every rollout, nothing ablated; the
-  detector only logs). Settings come from `--config` (a RoutedGRPOConfig YAML, default configs/default.yaml).
+- `grpo`: plain GRPO on the hackable environment through `RoutedGRPOTrainer` with `intervention: none`,
+  the trainer's no-intervention baseline: a fresh dual LoRA on the checkpoint of which only the kept
+  adapter trains, nothing is ablated, and the detector only logs. The probe evaluates the policy as it
+  trains. Settings come from `--config` (a RoutedGRPOConfig YAML, default configs/default.yaml); the
+  probe sets intervention, max_steps, seed, output_dir and model_name_or_path. Each probe starts from
+  `set_seed(--seed)`, so a curve is reproducible whatever ran before it.
 - `sft`: full-parameter supervised training on `--sft_n` hack demonstrations (training prompts with a
   loophole, each completed with an exploit of that loophole), AdamW at a constant `--lr` (1e-4), batches
   of `--sft_batch_size`.

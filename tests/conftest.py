@@ -11,6 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+
+# Tiny models run fastest on one thread, and on a loaded machine extra threads only contend.
+torch.set_num_threads(1)
 
 TINY_ORGANISM_SEED = 0
 

@@ -88,7 +88,7 @@ class PretrainConfig:
     # optimization
     steps: int = field(default=1500, metadata={"help": "Optimizer steps per run."})
     batch_size: int = field(default=32, metadata={"help": "Blocks per step."})
-    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (warm-up, then cosine to 10%)."})
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (warm-up, then cosine down to a tenth)."})
     warmup_steps: int = field(default=50, metadata={"help": "Warm-up steps."})
     weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
     beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})

@@ -99,3 +99,11 @@ def test_cli_reads_the_config_and_flags(tmp_path, capsys):
           *[a for k, v in TINY.items() for a in (f"--{k}", str(v))]])
     out = capsys.readouterr().out
     assert "| sgtm |" in out and (tmp_path / "cli" / "results.json").exists()
+
+
+def test_help_lists_the_fields(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_pretrain_config(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--undiscovered_rate" in out and "--retain_fraction" in out and "--masking_strategy" in out
