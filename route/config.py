@@ -215,26 +215,14 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
     import os
     import sys
 
-    import yaml
     from trl import TrlParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            argv[i: i + 1] = ["--config", arg.split("=", 1)[1]]
-    path = default_config
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a file path")
-        path = argv[i + 1]
-        del argv[i: i + 2]
+    from route.io import load_yaml_mapping, pop_config_arg
+
+    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv, default_config)
     parser = TrlParser((RoutedGRPOConfig,))
     if path is not None:
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must contain a YAML mapping")
+        values = load_yaml_mapping(path)
         if isinstance(values.get("env"), dict):
             for key, value in values.pop("env").items():
                 os.environ[key] = str(value)

@@ -46,3 +46,30 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.replace(tmp, path)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def pop_config_arg(argv: list[str], default: str | None = None) -> tuple[str | None, list[str]]:
+    """Split `--config FILE` (or `--config=FILE`) out of `argv`: (path or `default`, remaining args)."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            argv[i: i + 1] = ["--config", arg.split("=", 1)[1]]
+    if "--config" not in argv:
+        return default, argv
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ValueError("--config needs a file path")
+    path = argv[i + 1]
+    del argv[i: i + 2]
+    return path, argv
+
+
+def load_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping (empty file -> {}); anything else is a clear error."""
+    import yaml
+
+    with open(path) as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path} must contain a YAML mapping")
+    return values

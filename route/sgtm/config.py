@@ -153,21 +153,14 @@ def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
     """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
     import sys
 
-    import yaml
     from transformers import HfArgumentParser
 
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from route.io import load_yaml_mapping, pop_config_arg
+
+    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv)
     parser = HfArgumentParser(PretrainConfig)
-    if "--config" in argv:
-        i = argv.index("--config")
-        if i + 1 >= len(argv):
-            raise ValueError("--config needs a file path")
-        path = argv[i + 1]
-        del argv[i: i + 2]
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {path} must contain a YAML mapping")
+    if path is not None:
+        values = load_yaml_mapping(path)
         known = {f.name for f in dataclasses.fields(PretrainConfig)}
         unknown = sorted(set(values) - known)
         if unknown:
