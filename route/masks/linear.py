@@ -158,7 +158,30 @@ class GatedLinear(_Split, nn.Linear):
         return _gated_forward(self, x)
 
 
-class SplitLinearOut(_Split, nn.Module):
+class _SplitLinear(_Split, nn.Module):
+    """Constructors shared by the split linears: built like `nn.Linear` (same random draws), or from one."""
+
+    def __init__(self, in_features: int, out_features: int, retain_dim: int, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._assign(ref.weight.detach(), None if ref.bias is None else ref.bias.detach(), retain_dim)
+
+    def _assign(self, weight: Tensor, bias: Tensor | None, retain_dim: int) -> None:
+        raise NotImplementedError
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, retain_dim: int):
+        """Split a copy of `linear`'s weights (no random draws); trainability follows the source parameters."""
+        obj = cls.__new__(cls)
+        nn.Module.__init__(obj)
+        obj._assign(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), retain_dim)
+        for name, p in obj.named_parameters():
+            p.requires_grad_((linear.bias if name.startswith("bias") else linear.weight).requires_grad)
+        return obj
+
+
+class SplitLinearOut(_SplitLinear):
     """Drop-in `nn.Linear` whose first `retain_dim` output rows (`weight_retain`, `bias_retain`) and the rest
     (`weight_forget`, `bias_forget`) are separate parameters.
 
@@ -167,12 +190,6 @@ class SplitLinearOut(_Split, nn.Module):
     """
 
     split_dim = 0
-
-    def __init__(self, in_features: int, out_features: int, retain_dim: int, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._assign(ref.weight.detach(), None if ref.bias is None else ref.bias.detach(), retain_dim)
 
     def _assign(self, weight: Tensor, bias: Tensor | None, retain_dim: int) -> None:
         self.out_features, self.in_features = weight.shape
@@ -187,16 +204,6 @@ class SplitLinearOut(_Split, nn.Module):
         else:
             self.bias_retain = nn.Parameter(bias[:r].clone())
             self.bias_forget = nn.Parameter(bias[r:].clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, retain_dim: int) -> SplitLinearOut:
-        """Split a copy of `linear`'s weights (no random draws)."""
-        obj = cls.__new__(cls)
-        nn.Module.__init__(obj)
-        obj._assign(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), retain_dim)
-        obj.weight_retain.requires_grad_(linear.weight.requires_grad)
-        obj.weight_forget.requires_grad_(linear.weight.requires_grad)
-        return obj
 
     @property
     def weight(self) -> Tensor:
@@ -216,17 +223,11 @@ class SplitLinearOut(_Split, nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class SplitLinearIn(_Split, nn.Module):
+class SplitLinearIn(_SplitLinear):
     """`nn.Linear` with its first `retain_dim` input columns (`weight_retain`) and the rest (`weight_forget`)
     as separate parameters; the bias stays whole (it counts as retain)."""
 
     split_dim = 1
-
-    def __init__(self, in_features: int, out_features: int, retain_dim: int, bias: bool = True,
-                 device=None, dtype=None):
-        super().__init__()
-        ref = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
-        self._assign(ref.weight.detach(), None if ref.bias is None else ref.bias.detach(), retain_dim)
 
     def _assign(self, weight: Tensor, bias: Tensor | None, retain_dim: int) -> None:
         self.out_features, self.in_features = weight.shape
@@ -239,15 +240,6 @@ class SplitLinearIn(_Split, nn.Module):
             self.register_parameter("bias", None)
         else:
             self.bias = nn.Parameter(bias.clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, retain_dim: int) -> SplitLinearIn:
-        obj = cls.__new__(cls)
-        nn.Module.__init__(obj)
-        obj._assign(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(), retain_dim)
-        for p in obj.parameters():
-            p.requires_grad_(linear.weight.requires_grad)
-        return obj
 
     @property
     def weight(self) -> Tensor:
