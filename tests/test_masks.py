@@ -54,3 +54,20 @@ def test_hookset_removes_exactly_its_hooks():
     with pytest.raises(KeyError), HookSet([(layer, lambda m, a, o: o)]):
         raise KeyError("boom")
     assert list(layer._forward_hooks) == [keep.id]
+
+
+def test_unit_masks_match_the_split_rule_per_row():
+    like = torch.zeros(3, 7, 5)  # rows forget, retain, default; units [kept 2 | quarantine 3]
+    value, grad = RowGate.from_modes(["forget", "retain", "default"]).unit_masks(2, 5, like=like)
+    assert value.shape == grad.shape == (3, 1, 5)
+    assert value.squeeze(1).tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert grad.squeeze(1).tolist() == [[0, 0, 1, 1, 1], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    value, _ = RowGate.from_modes(["forget", "default"], strategy="activation_masking").unit_masks(2, 5, like[:2])
+    assert value.squeeze(1).tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]
+    assert RowGate.from_modes("default", batch_size=3).unit_masks(2, 5, like) == (None, None)
+    value, grad = RowGate.ablated().unit_masks(2, 5, like)
+    assert value.squeeze(1).tolist() == [[1, 1, 0, 0, 0]] * 3 and grad is None
+    with pytest.raises(RuntimeError, match="row modes"):
+        RowGate.from_modes(["forget", "retain"]).unit_masks(2, 5, like)
+    with pytest.raises(ValueError, match="masked_linear"):
+        RowGate.from_modes(["forget"], strategy="parameter_masking").unit_masks(2, 5, like[:1])

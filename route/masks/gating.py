@@ -150,6 +150,38 @@ class RowGate:
         return torch.cat([self.kept(y[..., :kept_dim]), self.quarantine(y[..., kept_dim:])], dim=-1)
 
 
+    def unit_masks(self, kept_dim: int, width: int, like: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """`split`'s rule as per-row, per-unit masks over [kept units | quarantine units], shaped to broadcast on
+        activations `like` (..., width): (value, grad). `value` zeroes units absent from a row's forward; `grad`
+        zeroes units whose gradient a row must not carry (their value kept but detached). None: all ones.
+
+        For fused layers that apply the gate inside their own backward (e.g. the dual LoRA's rank space). Only the
+        activation-level strategies (`gradient_routing`, `activation_masking`): parameter masks need `masked_linear`.
+        """
+        if self.kept_params is not None or self.proj_params is not None or self.quar_params is not None:
+            raise ValueError("unit_masks: parameter-masking gates need masked_linear, not unit masks")
+        if self.all_default or self.is_ablated:
+            return (None, None) if self.all_default else (self._units(True, False, kept_dim, width, like), None)
+        on = torch.ones_like(self.kept_grad) if self.kept_on is None else self.kept_on
+        value = self._units(on, self.quar_on, kept_dim, width, like)
+        grad = self._units(self.kept_grad & on, self.quar_on, kept_dim, width, like)
+        return value, grad
+
+    def _units(self, kept, quar, kept_dim: int, width: int, like: Tensor) -> Tensor:
+        """(rows, 1.., width) mask: `kept` (per row, or a bool for all) on units [:kept_dim], `quar` on the rest."""
+        rows = like.shape[0] if like.dim() > 1 else 1
+
+        def per_row(m) -> Tensor:
+            m = torch.as_tensor(m, device=like.device)
+            if m.dim() and m.shape[0] != rows:
+                raise RuntimeError(f"gate: {m.shape[0]} row modes for a forward with batch size {rows}")
+            return m.expand(rows).view(-1, 1)
+
+        cols = torch.arange(width, device=like.device) < kept_dim
+        mask = torch.where(cols, per_row(kept), per_row(quar)).to(like.dtype)
+        return mask.view(rows, *([1] * (like.dim() - 2)), width)
+
+
 class HookSet:
     """A context manager that registers forward hooks and removes exactly the ones it added.
 

@@ -3,13 +3,18 @@
     y = W x + s_k B_k A_k x + s_q B_q A_q x        (B_k and B_q start at zero)
 
 Both adapters are PEFT LoRA adapters ("keep" and "quarantine") active at once, so the model
-stays a `PeftModel` (saving, TRL's PEFT paths). Gating hooks sit on the outputs of each
-layer's `lora_B` modules and apply the shared `RowGate` of the mask core (`route.masks`) under
-the `gradient_routing` strategy: forget rows detach the kept output, retain rows zero the
-quarantine output. The SGTM models and the `sgtm` target gate the model's own units with the
-same `RowGate`, so there is one gating implementation. `ablate(trainable=True)` is the LoRA analogue of a
-trainable re-init: B_q = 0 (the deployed forward is unchanged) and A_q is redrawn at the
-kept A's scale, so gradient can reach the quarantine again.
+stays a `PeftModel` (saving, TRL's PEFT paths), with separate parameters so that the optimizer
+steps each group on its own. The forward is fused: each adapted layer runs one rank
+r_k + r_q LoRA, `[B_k s_k | B_q s_q] ([A_k; A_q] x)`, instead of PEFT's loop over adapters,
+and the per-row gate acts on the small rank-space activation `h = [A_k; A_q] x`:
+the shared `RowGate` of the mask core (`route.masks`, `gradient_routing` strategy) splits `h`
+at r_k (forget rows: kept components detached; retain rows: quarantine components zeroed) and
+`masked_linear` keeps forget rows' gradient out of B_k. Values are exactly the unfused
+forward's (up to float summation order); the SGTM models and the `sgtm` target gate through the
+same `RowGate`, so there is one gating implementation. Under `ablated()` only the kept adapter
+runs. `ablate(trainable=True)` is the LoRA analogue of a trainable re-init: B_q = 0 (the deployed
+forward is unchanged) and A_q is redrawn at the kept A's scale, so gradient can reach the
+quarantine again.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ import contextlib
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
+from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor, nn
 
-from route.masks import HookSet, RowGate, redraw_like_
+from route.masks import RowGate, redraw_like_
 from route.targets import register_target
 
 KEEP, QUARANTINE = "keep", "quarantine"
@@ -28,10 +35,90 @@ STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated w
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+class _GateSlot:
+    """The gate every fused layer of one target reads (None: the plain model); set by `DualLoRATarget._gated`."""
+
+    gate: RowGate | None = None
+
+
+class _RoutedLoRA(torch.autograd.Function):
+    """`[B_k s_k | B_q s_q] (([A_k; A_q] x) * value)` with the rank-space gradient masked by `grad`.
+
+    One op for both adapters (no autograd nodes for the concatenations or the gate): `value`/`grad` are
+    `RowGate.unit_masks` over the r_k + r_q rank units (None: all ones). A unit whose `grad` is 0 on a row is
+    detached there: its value flows on, but the row sends no gradient into its A or B, nor through it into x.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, a_k: Tensor, a_q: Tensor, b_k: Tensor, b_q: Tensor, s_k: float, s_q: float,
+                value: Tensor | None, grad: Tensor | None) -> Tensor:
+        a = torch.cat([a_k, a_q])
+        b = torch.cat([_scaled(b_k, s_k), _scaled(b_q, s_q)], dim=1)
+        h = F.linear(x, a)
+        ctx.save_for_backward(x, a, b, h, grad)
+        ctx.rank_k, ctx.scales = a_k.shape[0], (s_k, s_q)
+        return F.linear(h if value is None else h * value, b)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, a, b, h, grad = ctx.saved_tensors
+        rk, (s_k, s_q) = ctx.rank_k, ctx.scales
+        dh = dy.matmul(b)
+        if grad is not None:  # grad zero wherever value is zero, so h * grad is the value the row used
+            dh, h = dh * grad, h * grad
+        gx = dh.matmul(a) if ctx.needs_input_grad[0] else None
+        ga = dh.flatten(0, -2).T.matmul(x.flatten(0, -2))
+        gb = dy.flatten(0, -2).T.matmul(h.flatten(0, -2))
+        return gx, ga[:rk], ga[rk:], _scaled(gb[:, :rk], s_k), _scaled(gb[:, rk:], s_q), None, None, None, None
+
+
+class FusedDualLoraLinear(LoraLinear):
+    """A PEFT LoRA `Linear` holding "keep" and "quarantine" that runs both as one rank r_k + r_q LoRA.
+
+    Same parameters, state-dict keys and PEFT behaviour (merge, disable_adapters, other active adapter
+    sets fall back to PEFT's forward); only the forward of the two active adapters is fused and gated.
+    """
+
+    route_slot: _GateSlot
+
+    def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+                or set(self.active_adapters) != {KEEP, QUARANTINE}):
+            return super().forward(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        gate = self.route_slot.gate
+        a_k, b_k = self.lora_A[KEEP].weight, self.lora_B[KEEP].weight
+        x = self._cast_input_dtype(x, a_k.dtype)
+        if gate is not None and gate.is_ablated:  # the deployed policy: the kept adapter alone
+            return (result + F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))).to(result.dtype)
+        value, grad = (None, None) if gate is None else gate.unit_masks(
+            a_k.shape[0], a_k.shape[0] + self.r[QUARANTINE], like=x)
+        y = _RoutedLoRA.apply(x, a_k, self.lora_A[QUARANTINE].weight, b_k, self.lora_B[QUARANTINE].weight,
+                              float(self.scaling[KEEP]), float(self.scaling[QUARANTINE]), value, grad)
+        return (result + y).to(result.dtype)
+
+
+def _scaled(weight: Tensor, scaling: float) -> Tensor:
+    return weight if scaling == 1 else weight * scaling
+
+
+def _fuse(model: nn.Module, slot: _GateSlot) -> list[tuple[str, nn.Module]]:
+    """Turn every PEFT LoRA Linear that holds both adapters into a `FusedDualLoraLinear` reading `slot`."""
     from peft.tuners.lora import LoraLayer
 
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer) and QUARANTINE in m.lora_A]
+    layers = []
+    for name, m in model.named_modules():
+        if not (isinstance(m, LoraLayer) and QUARANTINE in m.lora_A and KEEP in m.lora_A):
+            continue
+        if not isinstance(m, LoraLinear):
+            raise ValueError(f"dual_lora: {name} is a {type(m).__name__}; only Linear layers are supported")
+        for adapter in (KEEP, QUARANTINE):
+            if not isinstance(m.lora_dropout[adapter], nn.Identity) or adapter in m.lora_variant:
+                raise ValueError(f"dual_lora: {name}: lora_dropout must be 0 and use_dora/variants off")
+        m.__class__ = FusedDualLoraLinear
+        m.route_slot = slot
+        layers.append((name, m))
+    return layers
 
 
 def _base_name(peft_name: str) -> str:
@@ -70,7 +157,8 @@ class DualLoRATarget:
             model.add_adapter(QUARANTINE, config(quarantine_rank))
         model.base_model.set_adapter([KEEP, QUARANTINE])
         self.model = model
-        self.layers = _lora_layers(model)
+        self._slot = _GateSlot()
+        self.layers = _fuse(model, self._slot)
         if not self.layers:
             raise ValueError(f"dual_lora: no module matched target_modules={target_modules}")
 
@@ -80,23 +168,22 @@ class DualLoRATarget:
                    lora_alpha=config.lora_alpha, target_modules=config.target_modules)
 
     # ------------------------------------------------------------------ gating
-    def _hooks(self, gate: RowGate) -> HookSet:
-        def on(path):
-            return lambda module, args, out: path(out)
-
-        hooks = []
-        for _, layer in self.layers:
-            hooks.append((layer.lora_B[KEEP], on(gate.kept)))
-            hooks.append((layer.lora_B[QUARANTINE], on(gate.quarantine)))
-        return HookSet(hooks)
+    @contextlib.contextmanager
+    def _gated(self, gate: RowGate) -> Iterator[None]:
+        """Every fused layer reads `gate` inside the context; the previous gate is restored on exit (nesting)."""
+        previous, self._slot.gate = self._slot.gate, gate
+        try:
+            yield
+        finally:
+            self._slot.gate = previous
 
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self._hooks(RowGate.from_modes(modes, strategy=STRATEGY))
+        return self._gated(RowGate.from_modes(modes, strategy=STRATEGY))
 
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed policy: the quarantine contributes nothing."""
-        return self._hooks(RowGate.ablated())
+        return self._gated(RowGate.ablated())
 
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:

@@ -1,12 +1,17 @@
 """dual_lora: forward equivalences, routing invariants after optimizer.step(), ablation and export."""
 
+import contextlib
+
 import pytest
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from transformers import AutoModelForCausalLM
 
+from route.masks import HookSet, RowGate
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
+from route.targets.dual_lora import FusedDualLoraLinear
 
 
 @pytest.fixture
@@ -71,6 +76,51 @@ def _grads(t, ids, modes):
     out.backward()
     return {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             for n, p in t.model.named_parameters() if p.requires_grad}
+
+
+@contextlib.contextmanager
+def _peft_forward_gated_by_hooks(t, modes):
+    """The unfused reference: PEFT's own per-adapter LoRA forward, each adapter's output gated by RowGate hooks."""
+    gate = RowGate.from_modes(modes, strategy="gradient_routing")
+    hooks = []
+    for _, layer in t.layers:
+        hooks.append((layer.lora_B["keep"], lambda m, a, out: gate.kept(out)))
+        hooks.append((layer.lora_B["quarantine"], lambda m, a, out: gate.quarantine(out)))
+    for _, layer in t.layers:
+        layer.__class__ = LoraLinear
+    try:
+        with HookSet(hooks):
+            yield
+    finally:
+        for _, layer in t.layers:
+            layer.__class__ = FusedDualLoraLinear
+
+
+@pytest.mark.parametrize("modes", [["forget", "retain", "default", "forget"], ["retain"] * 4, ["default"] * 4, None])
+def test_fused_forward_and_grads_equal_peft_per_adapter_reference(modes):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(init_range=0.2), build_tokenizer())
+    t = make_target("dual_lora", model, keep_rank=4, quarantine_rank=3, lora_alpha=8)  # scalings 2 and 8/3
+    with torch.no_grad():
+        for _, layer in t.layers:
+            for name in ("keep", "quarantine"):
+                layer.lora_B[name].weight.normal_(0, 0.2)
+    ids = batch()
+
+    def run(ctx):
+        t.model.zero_grad(set_to_none=True)
+        with ctx:
+            out = t.model(input_ids=ids).logits
+        out.float().logsumexp(-1).sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in t.model.named_parameters() if p.grad is not None}
+
+    fused = run(t.gate(modes) if modes else contextlib.nullcontext())
+    ref = run(_peft_forward_gated_by_hooks(t, modes or ["default"] * 4))
+    torch.testing.assert_close(fused[0], ref[0], rtol=1e-5, atol=1e-5)
+    assert fused[1].keys() == ref[1].keys() and len(ref[1]) == 4 * len(t.layers)
+    for name in ref[1]:
+        torch.testing.assert_close(fused[1][name], ref[1][name], rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _snapshot(params):
