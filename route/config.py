@@ -13,7 +13,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
-INTERVENTIONS = ("none", "filter", "penalty", "route")
+INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
+ROUTE_SCORES = ("none", "cosine")
 DETECTORS = ("noisy", "ground_truth")
 UNFLAGGED_MODES = ("default", "retain")
 GENERATION_POLICIES = ("full", "deployed")
@@ -63,7 +64,9 @@ class RoutedGRPOConfig(GRPOConfig):
 
     > Detector and intervention
 
-    intervention (`str`): none, filter, penalty or route. penalty (`float`): lambda for `penalty`.
+    intervention (`str`): none, filter, penalty, route or erase (svf only). penalty (`float`): lambda for `penalty`.
+    route_score (`str`), route_score_threshold (`float`), route_score_requires_flag (`bool`): flag-free score
+    routing (svf only). erase_one_sided (`bool`).
     detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
     unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
 
@@ -72,6 +75,7 @@ class RoutedGRPOConfig(GRPOConfig):
     target (`str`), keep_rank, quarantine_rank (`int`), lora_alpha (`float`), target_modules (`list[str]`),
     quarantine_lr_ratio (`float`), ablate_trainable (`bool`). sgtm target: sgtm_forget_mlp_frac (`float`),
     sgtm_forget_heads (`int`), sgtm_masked_layers (`list[int]`), sgtm_strategy (`str`), sgtm_mask_shared (`bool`).
+    svf target: svf_rank (`int`), svf_reserve_axes (`list[int]`), svf_hack_subspace (`str`), svf_cache_dir (`str`).
 
     > Evaluation
 
@@ -91,7 +95,9 @@ class RoutedGRPOConfig(GRPOConfig):
     intervention: str = field(
         default="route",
         metadata={"help": "What to do with flagged rollouts: none, filter (zero advantage), penalty (reward minus "
-                          "`penalty`) or route (gradient only into the quarantine).", "choices": list(INTERVENTIONS)})
+                          "`penalty`), route (gradient only into the quarantine) or erase (target svf: remove the "
+                          "hack-subspace component of every kept gradient; flags are only logged).",
+                  "choices": list(INTERVENTIONS)})
     penalty: float = field(default=1.0, metadata={"help": "Lambda subtracted from a flagged rollout's reward."})
     detector: str = field(default="noisy", metadata={"help": "Detector kind: noisy or ground_truth.",
                                                      "choices": list(DETECTORS)})
@@ -109,6 +115,22 @@ class RoutedGRPOConfig(GRPOConfig):
                   "choices": list(UNFLAGGED_MODES)})
     retain_fraction: float = field(
         default=1.0, metadata={"help": "With unflagged_mode=retain: share of unflagged rollouts put in retain mode."})
+    route_score: str = field(
+        default="none",
+        metadata={"help": "Flag-free routing (target svf, intervention route): none, or cosine (a rollout is routed "
+                          "when the cosine |P g| / |g| between its per-rollout delta gradient g and the hack "
+                          "subspace exceeds route_score_threshold; flags then no longer route by themselves).",
+                  "choices": list(ROUTE_SCORES)})
+    route_score_threshold: float = field(
+        default=0.3, metadata={"help": "route_score: the cosine (in [0, 1]) above which a rollout is routed."})
+    route_score_requires_flag: bool = field(
+        default=False,
+        metadata={"help": "route_score: route only flagged rollouts whose score exceeds the threshold (the flag "
+                          "picks the rollouts, the subspace confirms); unflagged rollouts follow unflagged_mode."})
+    erase_one_sided: bool = field(
+        default=False,
+        metadata={"help": "intervention erase: remove only the components whose update would move the kept delta "
+                          "toward +v (the hack direction), instead of the whole projection."})
     generation_policy: str = field(
         default="full",
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
@@ -139,6 +161,17 @@ class RoutedGRPOConfig(GRPOConfig):
         default="parameter_masking",
         metadata={"help": "sgtm: masking strategy for forget rollouts: parameter_masking, parameter_masking_no_proj, "
                           "gradient_routing or activation_masking (see route.masks.strategies)."})
+    svf_rank: int | None = field(
+        default=None,
+        metadata={"help": "svf: singular pairs per module, min(svf_rank, out, in) (None: full rank). A hack subspace "
+                          "must have been extracted at the same rank (route.vhack --rank)."})
+    svf_reserve_axes: list[int] | None = field(
+        default=None, metadata={"help": "svf: quarantine = these singular axes (indices) of every module."})
+    svf_hack_subspace: str | None = field(
+        default=None,
+        metadata={"help": "svf: quarantine = the hack subspace in this route.vhack/1 file (python -m route.vhack)."})
+    svf_cache_dir: str | None = field(
+        default=None, metadata={"help": "svf: SVD cache directory (None: $ROUTE_CACHE/svd)."})
     sgtm_mask_shared: bool = field(
         default=True,
         metadata={"help": "sgtm: forget rollouts send no gradient into parameters outside the quarantine "
@@ -164,6 +197,7 @@ class RoutedGRPOConfig(GRPOConfig):
         self.detector_modes = _as_list(self.detector_modes)
         self.target_modules = _as_list(self.target_modules)
         _choice("intervention", self.intervention, INTERVENTIONS)
+        _choice("route_score", self.route_score, ROUTE_SCORES)
         _choice("detector", self.detector, DETECTORS)
         _choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
         _choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
@@ -179,6 +213,7 @@ class RoutedGRPOConfig(GRPOConfig):
         if self.quarantine_lr_ratio < 0:
             raise ValueError(f"quarantine_lr_ratio: must be >= 0, got {self.quarantine_lr_ratio!r}")
         self._validate_sgtm()
+        self._validate_svf()
         env = envs.make_env(self.env, **self.env_kwargs)
         if self.detector_modes is not None:
             unknown = [m for m in self.detector_modes if m not in env.modes]
@@ -204,6 +239,54 @@ class RoutedGRPOConfig(GRPOConfig):
         if self.target == "sgtm" and self.sgtm_forget_mlp_frac == 0 and self.sgtm_forget_heads == 0:
             raise ValueError("sgtm_forget_mlp_frac, sgtm_forget_heads: the sgtm quarantine is empty; reserve MLP "
                              "units (sgtm_forget_mlp_frac > 0) or heads (sgtm_forget_heads > 0)")
+
+
+    def _validate_svf(self) -> None:
+        """The `svf` target's fields and the interventions only it supports (erase, score routing)."""
+        import os
+
+        svf = self.target == "svf"
+        if self.intervention == "erase" and not svf:
+            allowed = [i for i in INTERVENTIONS if i != "erase"]
+            raise ValueError(f"intervention: invalid value 'erase'; allowed values: {allowed} with target "
+                             f"{self.target!r} (erase needs target svf)")
+        rank = self.svf_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"svf_rank: must be an int >= 1 or None (full rank), got {rank!r}")
+        axes = _as_list(self.svf_reserve_axes)
+        if axes is not None:
+            try:
+                axes = [int(a) for a in axes]
+            except (TypeError, ValueError):
+                raise ValueError(f"svf_reserve_axes: must be axis indices, got {self.svf_reserve_axes!r}") from None
+            if not axes or min(axes) < 0 or len(set(axes)) != len(axes):
+                raise ValueError(f"svf_reserve_axes: must be distinct indices >= 0, got {self.svf_reserve_axes!r}")
+        self.svf_reserve_axes = axes
+        if axes is not None and self.svf_hack_subspace is not None:
+            raise ValueError("svf_reserve_axes, svf_hack_subspace: give one quarantine reservation, not both")
+        if svf and self.svf_hack_subspace is not None and not os.path.isfile(self.svf_hack_subspace):
+            raise ValueError(f"svf_hack_subspace: no such file: {self.svf_hack_subspace} (write it with "
+                             "python -m route.vhack)")
+        if svf and self.intervention in ("route", "erase") and axes is None and self.svf_hack_subspace is None:
+            raise ValueError(f"svf_reserve_axes, svf_hack_subspace: target svf with intervention "
+                             f"{self.intervention} needs a quarantine reservation; set one of them")
+        if svf and self.ddp_broadcast_buffers is None:
+            # the SVD factors are buffers (as large as the model at full rank) and a pure function of the frozen
+            # weights: DDP's default would re-broadcast them from rank 0 before every forward
+            self.ddp_broadcast_buffers = False
+        _rate("route_score_threshold", self.route_score_threshold)
+        for name in ("route_score_requires_flag", "erase_one_sided"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if self.route_score != "none":
+            if not svf or self.intervention != "route":
+                raise ValueError(f"route_score: {self.route_score!r} needs target svf and intervention route, got "
+                                 f"target {self.target!r} and intervention {self.intervention!r}; allowed values "
+                                 f"here: ['none']")
+            if self.unflagged_mode == "retain" and not self.route_score_requires_flag:
+                raise ValueError("unflagged_mode: 'retain' conflicts with flag-free route_score (every rollout is a "
+                                 "score candidate and runs in default mode); set route_score_requires_flag or "
+                                 "unflagged_mode: default")
 
 
 def parse_config(argv: list[str] | None = None, default_config: str | None = None) -> RoutedGRPOConfig:

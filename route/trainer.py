@@ -18,6 +18,12 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio then uses old log-probs under the gate.
 - `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
   one backward for a batch that mixes modes.
+- `training_step` (targets with `after_backward` / `before_optimizer_step`, i.e. `svf`): after each micro-batch's
+  backward the target scores the rollouts (`route_score`) and queues the routed rows' kept gradient for removal;
+  after the last micro-batch of an optimizer step (before clipping) it applies the queue and `erase`. Under
+  `route_score`, flags do not route by themselves: candidates (every rollout, or only flagged ones with
+  `route_score_requires_flag`) run in default mode and are routed by score; `erase` runs every rollout in retain
+  mode (the quarantine never trains) and edits the kept gradient instead.
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
   gradient does not move.
 """
@@ -29,6 +35,7 @@ from collections import Counter
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
@@ -40,6 +47,9 @@ from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
 from route.targets import Target, build_target
 from route.vllm_sync import TargetWeightSync, check_vllm_config
+
+_SCORE_COUNTS = ("rows", "candidates", "routed", "exploited", "routed_exploited", "clean", "routed_clean",
+                 "score_sum")
 
 
 class _GradNormLogger(TrainerCallback):
@@ -97,6 +107,12 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))
+        self._score_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (candidates, exploited) of the loss
+        self._score_counts = torch.zeros(len(_SCORE_COUNTS), dtype=torch.float64)
+        edits_gradients = args.intervention == "erase" or args.route_score != "none"
+        if edits_gradients and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ValueError(f"intervention: {args.intervention} with route_score={args.route_score} edits the "
+                             "accumulated gradients, which DeepSpeed partitions; use DDP or a single process")
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -121,6 +137,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         """Per-rollout routing codes from flags.
 
         Under `route`: flagged -> forget; unflagged -> default, or retain (`unflagged_mode`, `retain_fraction`).
+        With `route_score` on, flags do not route by themselves: score candidates (`score_candidates`) -> default,
+        and the target routes them after the backward when their gradient score exceeds the threshold.
         Under the other interventions every rollout is retain: the quarantine stays out of the forward and never
         trains, so a baseline ships exactly what it trained (the kept adapter), with the same deployed capacity as
         `route`. (An ablated-quarantine control of plain GRPO is `route` with a detector that never flags.)
@@ -128,15 +146,26 @@ class RoutedGRPOTrainer(GRPOTrainer):
         a = self.args
         if a.intervention != "route":
             return torch.full((len(flags),), RETAIN, dtype=torch.long)
+        candidates = self.score_candidates(flags).tolist()
         codes = []
-        for flag, rid in zip(flags, rollout_ids, strict=True):
-            if flag:
+        for flag, rid, candidate in zip(flags, rollout_ids, candidates, strict=True):
+            if candidate:
+                codes.append(DEFAULT)
+            elif flag and a.route_score == "none":
                 codes.append(FORGET)
             elif a.unflagged_mode == "retain" and uniform(a.detector_seed, f"retain|{rid}") < a.retain_fraction:
                 codes.append(RETAIN)
             else:
                 codes.append(DEFAULT)
         return torch.tensor(codes, dtype=torch.long)
+
+    def score_candidates(self, flags: list[bool]) -> torch.Tensor:
+        """Rollouts that score routing may route (run in default mode): all, or the flagged ones with
+        `route_score_requires_flag`; none unless `route_score` is on."""
+        a = self.args
+        if a.intervention != "route" or a.route_score == "none":
+            return torch.zeros(len(flags), dtype=torch.bool)
+        return torch.tensor([bool(f) or not a.route_score_requires_flag for f in flags], dtype=torch.bool)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
@@ -148,7 +177,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         grades = self.env.grade(prompts, completions, **columns)
         flags = self.detector(grades, rollout_ids)
         modes = self.routing_modes(flags, rollout_ids)
-        self._routing = {"flags": flags, "modes": modes}
+        self._routing = {"flags": flags, "modes": modes, "candidates": self.score_candidates(flags),
+                         "exploited": torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool)}
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         all_grades, all_flags = gather_object(grades), gather_object(flags)
@@ -204,6 +234,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         routing, self._routing = self._routing, None
         modes = routing["modes"].to(output["advantages"].device)
         output["routing_modes"] = modes
+        if self.args.route_score != "none":
+            output["routing_score_candidates"] = routing["candidates"].to(modes.device)
+            output["routing_exploited"] = routing["exploited"].to(modes.device)
         if self.args.intervention == "filter":
             flagged = torch.tensor(routing["flags"], dtype=torch.bool, device=output["advantages"].device)
             output["advantages"] = output["advantages"].masked_fill(
@@ -237,8 +270,53 @@ class RoutedGRPOTrainer(GRPOTrainer):
         modes = inputs.get("routing_modes")
         if modes is None:
             raise KeyError("routing_modes missing from the batch: was it produced by RoutedGRPOTrainer?")
+        if "routing_score_candidates" in inputs:
+            self._score_batch = (inputs["routing_score_candidates"], inputs["routing_exploited"])
         with self.target.gate(modes):
             return super()._compute_loss(model, inputs)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self._score_batch = None
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        after = getattr(self.target, "after_backward", None)
+        if after is not None and self._score_batch is not None:
+            candidates, exploited = self._score_batch
+            out = after(candidates)
+            if out is not None:
+                self._count_scores(out["routed"], out["scores"], candidates.cpu(), exploited.cpu())
+        before = getattr(self.target, "before_optimizer_step", None)
+        if before is not None and self.accelerator.sync_gradients:
+            many = self.accelerator.num_processes > 1
+            stats = before(reduce=(lambda t: self.accelerator.reduce(t, reduction="mean")) if many else None)
+            for key, value in stats.items():
+                self._metrics["train"][key].append(value)
+            if self.args.route_score != "none":
+                self._log_scores()
+        return loss
+
+    # ------------------------------------------------------------------ score routing metrics
+    def _count_scores(self, routed, scores, candidates, exploited) -> None:
+        routed, candidates, exploited = routed.bool(), candidates.bool(), exploited.bool()
+        self._score_counts += torch.tensor([
+            routed.numel(), candidates.sum(), routed.sum(), exploited.sum(), (routed & exploited).sum(),
+            (~exploited).sum(), (routed & ~exploited).sum(), scores[candidates].sum()], dtype=torch.float64)
+
+    def _log_scores(self) -> None:
+        """Per optimizer step: share of rollouts routed by score and its realised TPR/FPR against ground truth."""
+        counts = self._score_counts.to(self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        c = dict(zip(_SCORE_COUNTS, counts.cpu().tolist()))
+        self._score_counts.zero_()
+        metrics = self._metrics["train"]
+        if c["rows"]:
+            metrics["routing/score_frac"].append(c["routed"] / c["rows"])
+        if c["candidates"]:
+            metrics["routing/score_mean"].append(c["score_sum"] / c["candidates"])
+        if c["exploited"]:
+            metrics["routing/score_tpr"].append(c["routed_exploited"] / c["exploited"])
+        if c["clean"]:
+            metrics["routing/score_fpr"].append(c["routed_clean"] / c["clean"])
 
     # ------------------------------------------------------------------ deployment
     def save_deployed(self, output_dir: str | None = None) -> str:

@@ -8,6 +8,7 @@ A real vLLM run needs a GPU (configs/vllm_qwen.yaml).
 
 import contextlib
 import copy
+import inspect
 from pathlib import Path
 
 import pytest
@@ -243,8 +244,10 @@ def test_vllm_engine_is_called_by_trl_own_code(fake_vllm, tiny_organism, tmp_pat
     # TRL's objects and methods, with only the weight source replaced on this instance
     assert type(vg) is VLLMGeneration and "sync_weights" not in vars(vg) and "generate" not in vars(vg)
     assert vg._iter_named_params == t.weight_sync.named_params
-    for name in ("_generate_single_turn", "_prepare_inputs", "training_step"):
+    for name in ("_generate_single_turn", "_prepare_inputs"):
         assert getattr(RoutedGRPOTrainer, name) is getattr(GRPOTrainer, name), name
+    # training_step only wraps TRL's (svf gradient edits after the backward); TRL's step counting still runs
+    assert "super().training_step(" in inspect.getsource(RoutedGRPOTrainer.training_step)
     t.model.train()
     t._generate(PROMPTS)
     eng = engine(t)
@@ -333,7 +336,8 @@ def test_vllm_config_errors(tiny_organism, tmp_path, monkeypatch):
 @pytest.mark.parametrize("target", available_targets())
 def test_vllm_engine_computes_the_generating_policy_for_every_target(fake_vllm, tiny_organism, tmp_path, target,
                                                                      policy):
-    t = vllm_trainer(tiny_organism, tmp_path, "colocate", policy, target=target)
+    sizes = {"svf": dict(svf_reserve_axes=[0, 1], svf_cache_dir=str(tmp_path / "svd"))}.get(target, {})
+    t = vllm_trainer(tiny_organism, tmp_path, "colocate", policy, target=target, **sizes)
     perturb(t)  # move every trainable part, so that both the kept part and the quarantine matter
     before = snapshot(t.model)
     t.model.train()

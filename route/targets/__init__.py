@@ -75,6 +75,7 @@ def build_target(config: Any, model: nn.Module) -> Target:
 def _load_builtin() -> None:
     import route.targets.dual_lora  # noqa: F401
     import route.targets.sgtm  # noqa: F401
+    import route.targets.svf  # noqa: F401
 
 
 __all__ = ["Target", "available_targets", "build_target", "make_target", "register_target"]

@@ -1,0 +1,41 @@
+"""Pieces every adapter-based target shares: default modules, PEFT names, and the deployed-model export.
+
+`deployed_model(base, state_dict)` builds a fresh plain transformers model from a merged state dict (the target's
+`deployed_state_dict()`), and `save_plain(model, output_dir, tokenizer)` writes it as an ordinary checkpoint that
+loads without this library.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def plain_name(peft_name: str) -> str:
+    """PEFT module or parameter name -> the plain model's name (`base_model.model.` and `.base_layer` removed)."""
+    return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def deployed_model(base: nn.Module, state_dict: dict[str, Tensor], target_name: str) -> nn.Module:
+    """A fresh plain transformers model of `base`'s config holding `state_dict` (tied weights re-tied)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_config(base.config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
+        raise RuntimeError(f"{target_name}: deployed state dict mismatch: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.generation_config = base.generation_config
+    return model.eval()
+
+
+def save_plain(model: nn.Module, output_dir: str, tokenizer=None) -> None:
+    """Save a plain transformers model (and tokenizer) to `output_dir`."""
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+
+
+__all__ = ["DEFAULT_MODULES", "deployed_model", "plain_name", "save_plain"]

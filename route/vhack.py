@@ -1,0 +1,350 @@
+"""Hack-direction extraction: the subspace of svf singular-value deltas that separates hack from clean.
+
+    python -m route.vhack --env arith --pairs 256 --k 4 --out runs/vhack/arith.pt
+
+For `--pairs` hackable training prompts (rows with a loophole) the environment's demonstration generator
+gives a hack and a clean completion. In the svf target's coordinates (per adapted Linear
+`y = W x + U_r((Vh_r x) * delta)`, delta of length r, zero at the base model) each completion's NLL
+gradient w.r.t. every module's delta is taken at delta = 0; row i of the module's D_m (pairs, r) is
+`d_i = grad NLL(clean) - grad NLL(hack) = grad logp(hack) - grad logp(clean)`. The top-k right singular
+vectors of the uncentred D_m, each sign flipped so most d_i project positively on it, are the module's
+subspace V_m (k, r), orthonormal rows: moving delta along +v raises logp(hack) relative to logp(clean).
+`SVFTarget(model, hack_subspace=FILE)` reserves it. The file (`torch.save`, atomic) is
+`{"format": "route.vhack/1", "subspace": {module: Tensor(k, r)}, "metadata": {...}}`; the metadata has
+the model, env, pairs, k, rank, seed, per-module explained-variance ratios (S_j^2 / sum S^2 of D_m), the
+mean cosine of the d_i with the subspace (mean |V d_i| / |d_i|), each direction's share of positive
+projections, the pairs per mode, the time and the project version.
+
+Departures from the seed (`v_hack = top SVD dirs of (grad logp(clean) - grad logp(hack)) over pairs`):
+the sign is reversed so +v points towards the hack (same subspace); directions are per module, k of
+them, in svf delta coordinates rather than one vector over all weights; NLL is summed over the
+completion tokens and the closing EOS, tokenized as the organism's SFT does (prompt and completion
+separately, via `route.organism._batch`); pairs are demonstrations sharing a prompt, not sampled rollouts.
+Per-row gradients take one backward per batch: with z = Vh_r x and dy the Linear's output gradient,
+d loss_b / d delta = sum_t z_bt * (U_r^T dy_bt), exact as rows never interact. Results are a pure
+function of (model, env, pairs, k, rank, seed); the batch size changes them only by float rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from route import __version__
+from route.targets.common import DEFAULT_MODULES
+
+FORMAT = "route.vhack/1"
+
+
+# ---------------------------------------------------------------------------------------------- core math
+def top_k_directions(D: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(V (k, r), explained-variance ratios (k,), share of rows with positive projection (k,)) of D (n, r).
+
+    V holds the top-k right singular vectors of the uncentred D, each sign flipped so that the majority
+    of D's rows project positively on it (ties broken by the sum of the projections).
+    """
+    if D.ndim != 2:
+        raise ValueError(f"top_k_directions: D must be 2-d (pairs, r), got shape {tuple(D.shape)}")
+    k = int(k)
+    if not 1 <= k <= min(D.shape):
+        raise ValueError(f"top_k_directions: k must be in [1, {min(D.shape)}] for D of shape {tuple(D.shape)}")
+    D = D.double()
+    _, S, Vh = torch.linalg.svd(D, full_matrices=False)
+    V = Vh[:k].clone()
+    proj = D @ V.T  # (n, k)
+    pos, neg = (proj > 0).sum(0), (proj < 0).sum(0)
+    flip = (neg > pos) | ((neg == pos) & (proj.sum(0) < 0))
+    V[flip] *= -1
+    total = (S**2).sum()
+    evr = (S[:k] ** 2) / total if total > 0 else torch.zeros(k, dtype=D.dtype)
+    share = ((D @ V.T) > 0).double().mean(0)
+    return V.float(), evr.float(), share.float()
+
+
+def subspace_cosine(D: Tensor, V: Tensor) -> float:
+    """Mean over rows of |V d| / |d|: the cosine of each row of D with the span of V's orthonormal rows."""
+    D = D.double()
+    norms = D.norm(dim=1)
+    keep = norms > 0
+    if not keep.any():
+        return 0.0
+    return float(((D[keep] @ V.double().T).norm(dim=1) / norms[keep]).mean())
+
+
+# ---------------------------------------------------------------------------------------------- pairs
+def check_env(env: Any) -> None:
+    """ValueError unless `env` can supply demonstration pairs (`rows` and `demonstration`)."""
+    for attr in ("rows", "demonstration"):
+        if not callable(getattr(env, attr, None)):
+            raise ValueError(f"environment {getattr(env, 'name', type(env).__name__)!r} has no `{attr}` method; "
+                             "hack extraction needs `rows(n, seed, split)` and `demonstration(row, hack, rng)`")
+
+
+def demonstration_pairs(env: Any, pairs: int, seed: int = 0) -> list[tuple[dict, str, str]]:
+    """(row, hack, clean) for the first `pairs` hackable training rows; a pure function of (env, pairs, seed)."""
+    check_env(env)
+    size = max(64, 4 * pairs)
+    while True:
+        rows = env.rows(size, seed=seed, split="train")
+        if rows and "loophole" not in rows[0]:
+            raise ValueError(f"environment {env.name!r}: rows have no 'loophole' column; cannot find hackable rows")
+        hackable = [r for r in rows if r.get("loophole")]
+        if len(hackable) >= pairs:
+            break
+        if size >= 256 * max(64, pairs):
+            raise ValueError(f"--pairs {pairs}: only {len(hackable)} hackable prompts among {size} training rows "
+                             f"of {env.name!r} (hack_frac too low?)")
+        size *= 4
+    out = []
+    for i, row in enumerate(hackable[:pairs]):
+        rng = random.Random(f"vhack:{seed}:{i}")
+        hack = env.demonstration(row, hack=True, rng=rng)
+        clean = env.demonstration(row, hack=False, rng=rng)
+        out.append((row, hack, clean))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- gradients
+def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The Linear modules the svf target adapts: those whose last name component is in `target_modules`."""
+    names = set(target_modules or DEFAULT_MODULES)
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names]
+    if not found:
+        raise ValueError(f"--target_modules: no Linear module of the model matches {sorted(names)}")
+    return found
+
+
+def delta_gradients(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor]
+                    ) -> dict[str, Tensor]:
+    """Per-row gradient of the summed completion NLL w.r.t. each module's svf delta at delta = 0: {name: (B, r)}.
+
+    `factors[name] = (U_r (out, r), Vh_r (r, in))`. One forward and one backward for the whole batch.
+    """
+    modules = dict(model.named_modules())
+    inputs: dict[str, Tensor] = {}
+    outputs: dict[str, Tensor] = {}
+    hooks = []
+
+    def capture(name: str):
+        def hook(_mod, args, out):
+            inputs[name] = args[0].detach()
+            outputs[name] = out
+        return hook
+
+    for name in factors:
+        hooks.append(modules[name].register_forward_hook(capture(name)))
+    embed = model.get_input_embeddings()
+    # Parameters stay frozen; the graph starts at the embeddings so only activation gradients are computed.
+    hooks.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
+    try:
+        with torch.enable_grad():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+            labels = batch["labels"][:, 1:]
+            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                               ignore_index=-100, reduction="sum")
+            names = list(factors)
+            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    result = {}
+    for name, dy in zip(names, grads, strict=True):
+        U, Vh = factors[name]
+        x = inputs[name]
+        if dy is None:
+            result[name] = torch.zeros(x.shape[0], U.shape[1])
+            continue
+        z = x.float() @ Vh.T  # (B, T, r)
+        result[name] = torch.einsum("btr,btr->br", z, dy.float() @ U)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- extraction
+def extract_hack_subspace(model: nn.Module, tokenizer, env: Any, pairs: int, k: int, rank: int | None = None,
+                          seed: int = 0, batch_size: int = 32, progress: bool = True,
+                          target_modules: Sequence[str] | None = None, cache_dir: str | None = None,
+                          metadata: dict | None = None) -> dict[str, Any]:
+    """The hack subspace of a plain (unwrapped) causal LM on `env`: `{"format", "subspace": {module: (k, r)},
+    "metadata"}`, the dict `save_hack_subspace` writes. Raises ValueError (naming the CLI flag) for bad values."""
+    from tqdm.auto import tqdm
+
+    from route.organism import _batch as sft_batch  # the organism's SFT tokenization, mirrored exactly
+    from route.targets.svf import svd_factors
+
+    check_args(pairs=pairs, k=k, rank=rank, batch_size=batch_size)
+    check_env(env)
+    linears = target_linears(model, target_modules)
+    factors = {}
+    for name, lin in linears:
+        full = min(lin.weight.shape)
+        r = full if rank is None else min(int(rank), full)
+        if k > r:
+            raise ValueError(f"--k {k} exceeds the svf rank {r} of module {name}")
+        U, _, Vh = svd_factors(lin.weight.detach().float(), r, cache_dir=cache_dir)
+        factors[name] = (U.float(), Vh.float())
+    items = demonstration_pairs(env, pairs, seed)
+    was_training = model.training
+    model.eval()
+    rows: dict[str, list[Tensor]] = {name: [] for name in factors}
+    try:
+        with tqdm(total=pairs, desc="vhack pairs", disable=not progress) as bar:
+            for start in range(0, pairs, batch_size):
+                chunk = items[start: start + batch_size]
+                seqs = [(row["prompt"], hack) for row, hack, _ in chunk] + [(row["prompt"], clean)
+                                                                             for row, _, clean in chunk]
+                grads = delta_gradients(model, factors, sft_batch(tokenizer, seqs))
+                n = len(chunk)
+                for name, g in grads.items():
+                    rows[name].append(g[n:] - g[:n])  # grad NLL(clean) - grad NLL(hack)
+                bar.update(n)
+    finally:
+        model.train(was_training)
+    subspace, evr, share, cos = {}, {}, {}, {}
+    for name, parts in rows.items():
+        D = torch.cat(parts)
+        V, ev, sh = top_k_directions(D, k)
+        subspace[name] = V.contiguous().clone()
+        evr[name] = [round(float(x), 6) for x in ev]
+        share[name] = [round(float(x), 6) for x in sh]
+        cos[name] = round(subspace_cosine(D, V), 6)
+    modes: dict[str, int] = {}
+    for row, _, _ in items:
+        modes[row["loophole"]] = modes.get(row["loophole"], 0) + 1
+    meta = {
+        "model": getattr(model, "name_or_path", None) or None, "env": getattr(env, "name", type(env).__name__),
+        "pairs": pairs, "k": k, "rank": rank, "seed": seed,
+        "ranks": {name: int(V.shape[1]) for name, V in subspace.items()},
+        "target_modules": list(target_modules or DEFAULT_MODULES), "nll": "sum over completion tokens and EOS",
+        "orientation": "+v raises logp(hack) - logp(clean)", "pairs_by_mode": dict(sorted(modes.items())),
+        "explained_variance": evr, "positive_share": share, "mean_cosine": cos,
+        "mean_cosine_overall": round(sum(cos.values()) / len(cos), 6),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": __version__,
+        **(metadata or {}),
+    }
+    return {"format": FORMAT, "subspace": subspace, "metadata": meta}
+
+
+def save_hack_subspace(result: dict[str, Any], path: str | Path) -> Path:
+    """Write `result` with `torch.save` through a temporary file and a rename."""
+    if result.get("format") != FORMAT or not isinstance(result.get("subspace"), dict):
+        raise ValueError(f"save_hack_subspace: not a {FORMAT} result (keys {sorted(result)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(result, f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def check_args(pairs: int, k: int, rank: int | None, batch_size: int) -> None:
+    """ValueError naming the flag for any out-of-range value."""
+    if pairs < 1:
+        raise ValueError(f"--pairs must be >= 1, got {pairs}")
+    if k < 1:
+        raise ValueError(f"--k must be >= 1, got {k}")
+    if pairs < k:
+        raise ValueError(f"--pairs ({pairs}) must be >= --k ({k}): k directions need at least k pairs")
+    if rank is not None and rank < 1:
+        raise ValueError(f"--rank must be >= 1, got {rank}")
+    if rank is not None and k > rank:
+        raise ValueError(f"--k ({k}) must be <= --rank ({rank})")
+    if batch_size < 1:
+        raise ValueError(f"--batch_size must be >= 1, got {batch_size}")
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def _setup(args: argparse.Namespace) -> tuple[Any, dict, Path]:
+    """Check every flag before any work: (env, env_kwargs, model dir); ValueError naming the flag."""
+    import envs
+
+    check_args(args.pairs, args.k, args.rank, args.batch_size)
+    try:
+        env_kwargs = json.loads(args.env_kwargs) if args.env_kwargs else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--env_kwargs is not valid JSON: {e}") from None
+    if not isinstance(env_kwargs, dict):
+        raise ValueError(f"--env_kwargs must be a JSON object, got {args.env_kwargs}")
+    try:
+        env = envs.make_env(args.env, **env_kwargs)
+        check_env(env)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"--env {args.env} (--env_kwargs {env_kwargs}): {e}") from None
+    demonstration_pairs(env, args.pairs, args.seed)  # enough hackable prompts?
+    if Path(args.out).is_dir():
+        raise ValueError(f"--out {args.out} is a directory; give a file path")
+    if args.model is None:
+        from route.organism import load_or_build
+
+        return env, env_kwargs, load_or_build(progress=not args.no_progress)
+    from route.relearn import check_checkpoint
+
+    try:
+        return env, env_kwargs, check_checkpoint(args.model)
+    except ValueError as e:
+        raise ValueError(f"--model: {e}") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="route.vhack", description="Extract the hack subspace of svf deltas from "
+                                "(prompt, hack, clean) demonstration pairs.")
+    p.add_argument("--model", default=None, help="model directory with its tokenizer (default: cached organism)")
+    p.add_argument("--env", default="arith", help="environment name (envs.make_env)")
+    p.add_argument("--env_kwargs", default=None, help="JSON object of environment arguments")
+    p.add_argument("--pairs", type=int, default=256, help="number of (hack, clean) pairs")
+    p.add_argument("--k", type=int, default=4, help="directions kept per module")
+    p.add_argument("--rank", type=int, default=None, help="svf rank per module (default: full)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch_size", type=int, default=32, help="pairs per forward/backward")
+    p.add_argument("--target_modules", nargs="+", default=None, help="module names (default: all projections)")
+    p.add_argument("--out", required=True, help="output file (.pt)")
+    p.add_argument("--no_progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        env, env_kwargs, model_dir = _setup(args)
+    except ValueError as e:
+        p.error(str(e))
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.requires_grad_(False)
+    try:
+        result = extract_hack_subspace(model, tok, env, args.pairs, args.k, rank=args.rank, seed=args.seed,
+                                       batch_size=args.batch_size, progress=not args.no_progress,
+                                       target_modules=args.target_modules,
+                                       metadata={"model": str(model_dir), "env_kwargs": env_kwargs,
+                                                 "batch_size": args.batch_size})
+    except ValueError as e:
+        p.exit(2, f"route.vhack: error: {e}\n")
+    seconds = time.perf_counter() - start
+    save_hack_subspace(result, args.out)
+    meta = result["metadata"]
+    evr1 = [v[0] for v in meta["explained_variance"].values()]
+    print(f"hack subspace ({len(result['subspace'])} modules, k={args.k}) saved to {args.out} in "
+          f"{seconds:.1f}s; top-1 explained variance mean {sum(evr1) / len(evr1):.3f}, "
+          f"mean cosine with subspace {meta['mean_cosine_overall']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
