@@ -29,10 +29,10 @@ from torch import Tensor, nn
 
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
+from route.targets.common import DEFAULT_MODULES, deployed_model, plain_name, save_plain
 
 KEEP, QUARANTINE = "keep", "quarantine"
 STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated with
-DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class _GateSlot:
@@ -119,12 +119,6 @@ def _fuse(model: nn.Module, slot: _GateSlot) -> list[tuple[str, nn.Module]]:
         m.route_slot = slot
         layers.append((name, m))
     return layers
-
-
-def _base_name(peft_name: str) -> str:
-    """PEFT module name -> the plain model's module name."""
-    name = peft_name.removeprefix("base_model.model.")
-    return name.replace(".base_layer", "")
 
 
 @register_target("dual_lora")
@@ -222,7 +216,7 @@ class DualLoRATarget:
                 a, b = layer.lora_A[adapter].weight.detach().float(), layer.lora_B[adapter].weight.detach().float()
                 delta = (b @ a) * float(layer.scaling[adapter])
                 merged = merged + (delta.T if layer.fan_in_fan_out else delta)
-            yield f"{_base_name(name)}.weight", merged.to(dtype or base.weight.dtype)
+            yield f"{plain_name(name)}.weight", merged.to(dtype or base.weight.dtype)
 
     @torch.no_grad()
     def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
@@ -250,20 +244,8 @@ class DualLoRATarget:
 
     def deployed_model(self) -> nn.Module:
         """A fresh plain transformers model holding `deployed_state_dict()`."""
-        from transformers import AutoModelForCausalLM
-
-        config = self.model.get_base_model().config
-        model = AutoModelForCausalLM.from_config(config)
-        missing, unexpected = model.load_state_dict(self.deployed_state_dict(), strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-            raise RuntimeError(f"dual_lora: deployed state dict mismatch: missing={missing} unexpected={unexpected}")
-        model.tie_weights()
-        model.generation_config = self.model.get_base_model().generation_config
-        return model.eval()
+        return deployed_model(self.model.get_base_model(), self.deployed_state_dict(), "dual_lora")
 
     def save_deployed(self, output_dir: str, tokenizer=None) -> None:
         """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
-        self.deployed_model().save_pretrained(output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
+        save_plain(self.deployed_model(), output_dir, tokenizer)
