@@ -185,8 +185,11 @@ class RoutedGRPOConfig(GRPOConfig):
         default=None, metadata={"help": "Completion length at evaluation (default: max_completion_length)."})
 
     def __post_init__(self):
+        from route.targets.checkpointing import check_config
+
         self.validate_routing()
         super().__post_init__()
+        check_config(self)  # gradient checkpointing under the routing gate (after the parent parsed its kwargs)
 
     def validate_routing(self) -> None:
         """Check the routing fields; raises ValueError naming the field and the allowed values."""

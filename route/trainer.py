@@ -17,7 +17,10 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   runs inside `target.ablated()` while TRL scores a deployed-policy batch), so the quarantine's effect on forget
   rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio then uses old log-probs under the gate.
 - `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
-  one backward for a batch that mixes modes.
+  one backward for a batch that mixes modes. With `gradient_checkpointing`, the layers recomputed in that backward
+  (after the context has exited) re-enter the gate their forward ran under (`route.targets.checkpointing`:
+  non-reentrant checkpointing with a `context_fn` from the target's `recompute_context()`); setups that cannot do
+  that (reentrant checkpointing, FSDP activation checkpointing, torch.compile) are refused at construction.
 - `training_step` (targets with `after_backward` / `before_optimizer_step`, i.e. `svf`): after each micro-batch's
   backward the target scores the rollouts (`route_score`) and queues the routed rows' kept gradient for removal;
   after the last micro-batch of an optimizer step (before clipping) it applies the queue and `erase`. Under
@@ -45,7 +48,7 @@ from route.detectors import Detector, make_detector, realised_rates, uniform
 from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
-from route.targets import Target, build_target
+from route.targets import Target, build_target, checkpointing
 from route.vllm_sync import TargetWeightSync, check_vllm_config
 
 _SCORE_COUNTS = ("rows", "candidates", "routed", "exploited", "routed_exploited", "clean", "routed_clean",
@@ -97,6 +100,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             set_seed(args.seed)  # adapters are initialised here, before TRL seeds: same seed, same run
             target = build_target(args, model)
         self.target = target
+        self._install_checkpointing(args)
         self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
                                                   args.detector_seed, args.detector_modes)
         self._routing: dict[str, Any] | None = None
@@ -109,10 +113,18 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.add_callback(_GradNormLogger(self))
         self._score_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (candidates, exploited) of the loss
         self._score_counts = torch.zeros(len(_SCORE_COUNTS), dtype=torch.float64)
+        checkpointing.check_trainer(args, self.accelerator)  # what TRL and accelerate decided from the args
         edits_gradients = args.intervention == "erase" or args.route_score != "none"
         if edits_gradients and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             raise ValueError(f"intervention: {args.intervention} with route_score={args.route_score} edits the "
                              "accumulated gradients, which DeepSpeed partitions; use DDP or a single process")
+
+    def _install_checkpointing(self, args: RoutedGRPOConfig) -> None:
+        """Every gradient-checkpointing enable on the model re-applies the gate in the recompute (or is refused)."""
+        checkpointing.check_config(args, self.target)
+        if callable(getattr(self.target, "recompute_context", None)):
+            checkpointing.install(self.target.model, self.target)
+        self._checkpoint_layers = checkpointing.checkpoint_layers(self.target.model)
 
     # ------------------------------------------------------------------ optimizer
     def create_optimizer(self, model=None):
@@ -272,6 +284,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             raise KeyError("routing_modes missing from the batch: was it produced by RoutedGRPOTrainer?")
         if "routing_score_candidates" in inputs:
             self._score_batch = (inputs["routing_score_candidates"], inputs["routing_exploited"])
+        checkpointing.verify(self._checkpoint_layers, self.target)
         with self.target.gate(modes):
             return super()._compute_loss(model, inputs)
 

@@ -24,7 +24,7 @@ class ParityDetector:
         return [int(rid.rsplit("|r", 1)[1]) % 2 == 1 for rid in rollout_ids]
 
 
-def make_trainer(model_dir, tmp_path, detector=None, **overrides):
+def make_trainer(model_dir, tmp_path, detector=None, reward_funcs=None, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config = RoutedGRPOConfig(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
@@ -32,7 +32,8 @@ def make_trainer(model_dir, tmp_path, detector=None, **overrides):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return RoutedGRPOTrainer(model=model, args=config, env=env, detector=detector, processing_class=tok,
-                             train_dataset=env.dataset(config.train_size, seed=0, split="train"))
+                             reward_funcs=reward_funcs, train_dataset=env.dataset(config.train_size, seed=0,
+                                                                                  split="train"))
 
 
 def group_inputs(trainer, n_prompts=2):

@@ -146,10 +146,10 @@ class SGTMMasks:
 
     # ------------------------------------------------------------------ gating
     @contextlib.contextmanager
-    def _attached(self, gate: RowGate) -> Iterator[None]:
+    def _attached(self, gate: RowGate | None) -> Iterator[None]:
         previous = [(m, m.row_gate) for _, m in self.modules]
         hooks = []
-        if gate.shared_params is not None and self.shared_modules:
+        if gate is not None and gate.shared_params is not None and self.shared_modules:
             busy = [False]
             hooks = [(m, _shared_hook(gate.shared_params, busy)) for m in self.shared_modules]
         try:
@@ -175,6 +175,13 @@ class SGTMMasks:
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed model (forget units contribute nothing), for any batch size."""
         return self._attached(RowGate.ablated())
+
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """The gate attached now (None: ungated), re-attached with its shared-parameter hooks inside the context.
+
+        For gradient checkpointing: called at forward time, entered around the layer's recompute in the backward.
+        """
+        return self._attached(self.modules[0][1].row_gate)
 
     # ------------------------------------------------------------------ the seed's whole-batch API
     @torch.no_grad()

@@ -39,6 +39,14 @@ class Target(Protocol):
     # (`quarantine=False` gives the deployed weights). The vLLM sync pushes it under `generation_policy: full`.
     def merged_state_dict(self, quarantine: bool = True) -> dict[str, Tensor]: ...
 
+    # Optional, for gradient checkpointing (`route.targets.checkpointing`): called at forward time, inside whatever
+    # `gate()`/`ablated()` context is active (or none), it returns a context manager that re-enters exactly that gate
+    # (the one in place at the call, not at entry), restores the previous one on exit, and does not re-record
+    # anything the forward's graph already records. The trainer's checkpoint `context_fn` enters it around each
+    # checkpointed layer's recompute in the backward. A target without it cannot train with `gradient_checkpointing`.
+    #
+    #     def recompute_context(self) -> AbstractContextManager: ...
+
 
 _REGISTRY: dict[str, Callable[..., Target]] = {}
 

@@ -179,6 +179,10 @@ class DualLoRATarget:
         """Forward as the deployed policy: the quarantine contributes nothing."""
         return self._gated(RowGate.ablated())
 
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """The gate active now (None: the plain model), re-entered for a checkpointed layer's recompute."""
+        return self._gated(self._slot.gate)
+
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:
         """Remove the quarantine permanently: B_q = 0; A_q = 0 and frozen, or (trainable) redrawn at A_k's std."""

@@ -92,6 +92,10 @@ class SGTMTarget:
         """Forward as the deployed policy: the reserved units contribute nothing."""
         return self.masks.ablated()
 
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """The gate active now (row gates and shared-parameter hooks), re-entered for a checkpointed recompute."""
+        return self.masks.recompute_context()
+
     def ablate(self, trainable: bool = False) -> None:
         """Remove the quarantine permanently (zero, or input rows redrawn at the kept rows' std; see route.masks)."""
         self.masks.ablate(trainable)

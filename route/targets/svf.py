@@ -158,16 +158,19 @@ class SVFTarget:
 
     # ------------------------------------------------------------------ gating
     @contextlib.contextmanager
-    def _use(self, gate: RowGate, record: bool) -> Iterator[None]:
+    def _set(self, state: list[tuple[RowGate | None, Callable | None]]) -> Iterator[None]:
+        """Each layer's (gate, recorder) inside the context; the previous ones are restored on exit (nesting)."""
         saved = [(layer.svf_gate, layer.svf_recorder) for _, layer in self.layers]
         try:
-            for i, (_, layer) in enumerate(self.layers):
-                layer.svf_gate = gate
-                layer.svf_recorder = self._recorder(i) if record else None
+            for (_, layer), (gate, recorder) in zip(self.layers, state, strict=True):
+                layer.svf_gate, layer.svf_recorder = gate, recorder
             yield
         finally:
             for (_, layer), (g, r) in zip(self.layers, saved):
                 layer.svf_gate, layer.svf_recorder = g, r
+
+    def _use(self, gate: RowGate, record: bool) -> contextlib.AbstractContextManager:
+        return self._set([(gate, self._recorder(i) if record else None) for i in range(len(self.layers))])
 
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`).
@@ -184,6 +187,14 @@ class SVFTarget:
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed policy: delta_quar = 0."""
         return self._use(RowGate.ablated(), False)
+
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """Every layer's gate now, re-entered for a checkpointed recompute; a recording layer records nothing there.
+
+        The backward runs through the forward's graph, whose hooks record each row's gradient once; the recompute
+        only rebuilds saved tensors (its hooks never fire), but it must take the same per-row path to save the same.
+        """
+        return self._set([(m.svf_gate, None if m.svf_recorder is None else _ignore) for _, m in self.layers])
 
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:
@@ -340,6 +351,10 @@ class SVFTarget:
             removed += float(part.pow(2).sum())
             g.sub_(part.to(g.dtype))
         return math.sqrt(removed / total) if total > 0 else 0.0
+
+
+def _ignore(g: Tensor) -> None:
+    """The recorder of a recompute: the forward's graph already records the gradient."""
 
 
 def _svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
