@@ -12,6 +12,7 @@ from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from route.targets.dual_lora import FusedDualLoraLinear
+from tests.targets.helpers import batch, logits
 
 
 @pytest.fixture
@@ -25,18 +26,6 @@ def target():
             for name in ("keep", "quarantine"):
                 layer.lora_B[name].weight.normal_(0, 0.2)
     return t
-
-
-def batch(n=4, length=10, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, 40, (n, length), generator=g)
-
-
-def logits(t, ids, ctx=None):
-    if ctx is None:
-        return t.model(input_ids=ids).logits
-    with ctx:
-        return t.model(input_ids=ids).logits
 
 
 def test_forward_unchanged_under_forget_and_default_gates(target):

@@ -7,6 +7,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import Target, make_target
+from tests.targets.helpers import logits
 from tests.test_trainer import make_trainer
 from tests.tiny_sgtm import ids, llama_config, one_thread
 
@@ -24,14 +25,6 @@ def target(request):
         return make_target("sgtm", model, forget_mlp_frac=0.25)
     model = LlamaForCausalLM(llama_config())  # 4 heads over 2 KV heads: reserve one KV group
     return make_target("sgtm", model, forget_mlp_frac=0.25, forget_heads=2)
-
-
-def logits(t, x, ctx=None):
-    with torch.no_grad():
-        if ctx is None:
-            return t.model(input_ids=x).logits
-        with ctx:
-            return t.model(input_ids=x).logits
 
 
 def loss(t, x, modes):

@@ -11,6 +11,7 @@ from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from route.targets.svf import SVFTarget, load_hack_subspace, orthonormal_rows
+from tests.targets.helpers import batch, logits
 
 RANK = 8
 KINDS = ("axes", "subspace")
@@ -47,17 +48,6 @@ def make(kind, randomize=True, **kw):
                 layer.delta_keep.copy_(torch.randn(layer.rank, generator=g) * 0.3)
                 layer.coef.copy_(torch.randn(layer.coef.numel(), generator=g) * 0.3)
     return t
-
-
-def batch(n=4, length=10, seed=1):
-    return torch.randint(3, 40, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(t, ids, ctx=None):
-    if ctx is None:
-        return t.model(input_ids=ids).logits
-    with ctx:
-        return t.model(input_ids=ids).logits
 
 
 def loss_backward(t, ids, modes):
