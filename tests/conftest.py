@@ -19,6 +19,12 @@ torch.set_num_threads(1)
 TINY_ORGANISM_SEED = 0
 
 
+@pytest.fixture(autouse=True)
+def _cache_root(tmp_path, monkeypatch):
+    """Every test gets its own `ROUTE_CACHE` (SVD and organism caches), so no test writes to the user's cache."""
+    monkeypatch.setenv("ROUTE_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_organism_build(tmp_path_factory) -> tuple[Path, float]:
     """(directory, build seconds) of the session's tiny organism."""

@@ -6,11 +6,6 @@ import torch
 import route.svd as svd
 
 
-@pytest.fixture(autouse=True)
-def _cache_root(tmp_path, monkeypatch):
-    monkeypatch.setenv("ROUTE_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9)])
 def test_full_rank_reconstructs_and_signs_are_canonical(shape, tmp_path):
     w = torch.randn(*shape, generator=torch.Generator().manual_seed(0))

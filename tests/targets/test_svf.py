@@ -17,11 +17,6 @@ RANK = 8
 KINDS = ("axes", "subspace")
 
 
-@pytest.fixture(autouse=True)
-def _cache_root(tmp_path, monkeypatch):
-    monkeypatch.setenv("ROUTE_CACHE", str(tmp_path / "cache"))
-
-
 def tiny_model():
     torch.manual_seed(0)
     return build_model(tiny_config(init_range=0.2), build_tokenizer())
