@@ -184,10 +184,15 @@ def test_interrupt_stops_running_cells_and_keeps_finished_ones(stub_main_job, tm
             time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C
 
+    # a shell's background job starts with SIGINT ignored; a terminal's Ctrl-C raises KeyboardInterrupt
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     threading.Thread(target=interrupt_when_stuck, daemon=True).start()
     start = time.time()
-    with pytest.raises(KeyboardInterrupt):
-        sweep.run_cells(cells, workers=2, progress=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run_cells(cells, workers=2, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert time.time() - start < 40, "the sleeping cells were not terminated"
     for c in cells[1:3]:
         with pytest.raises(ProcessLookupError):
