@@ -17,6 +17,21 @@ def plain_name(peft_name: str) -> str:
     return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
 
 
+def plain_state_dict(base: nn.Module, adapter_marker: str, dtype=None) -> dict[str, Tensor]:
+    """`base`'s state dict without adapter tensors (keys containing `adapter_marker`), under the plain model's keys,
+    copied (or cast once to `dtype`) so that a merge written into it never touches the training weights."""
+    return {plain_name(k): v.detach().clone() if dtype is None else v.detach().to(dtype)
+            for k, v in base.state_dict().items() if adapter_marker not in k}
+
+
+def check_unmerged(layers, target_name: str) -> None:
+    """RuntimeError if an adapter was merged into its base weight in place (a merge out of place would add it twice)."""
+    for name, layer in layers:
+        if layer.merged:
+            raise RuntimeError(f"{target_name}: module {name} has its adapter merged into the base weight; "
+                               "unmerge first")
+
+
 def deployed_model(base: nn.Module, state_dict: dict[str, Tensor], target_name: str) -> nn.Module:
     """A fresh plain transformers model of `base`'s config holding `state_dict` (tied weights re-tied)."""
     from transformers import AutoModelForCausalLM
@@ -38,4 +53,4 @@ def save_plain(model: nn.Module, output_dir: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
-__all__ = ["DEFAULT_MODULES", "deployed_model", "plain_name", "save_plain"]
+__all__ = ["DEFAULT_MODULES", "check_unmerged", "deployed_model", "plain_name", "plain_state_dict", "save_plain"]

@@ -29,7 +29,14 @@ from torch import Tensor, nn
 
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
-from route.targets.common import DEFAULT_MODULES, deployed_model, plain_name, save_plain
+from route.targets.common import (
+    DEFAULT_MODULES,
+    check_unmerged,
+    deployed_model,
+    plain_name,
+    plain_state_dict,
+    save_plain,
+)
 
 KEEP, QUARANTINE = "keep", "quarantine"
 STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated with
@@ -230,10 +237,8 @@ class DualLoRATarget:
         `quarantine=False` is `deployed_state_dict()`. Merged in fp32, out of place, cast once (to `dtype`, default
         each weight's own dtype); the training weights are untouched. Keys match the un-wrapped transformers model.
         """
-        base = self.model.get_base_model()
-        out = {k: v.detach().clone() if dtype is None else v.detach().to(dtype)
-               for k, v in base.state_dict().items() if ".lora_" not in k}
-        out = {k.replace(".base_layer", ""): v for k, v in out.items()}
+        check_unmerged(self.layers, "dual_lora")
+        out = plain_state_dict(self.model.get_base_model(), ".lora_", dtype)
         out.update(self._merged_layers(dtype, (KEEP, QUARANTINE) if quarantine else (KEEP,)))
         return out
 

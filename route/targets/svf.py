@@ -44,7 +44,14 @@ from torch import Tensor, nn
 from route.masks import DEFAULT, FORGET, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
-from route.targets.common import DEFAULT_MODULES, deployed_model, plain_name, save_plain
+from route.targets.common import (
+    DEFAULT_MODULES,
+    check_unmerged,
+    deployed_model,
+    plain_name,
+    plain_state_dict,
+    save_plain,
+)
 from route.targets.svf_peft import SVFConfig, SVFLayer
 
 ADAPTER = "default"
@@ -234,12 +241,9 @@ class SVFTarget:
         Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype); the training weights
         are untouched. Keys match the un-wrapped transformers model (what the vLLM sync pushes).
         """
-        base = self.model.get_base_model()
-        out = {plain_name(k): v.detach().clone() if dtype is None else v.detach().to(dtype)
-               for k, v in base.state_dict().items() if ".svf_" not in k}
+        check_unmerged(self.layers, "svf")
+        out = plain_state_dict(self.model.get_base_model(), ".svf_", dtype)
         for name, layer in self.layers:
-            if layer.merged:
-                raise RuntimeError(f"svf: module {name} has its adapter merged into the base weight; unmerge first")
             weight = layer.get_base_layer().weight
             merged = weight.detach().float() + layer.get_delta_weight(ADAPTER, quarantine=quarantine)
             out[f"{name}.weight"] = merged.to(dtype or weight.dtype)

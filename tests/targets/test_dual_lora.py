@@ -184,3 +184,12 @@ def test_bad_ranks_raise():
         make_target("dual_lora", model, keep_rank=0)
     with pytest.raises(ValueError, match="allowed values"):
         make_target("nope", model)
+
+
+def test_merged_state_dict_refuses_an_adapter_merged_in_place(target):
+    _, layer = target.layers[0]
+    layer.merge()
+    with pytest.raises(RuntimeError, match="merged into the base weight"):
+        target.deployed_state_dict()
+    layer.unmerge()
+    assert target.deployed_state_dict()
