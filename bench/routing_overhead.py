@@ -46,12 +46,12 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> lis
     from trl import GRPOTrainer
 
     import envs
-    from route.config import RoutedGRPOConfig
+    from route.cli import build_config
     from route.targets.dual_lora import DEFAULT_MODULES
     from route.trainer import RoutedGRPOTrainer
 
     torch.manual_seed(0)
-    config = RoutedGRPOConfig(
+    config = build_config(
         output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
         per_device_train_batch_size=64, num_generations=8, max_completion_length=16, max_steps=steps,
         logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, train_size=2048,

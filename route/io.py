@@ -1,31 +1,76 @@
-"""Atomic writes: readers see the old file/directory or the new one, never half of one."""
+"""Files: atomic writes (readers see the old file/directory or the new one, never half of one), CSV, YAML configs,
+and the check that a directory is a usable causal-LM checkpoint."""
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import io
 import json
+import math
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """Write JSON to `path` through a temporary file in the same directory and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "w", chmod: int | None = 0o644) -> Iterator[IO]:
+    """Open a temporary file next to `path` for writing; on success it is flushed, fsynced and renamed onto `path`
+    (readers see the old file or the new one, never half of one); on error it is removed and `path` is untouched.
+
+    `chmod`: the new file's permissions (mkstemp's 0600 would hide a shared cache from other users); None keeps 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        if chmod is not None:
+            os.chmod(tmp, chmod)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_file(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON to `path` atomically (`atomic_file`)."""
+    with atomic_file(path) as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """`torch.save(obj)` to `path` atomically (`atomic_file`)."""
+    import torch
+
+    with atomic_file(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """Rows (dicts; columns in first-seen order, NaN written empty) as a CSV file, atomically."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
+    write_text_atomic(path, buf.getvalue())
 
 
 @contextlib.contextmanager
@@ -73,3 +118,33 @@ def load_yaml_mapping(path: str | os.PathLike) -> dict:
     if not isinstance(values, dict):
         raise ValueError(f"config file {path} must contain a YAML mapping")
     return values
+
+
+def check_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory (or `<run>/deployed`); ValueError when it is not a causal LM with a tokenizer."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ValueError(f"checkpoint {path}: no such directory")
+    if not (path / "config.json").exists() and (path / "deployed" / "config.json").exists():
+        path = path / "deployed"
+    if not path.is_dir() or not (path / "config.json").exists():
+        raise ValueError(f"checkpoint {path}: no config.json; expected a transformers checkpoint directory "
+                         "(save_pretrained) or a run directory with deployed/")
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"checkpoint {path}: config.json cannot be read: {e}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"checkpoint {path}: model_type {config.model_type!r} is not a causal language model")
+    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
+                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
+        raise ValueError(f"checkpoint {path}: no weights (model.safetensors or pytorch_model.bin)")
+    try:
+        AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # noqa: BLE001 - reported with the path
+        raise ValueError(f"checkpoint {path}: tokenizer missing or unreadable ({type(e).__name__}); save the "
+                         "tokenizer next to the model") from None
+    return path

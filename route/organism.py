@@ -104,7 +104,7 @@ def demonstrations(cfg: OrganismConfig, env) -> list[tuple[str, str]]:
     return pairs
 
 
-def _batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+def sft_batch(tokenizer, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Right-padded ids with loss only on completion tokens and the closing EOS."""
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     seqs, labels = [], []
@@ -137,7 +137,7 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: 
     losses = []
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for _ in bar:
-        out = model(**_batch(tokenizer, rng.sample(pairs, min(batch_size, len(pairs)))))
+        out = model(**sft_batch(tokenizer, rng.sample(pairs, min(batch_size, len(pairs)))))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -36,40 +36,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from route.io import write_json_atomic
+from route.io import check_checkpoint, write_csv, write_json_atomic
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def check_checkpoint(path: str | Path) -> Path:
-    """The checkpoint directory (or `<run>/deployed`); ValueError when it is not a causal LM with a tokenizer."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ValueError(f"checkpoint {path}: no such directory")
-    if not (path / "config.json").exists() and (path / "deployed" / "config.json").exists():
-        path = path / "deployed"
-    if not path.is_dir() or not (path / "config.json").exists():
-        raise ValueError(f"checkpoint {path}: no config.json; expected a transformers checkpoint directory "
-                         "(save_pretrained) or a run directory with deployed/")
-    from transformers import AutoConfig, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - reported with the path
-        raise ValueError(f"checkpoint {path}: config.json cannot be read: {e}") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise ValueError(f"checkpoint {path}: model_type {config.model_type!r} is not a causal language model")
-    if not any((path / f).exists() for f in ("model.safetensors", "model.safetensors.index.json",
-                                               "pytorch_model.bin", "pytorch_model.bin.index.json")):
-        raise ValueError(f"checkpoint {path}: no weights (model.safetensors or pytorch_model.bin)")
-    try:
-        AutoTokenizer.from_pretrained(path)
-    except Exception as e:  # noqa: BLE001 - reported with the path
-        raise ValueError(f"checkpoint {path}: tokenizer missing or unreadable ({type(e).__name__}); save the "
-                         "tokenizer next to the model") from None
-    return path
-
-
 def default_label(path: Path) -> str:
     return path.parent.name if path.name == "deployed" else path.name
 
@@ -151,7 +121,7 @@ def probe_sft(checkpoint: Path, env, pairs: list[tuple[str, str]], steps: int, e
     from tqdm.auto import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from route.organism import _batch
+    from route.organism import sft_batch
 
     tok = AutoTokenizer.from_pretrained(checkpoint)
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device)
@@ -162,7 +132,7 @@ def probe_sft(checkpoint: Path, env, pairs: list[tuple[str, str]], steps: int, e
     measure(0, model, tok, env)
     for step in tqdm(range(1, steps + 1), desc="relearn sft", disable=not progress, leave=False):
         model.train()
-        batch = _batch(tok, rng.sample(pairs, min(batch_size, len(pairs))))
+        batch = sft_batch(tok, rng.sample(pairs, min(batch_size, len(pairs))))
         loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,7 +229,6 @@ def plot_relearn(rows: list[dict[str, Any]], path: str | Path, threshold: float,
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], threshold: float, title: str) -> list[dict[str, Any]]:
     """relearn.csv, relearn_summary.csv/json and relearn.png; returns the summary."""
-    from route.sweep import write_csv
 
     labels = list(dict.fromkeys(r["label"] for r in rows))
     summary = [summarize(lab, [r for r in rows if r["label"] == lab], threshold) for lab in labels]

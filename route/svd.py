@@ -19,14 +19,14 @@ temporary file and a rename, so concurrent processes never read half a file. The
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from route.io import torch_save_atomic
 
 FORMAT = "route.svd/1"
 
@@ -113,17 +113,7 @@ def _read(path: Path, shape: torch.Size) -> dict | None:
 
 
 def _write(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(entry, f)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    torch_save_atomic(entry, path)  # world-readable: a shared cache
 
 
 __all__ = ["canonicalize_signs", "compute_svd", "default_cache_dir", "svd_factors", "weight_hash"]

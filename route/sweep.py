@@ -21,8 +21,6 @@ detector's known modes and on held-out modes in separate columns), `DIR/sweep_he
 from __future__ import annotations
 
 import argparse
-import csv
-import dataclasses
 import difflib
 import io
 import itertools
@@ -43,7 +41,7 @@ from typing import Any
 
 import yaml
 
-from route.io import write_json_atomic
+from route.io import write_csv, write_json_atomic, write_text_atomic
 
 DEFAULT_BASE_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 CELL_MODULE = "route.train_grpo"  # the main job; each cell runs `python -m CELL_MODULE --config cell.yaml`
@@ -72,9 +70,9 @@ class Cell:
 
 # ---------------------------------------------------------------------------------------------- the sweep file
 def config_fields() -> list[str]:
-    from route.config import RoutedGRPOConfig
+    from route.cli import config_fields as fields
 
-    return [f.name for f in dataclasses.fields(RoutedGRPOConfig) if f.init]
+    return fields()
 
 
 def _check_field(where: str, name: Any, fields: list[str]) -> None:
@@ -176,14 +174,6 @@ def _dump(values: dict[str, Any]) -> str:
     return yaml.safe_dump(values, sort_keys=False, default_flow_style=None)
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _check_model(where: str, model: Any) -> None:
     """A local model path must be a causal-LM checkpoint with a tokenizer; Hub ids ("name", "org/name") pass."""
     if model is None:
@@ -191,7 +181,7 @@ def _check_model(where: str, model: Any) -> None:
     p = Path(str(model)).expanduser()
     looks_local = p.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
     if looks_local:
-        from route.relearn import check_checkpoint
+        from route.io import check_checkpoint
 
         try:
             check_checkpoint(p)
@@ -201,7 +191,7 @@ def _check_model(where: str, model: Any) -> None:
 
 def validate(cells: Sequence[Cell]) -> None:
     """Parse every cell's config exactly as the main job will; raise SweepError naming the cell and the problem."""
-    from route.config import parse_config
+    from route.cli import parse_config
 
     with tempfile.TemporaryDirectory() as tmp:
         for cell in cells:
@@ -257,7 +247,7 @@ _STOP = threading.Event()  # set on interrupt: no new cell starts
 def run_cell(cell: Cell, threads: int | None = None, in_process: bool = False) -> int:
     """Run one cell through the main job; returns its exit code (0 on success). Output goes to train.log."""
     cfg = cell.dir / "cell.yaml"
-    _write_text_atomic(cfg, _dump(cell.values))
+    write_text_atomic(cfg, _dump(cell.values))
     if in_process:
         from route.train_grpo import parse_config, run
 
@@ -384,18 +374,6 @@ def collect(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
         path = cell.dir / "results.json"
         rows.append(cell_row(cell, json.loads(path.read_text()) if path.exists() else None))
     return rows
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()})
-    _write_text_atomic(path, buf.getvalue())
 
 
 def aggregate(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -18,7 +18,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 def parse_config(argv: list[str] | None = None):
     """Parse flags and `--config` (default: configs/default.yaml) into a RoutedGRPOConfig."""
-    from route.config import parse_config as parse
+    from route.cli import parse_config as parse
 
     return parse(argv, default_config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
 
@@ -35,12 +35,12 @@ def summary_table(results: dict) -> str:
 
 def run(config) -> dict:
     """Train, evaluate base / training / deployed policies, save the deployed model and results.json."""
-    import dataclasses
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
+    from route.cli import flat_config, validate_run
     from route.evaluate import evaluate_policy
     from route.io import write_json_atomic
     from route.organism import load_or_build
@@ -48,7 +48,8 @@ def run(config) -> dict:
     from route.vllm_sync import check_vllm_config
 
     t0 = time.time()
-    check_vllm_config(config)  # fail before loading anything
+    validate_run(config)  # fail before loading anything
+    check_vllm_config(config)
     env = envs.make_env(config.env, **config.env_kwargs)
     model_dir = config.model_name_or_path or str(load_or_build())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -73,7 +74,7 @@ def run(config) -> dict:
         return sum(vals) / len(vals) if vals else None
 
     results = {
-        "config": {k: v for k, v in dataclasses.asdict(config).items() if _jsonable(v)},
+        "config": {k: v for k, v in flat_config(config).items() if _jsonable(v)},
         "model": model_dir,
         "detector": {"kind": config.detector, "tpr": config.detector_tpr, "fpr": config.detector_fpr,
                      "modes": config.detector_modes, "realised_tpr": mean_of("routing/realised_tpr"),

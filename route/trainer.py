@@ -4,10 +4,11 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
 
 - `_calculate_rewards`: after the rewards, each rollout is graded by the environment (ground
   truth, logged, never fed to the reward), the detector flags it, and it gets a routing mode
-  (flagged -> forget under `route`; unflagged -> default, or retain with `retain_fraction`).
-  `penalty` subtracts lambda from a flagged rollout's reward here, before advantages.
-- `_generate_and_score_completions`: adds `routing_modes` to the batch (it survives TRL's
-  shuffle and micro-batch split), zeroes flagged advantages under `filter`, and recomputes
+  (`route.policy.routing_modes`). `penalty` subtracts lambda from a flagged rollout's reward here, before
+  advantages (`route.policy.penalize_rewards`).
+- `_generate_and_score_completions`: adds the routing columns (`routing_modes`, `routing_flags`,
+  `routing_exploited`, `routing_candidates`) to the batch (they survive TRL's shuffle and micro-batch split),
+  zeroes flagged advantages under `filter` (`route.policy.filter_advantages`), and recomputes
   `old_per_token_logps` under the per-row gate whenever TRL scored a row under another policy.
 - `_generate`: under `generation_policy: deployed`, sampling runs inside `target.ablated()`.
 - vLLM (`use_vllm`, colocate or server): TRL's own `VLLMGeneration.sync_weights` pushes the weights, once per
@@ -21,38 +22,57 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   (after the context has exited) re-enter the gate their forward ran under (`route.targets.checkpointing`:
   non-reentrant checkpointing with a `context_fn` from the target's `recompute_context()`); setups that cannot do
   that (reentrant checkpointing, FSDP activation checkpointing, torch.compile) are refused at construction.
-- `training_step` (targets with `after_backward` / `before_optimizer_step`, i.e. `svf`): after each micro-batch's
-  backward the target scores the rollouts (`route_score`) and queues the routed rows' kept gradient for removal;
-  after the last micro-batch of an optimizer step (before clipping) it applies the queue and `erase`. Under
-  `route_score`, flags do not route by themselves: candidates (every rollout, or only flagged ones with
-  `route_score_requires_flag`) run in default mode and are routed by score; `erase` runs every rollout in retain
-  mode (the quarantine never trains) and edits the kept gradient instead.
+- `training_step`: after each micro-batch's backward the target's `after_backward` hook sees that micro-batch's
+  routing columns; after the last micro-batch of an optimizer step (before clipping) its `before_optimizer_step` hook
+  runs and its metrics are logged (svf's score routing and `erase` live there, `route.targets.svf_routing`).
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
   gradient does not move.
+
+TRL's private call order (TRL 1.16; the pin in pyproject.toml is `<1.17` because these are underscore methods).
+Per generation batch, inside `_prepare_inputs` -> `_generate_and_score_completions(inputs)`:
+  1. `_generate(prompts)` (sampling; vLLM weights synced before it once per optimizer step);
+  2. TRL's scoring forward `_get_per_token_logps_and_entropies` (old / sampling log-probs);
+  3. `_calculate_rewards(...)`: this trainer grades, flags and routes here and *stashes* the per-rollout routing
+     in `self._routing` (a `_PendingRouting`), since TRL's return value carries only rewards;
+  4. back in `_generate_and_score_completions`, after `super()` returns: the stash is *consumed* (exactly once) and
+     its columns are added to the batch.
+Then, per micro-batch: `training_step` -> `compute_loss` -> `_compute_loss(model, inputs)` (the gated forward; it
+stashes the micro-batch's routing columns for `after_backward`) -> backward -> `training_step` calls the target's
+hooks. A broken order fails loudly: a batch whose rewards were not computed (no stash at step 4), a stash never
+consumed (step 3 twice), a micro-batch without routing columns.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from typing import Any
+from dataclasses import dataclass
 
 import torch
-from accelerate.utils import DistributedType
 from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import envs
 from route.config import RoutedGRPOConfig
-from route.detectors import Detector, make_detector, realised_rates, uniform
+from route.detectors import Detector, make_detector, realised_rates
 from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
-from route.targets import Target, build_target, checkpointing
+from route.policy import filter_advantages, penalize_rewards, routing_modes
+from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing
 from route.vllm_sync import TargetWeightSync, check_vllm_config
 
-_SCORE_COUNTS = ("rows", "candidates", "routed", "exploited", "routed_exploited", "clean", "routed_clean",
-                 "score_sum")
+ROUTING_COLUMNS = ("routing_modes", "routing_flags", "routing_exploited", "routing_candidates")
+
+
+@dataclass
+class _PendingRouting:
+    """What `_calculate_rewards` stashes for `_generate_and_score_completions` (this process's rows, in order)."""
+
+    modes: torch.Tensor
+    flags: torch.Tensor
+    exploited: torch.Tensor
+    candidates: torch.Tensor
 
 
 class _GradNormLogger(TrainerCallback):
@@ -78,16 +98,23 @@ class RoutedGRPOTrainer(GRPOTrainer):
         model: a causal LM (or a path); the target wraps it (e.g. with the dual LoRA).
         args: a `RoutedGRPOConfig`.
         env: the environment (default: `envs.make_env(args.env, **args.env_kwargs)`).
-        target: a prepared `Target` (default: built from `args.target` and its sizes).
+        target: a prepared `Target` (default: built from `args.target` and its settings).
+        target_args: the target's settings (default: `args.target_args`, else the target's defaults).
         detector: a `Detector` (default: built from the `detector_*` fields).
         reward_funcs: default `[env.reward_func]` (reward from the prompt's grader only).
         **kwargs: passed to `GRPOTrainer` (train_dataset, processing_class, callbacks, ...).
     """
 
     def __init__(self, model, args: RoutedGRPOConfig, env=None, target: Target | None = None,
-                 detector: Detector | None = None, reward_funcs=None, **kwargs):
+                 detector: Detector | None = None, reward_funcs=None, target_args: TargetArgs | None = None,
+                 **kwargs):
+        from route.cli import validate_run
+
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
+        if target_args is not None:
+            args.target_args = target_args
+        validate_run(args)
         check_vllm_config(args)
         self.env = env or envs.make_env(args.env, **args.env_kwargs)
         if isinstance(model, str):
@@ -99,11 +126,13 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
             set_seed(args.seed)  # adapters are initialised here, before TRL seeds: same seed, same run
             target = build_target(args, model)
+        check_target(target)
         self.target = target
         self._install_checkpointing(args)
         self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
                                                   args.detector_seed, args.detector_modes)
-        self._routing: dict[str, Any] | None = None
+        self._routing: _PendingRouting | None = None
+        self._loss_rows: RoutingRows | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
         super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
@@ -111,19 +140,13 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))
-        self._score_batch: tuple[torch.Tensor, torch.Tensor] | None = None  # (candidates, exploited) of the loss
-        self._score_counts = torch.zeros(len(_SCORE_COUNTS), dtype=torch.float64)
         checkpointing.check_trainer(args, self.accelerator)  # what TRL and accelerate decided from the args
-        edits_gradients = args.intervention == "erase" or args.route_score != "none"
-        if edits_gradients and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ValueError(f"intervention: {args.intervention} with route_score={args.route_score} edits the "
-                             "accumulated gradients, which DeepSpeed partitions; use DDP or a single process")
+        self.target.check_accelerator(self.accelerator)
 
     def _install_checkpointing(self, args: RoutedGRPOConfig) -> None:
         """Every gradient-checkpointing enable on the model re-applies the gate in the recompute (or is refused)."""
         checkpointing.check_config(args, self.target)
-        if callable(getattr(self.target, "recompute_context", None)):
-            checkpointing.install(self.target.model, self.target)
+        checkpointing.install(self.target.model, self.target)
         self._checkpoint_layers = checkpointing.checkpoint_layers(self.target.model)
 
     # ------------------------------------------------------------------ optimizer
@@ -146,57 +169,35 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ flags and modes
     def routing_modes(self, flags: list[bool], rollout_ids: list[str]) -> torch.Tensor:
-        """Per-rollout routing codes from flags.
-
-        Under `route`: flagged -> forget; unflagged -> default, or retain (`unflagged_mode`, `retain_fraction`).
-        With `route_score` on, flags do not route by themselves: score candidates (`score_candidates`) -> default,
-        and the target routes them after the backward when their gradient score exceeds the threshold.
-        Under the other interventions every rollout is retain: the quarantine stays out of the forward and never
-        trains, so a baseline ships exactly what it trained (the kept adapter), with the same deployed capacity as
-        `route`. (An ablated-quarantine control of plain GRPO is `route` with a detector that never flags.)
-        """
+        """Per-rollout routing codes from flags (`route.policy.routing_modes` with this run's settings)."""
         a = self.args
-        if a.intervention != "route":
-            return torch.full((len(flags),), RETAIN, dtype=torch.long)
-        candidates = self.score_candidates(flags).tolist()
-        codes = []
-        for flag, rid, candidate in zip(flags, rollout_ids, candidates, strict=True):
-            if candidate:
-                codes.append(DEFAULT)
-            elif flag and a.route_score == "none":
-                codes.append(FORGET)
-            elif a.unflagged_mode == "retain" and uniform(a.detector_seed, f"retain|{rid}") < a.retain_fraction:
-                codes.append(RETAIN)
-            else:
-                codes.append(DEFAULT)
-        return torch.tensor(codes, dtype=torch.long)
-
-    def score_candidates(self, flags: list[bool]) -> torch.Tensor:
-        """Rollouts that score routing may route (run in default mode): all, or the flagged ones with
-        `route_score_requires_flag`; none unless `route_score` is on."""
-        a = self.args
-        if a.intervention != "route" or a.route_score == "none":
-            return torch.zeros(len(flags), dtype=torch.bool)
-        return torch.tensor([bool(f) or not a.route_score_requires_flag for f in flags], dtype=torch.bool)
+        return routing_modes(flags, rollout_ids, intervention=a.intervention, unflagged_mode=a.unflagged_mode,
+                             retain_fraction=a.retain_fraction, seed=a.detector_seed,
+                             candidates=self.target.routing_candidates(flags, a.intervention))
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
 
+        if self._routing is not None:
+            raise RuntimeError("routing: the previous batch's routing was never consumed by "
+                               "_generate_and_score_completions (TRL's call order changed?)")
         offset = self.accelerator.process_index * len(inputs)
         step = self.state.global_step
         rollout_ids = [f"{x.get('prompt_id', 'p')}|s{step}|r{offset + i}" for i, x in enumerate(inputs)]
         columns = {k: [x[k] for x in inputs] for k in inputs[0]}
         grades = self.env.grade(prompts, completions, **columns)
         flags = self.detector(grades, rollout_ids)
+        candidates = self.target.routing_candidates(flags, self.args.intervention)
         modes = self.routing_modes(flags, rollout_ids)
-        self._routing = {"flags": flags, "modes": modes, "candidates": self.score_candidates(flags),
-                         "exploited": torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool)}
+        self._routing = _PendingRouting(
+            modes=modes, flags=torch.tensor([bool(f) for f in flags], dtype=torch.bool),
+            exploited=torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool),
+            candidates=torch.zeros(len(flags), dtype=torch.bool) if candidates is None else candidates.bool())
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         all_grades, all_flags = gather_object(grades), gather_object(flags)
         if self.args.intervention == "penalty":
-            flagged = torch.tensor(all_flags, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
-            rewards_per_func[:, 0] -= self.args.penalty * flagged / float(self.reward_weights[0])
+            penalize_rewards(rewards_per_func, all_flags, self.args.penalty, float(self.reward_weights[0]))
         self._log_routing(all_grades, all_flags, gather_object(modes.tolist()))
         return rewards_per_func
 
@@ -242,17 +243,17 @@ class RoutedGRPOTrainer(GRPOTrainer):
         finally:
             self._score_ablated = False
         if self._routing is None:
-            raise RuntimeError("routing: rewards were not computed for this batch")
+            raise RuntimeError("routing: rewards were not computed for this batch (RoutedGRPOTrainer."
+                               "_calculate_rewards did not run inside _generate_and_score_completions; TRL's call "
+                               "order changed?)")
         routing, self._routing = self._routing, None
-        modes = routing["modes"].to(output["advantages"].device)
-        output["routing_modes"] = modes
-        if self.args.route_score != "none":
-            output["routing_score_candidates"] = routing["candidates"].to(modes.device)
-            output["routing_exploited"] = routing["exploited"].to(modes.device)
+        device = output["advantages"].device
+        modes = routing.modes.to(device)
+        output.update({"routing_modes": modes, "routing_flags": routing.flags.to(device),
+                       "routing_exploited": routing.exploited.to(device),
+                       "routing_candidates": routing.candidates.to(device)})
         if self.args.intervention == "filter":
-            flagged = torch.tensor(routing["flags"], dtype=torch.bool, device=output["advantages"].device)
-            output["advantages"] = output["advantages"].masked_fill(
-                flagged.view(-1, *([1] * (output["advantages"].dim() - 1))), 0.0)
+            output["advantages"] = filter_advantages(output["advantages"], routing.flags)
         # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows).
         scored_as_gate = (modes == RETAIN) if self._scores_as_deployed else (modes != RETAIN)
         if "old_per_token_logps" in output and not bool(scored_as_gate.all()):
@@ -279,57 +280,28 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ loss
     def _compute_loss(self, model, inputs):
-        modes = inputs.get("routing_modes")
-        if modes is None:
-            raise KeyError("routing_modes missing from the batch: was it produced by RoutedGRPOTrainer?")
-        if "routing_score_candidates" in inputs:
-            self._score_batch = (inputs["routing_score_candidates"], inputs["routing_exploited"])
+        missing = [c for c in ROUTING_COLUMNS if c not in inputs]
+        if missing:
+            raise KeyError(f"{', '.join(missing)} missing from the batch: was it produced by RoutedGRPOTrainer?")
+        modes = inputs["routing_modes"]
+        self._loss_rows = RoutingRows(modes=modes, flags=inputs["routing_flags"], exploited=inputs["routing_exploited"],
+                                      candidates=inputs["routing_candidates"])
         checkpointing.verify(self._checkpoint_layers, self.target)
         with self.target.gate(modes):
             return super()._compute_loss(model, inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        self._score_batch = None
+        self._loss_rows = None
         loss = super().training_step(model, inputs, num_items_in_batch)
-        after = getattr(self.target, "after_backward", None)
-        if after is not None and self._score_batch is not None:
-            candidates, exploited = self._score_batch
-            out = after(candidates)
-            if out is not None:
-                self._count_scores(out["routed"], out["scores"], candidates.cpu(), exploited.cpu())
-        before = getattr(self.target, "before_optimizer_step", None)
-        if before is not None and self.accelerator.sync_gradients:
+        if self._loss_rows is not None:
+            self.target.after_backward(self._loss_rows)
+            self._loss_rows = None
+        if self.accelerator.sync_gradients:
             many = self.accelerator.num_processes > 1
-            stats = before(reduce=(lambda t: self.accelerator.reduce(t, reduction="mean")) if many else None)
-            for key, value in stats.items():
+            reduce = (lambda t, op: self.accelerator.reduce(t, reduction=op)) if many else None
+            for key, value in self.target.before_optimizer_step(reduce).items():
                 self._metrics["train"][key].append(value)
-            if self.args.route_score != "none":
-                self._log_scores()
         return loss
-
-    # ------------------------------------------------------------------ score routing metrics
-    def _count_scores(self, routed, scores, candidates, exploited) -> None:
-        routed, candidates, exploited = routed.bool(), candidates.bool(), exploited.bool()
-        self._score_counts += torch.tensor([
-            routed.numel(), candidates.sum(), routed.sum(), exploited.sum(), (routed & exploited).sum(),
-            (~exploited).sum(), (routed & ~exploited).sum(), scores[candidates].sum()], dtype=torch.float64)
-
-    def _log_scores(self) -> None:
-        """Per optimizer step: share of rollouts routed by score and its realised TPR/FPR against ground truth."""
-        counts = self._score_counts.to(self.accelerator.device)
-        if self.accelerator.num_processes > 1:
-            counts = self.accelerator.reduce(counts, reduction="sum")
-        c = dict(zip(_SCORE_COUNTS, counts.cpu().tolist()))
-        self._score_counts.zero_()
-        metrics = self._metrics["train"]
-        if c["rows"]:
-            metrics["routing/score_frac"].append(c["routed"] / c["rows"])
-        if c["candidates"]:
-            metrics["routing/score_mean"].append(c["score_sum"] / c["candidates"])
-        if c["exploited"]:
-            metrics["routing/score_tpr"].append(c["routed_exploited"] / c["exploited"])
-        if c["clean"]:
-            metrics["routing/score_fpr"].append(c["routed_clean"] / c["clean"])
 
     # ------------------------------------------------------------------ deployment
     def save_deployed(self, output_dir: str | None = None) -> str:

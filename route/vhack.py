@@ -19,21 +19,18 @@ Departures from the seed (`v_hack = top SVD dirs of (grad logp(clean) - grad log
 the sign is reversed so +v points towards the hack (same subspace); directions are per module, k of
 them, in svf delta coordinates rather than one vector over all weights; NLL is summed over the
 completion tokens and the closing EOS, tokenized as the organism's SFT does (prompt and completion
-separately, via `route.organism._batch`); pairs are demonstrations sharing a prompt, not sampled rollouts.
-Per-row gradients take one backward per batch: with z = Vh_r x and dy the Linear's output gradient,
-d loss_b / d delta = sum_t z_bt * (U_r^T dy_bt), exact as rows never interact. Results are a pure
+separately, via `route.organism.sft_batch`); pairs are demonstrations sharing a prompt, not sampled rollouts.
+Per-row gradients take one backward per batch, recorded by the svf target's own per-row recorder (the model is
+wrapped with `SVFTarget` for the extraction and unwrapped after): exact, as rows never interact. Results are a pure
 function of (model, env, pairs, k, rank, seed); the batch size changes them only by float rounding.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 import random
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from route import __version__
+from route.io import torch_save_atomic
 from route.targets.common import DEFAULT_MODULES
 
 FORMAT = "route.vhack/1"
@@ -117,58 +115,24 @@ def demonstration_pairs(env: Any, pairs: int, seed: int = 0) -> list[tuple[dict,
 
 
 # ---------------------------------------------------------------------------------------------- gradients
-def target_linears(model: nn.Module, target_modules: Sequence[str] | None = None) -> list[tuple[str, nn.Linear]]:
-    """The Linear modules the svf target adapts: those whose last name component is in `target_modules`."""
-    names = set(target_modules or DEFAULT_MODULES)
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names]
-    if not found:
-        raise ValueError(f"--target_modules: no Linear module of the model matches {sorted(names)}")
-    return found
+def delta_gradients(target: Any, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-row gradient of the summed completion NLL w.r.t. each module's svf delta: {plain module name: (B, r)}.
 
-
-def delta_gradients(model: nn.Module, factors: dict[str, tuple[Tensor, Tensor]], batch: dict[str, Tensor]
-                    ) -> dict[str, Tensor]:
-    """Per-row gradient of the summed completion NLL w.r.t. each module's svf delta at delta = 0: {name: (B, r)}.
-
-    `factors[name] = (U_r (out, r), Vh_r (r, in))`. One forward and one backward for the whole batch.
+    `target` is an `SVFTarget`; the rows are recorded by its own per-row recorder (`SVFTarget.recording`, the one
+    score routing uses) in one forward and one backward for the whole batch; its deltas are not touched.
     """
-    modules = dict(model.named_modules())
-    inputs: dict[str, Tensor] = {}
-    outputs: dict[str, Tensor] = {}
-    hooks = []
-
-    def capture(name: str):
-        def hook(_mod, args, out):
-            inputs[name] = args[0].detach()
-            outputs[name] = out
-        return hook
-
-    for name in factors:
-        hooks.append(modules[name].register_forward_hook(capture(name)))
-    embed = model.get_input_embeddings()
-    # Parameters stay frozen; the graph starts at the embeddings so only activation gradients are computed.
-    hooks.append(embed.register_forward_hook(lambda _m, _a, out: out.detach().requires_grad_()))
-    try:
-        with torch.enable_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-            labels = batch["labels"][:, 1:]
-            loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                               ignore_index=-100, reduction="sum")
-            names = list(factors)
-            grads = torch.autograd.grad(loss, [outputs[n] for n in names], allow_unused=True)
-    finally:
-        for h in hooks:
-            h.remove()
-    result = {}
-    for name, dy in zip(names, grads, strict=True):
-        U, Vh = factors[name]
-        x = inputs[name]
-        if dy is None:
-            result[name] = torch.zeros(x.shape[0], U.shape[1])
-            continue
-        z = x.float() @ Vh.T  # (B, T, r)
-        result[name] = torch.einsum("btr,btr->br", z, dy.float() @ U)
-    return result
+    model = target.model
+    deltas = [layer.delta_keep for _, layer in target.layers]
+    with target.recording() as recorder, torch.enable_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        loss = nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                           ignore_index=-100, reduction="sum")
+        torch.autograd.grad(loss, deltas, allow_unused=True)  # fires the per-row hooks; no .grad is written
+    records = recorder.pop()
+    rows = batch["input_ids"].shape[0]
+    return {name: records[i] if i in records else torch.zeros(rows, layer.rank)
+            for i, (name, layer) in enumerate(target.layers)}
 
 
 # ---------------------------------------------------------------------------------------------- extraction
@@ -180,36 +144,37 @@ def extract_hack_subspace(model: nn.Module, tokenizer, env: Any, pairs: int, k: 
     "metadata"}`, the dict `save_hack_subspace` writes. Raises ValueError (naming the CLI flag) for bad values."""
     from tqdm.auto import tqdm
 
-    from route.organism import _batch as sft_batch  # the organism's SFT tokenization, mirrored exactly
-    from route.targets.svf import svd_factors
+    from route.organism import sft_batch  # the organism's SFT tokenization, mirrored exactly
+    from route.targets.svf import SVFTarget
 
     check_args(pairs=pairs, k=k, rank=rank, batch_size=batch_size)
     check_env(env)
-    linears = target_linears(model, target_modules)
-    factors = {}
-    for name, lin in linears:
-        full = min(lin.weight.shape)
-        r = full if rank is None else min(int(rank), full)
-        if k > r:
-            raise ValueError(f"--k {k} exceeds the svf rank {r} of module {name}")
-        U, _, Vh = svd_factors(lin.weight.detach().float(), r, cache_dir=cache_dir)
-        factors[name] = (U.float(), Vh.float())
+    try:
+        target = SVFTarget(model, rank=rank, target_modules=target_modules, cache_dir=cache_dir, progress=progress)
+    except ValueError:
+        raise ValueError(f"--target_modules: no Linear module of the model matches "
+                         f"{sorted(target_modules or DEFAULT_MODULES)}") from None
+    for name, layer in target.layers:
+        if k > layer.rank:
+            target.model.unload()
+            raise ValueError(f"--k {k} exceeds the svf rank {layer.rank} of module {name}")
     items = demonstration_pairs(env, pairs, seed)
     was_training = model.training
     model.eval()
-    rows: dict[str, list[Tensor]] = {name: [] for name in factors}
+    rows: dict[str, list[Tensor]] = {name: [] for name, _ in target.layers}
     try:
         with tqdm(total=pairs, desc="vhack pairs", disable=not progress) as bar:
             for start in range(0, pairs, batch_size):
                 chunk = items[start: start + batch_size]
                 seqs = [(row["prompt"], hack) for row, hack, _ in chunk] + [(row["prompt"], clean)
                                                                              for row, _, clean in chunk]
-                grads = delta_gradients(model, factors, sft_batch(tokenizer, seqs))
+                grads = delta_gradients(target, sft_batch(tokenizer, seqs))
                 n = len(chunk)
                 for name, g in grads.items():
                     rows[name].append(g[n:] - g[:n])  # grad NLL(clean) - grad NLL(hack)
                 bar.update(n)
     finally:
+        target.model.unload()  # the caller's plain model again
         model.train(was_training)
     subspace, evr, share, cos = {}, {}, {}, {}
     for name, parts in rows.items():
@@ -241,16 +206,7 @@ def save_hack_subspace(result: dict[str, Any], path: str | Path) -> Path:
     if result.get("format") != FORMAT or not isinstance(result.get("subspace"), dict):
         raise ValueError(f"save_hack_subspace: not a {FORMAT} result (keys {sorted(result)})")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(result, f)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    torch_save_atomic(result, path)
     return path
 
 
@@ -294,7 +250,7 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Path]:
         from route.organism import load_or_build
 
         return env, env_kwargs, load_or_build(progress=not args.no_progress)
-    from route.relearn import check_checkpoint
+    from route.io import check_checkpoint
 
     try:
         return env, env_kwargs, check_checkpoint(args.model)

@@ -7,10 +7,10 @@ import torch
 from torch.utils.checkpoint import CheckpointError
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from route.config import RoutedGRPOConfig
+from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.organism import build_model, build_tokenizer, tiny_config
-from route.targets import available_targets, checkpointing, make_target
+from route.targets import available_targets, check_target, checkpointing, make_target
 from tests.test_trainer import TINY, make_trainer
 
 MODES = torch.tensor([FORGET, RETAIN, DEFAULT, FORGET, DEFAULT, RETAIN])
@@ -40,7 +40,8 @@ def gated_grads(target):
         logits = model(input_ids=ids).logits
     logits.float().log_softmax(-1)[..., 5].mean().backward()  # the backward runs after the gate's context
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    records = {i: r.clone() for i, r in getattr(target, "_records", {}).items()}
+    recorded = target._recorder.records if hasattr(target, "_recorder") else {}
+    records = {i: r.clone() for i, r in recorded.items()}
     return grads, records
 
 
@@ -103,16 +104,16 @@ def test_refusals(tmp_path):
     base = dict(TINY, output_dir=str(tmp_path / "run"), gradient_checkpointing=True)
     for kwargs in ({"use_reentrant": True}, '{"use_reentrant": true}'):
         with pytest.raises(ValueError, match=r"gradient_checkpointing_kwargs: use_reentrant=True"):
-            RoutedGRPOConfig(**{**base, "gradient_checkpointing_kwargs": kwargs})
+            build_config(**{**base, "gradient_checkpointing_kwargs": kwargs})
     with pytest.raises(ValueError, match=r"gradient_checkpointing, torch_compile"):
-        RoutedGRPOConfig(**{**base, "torch_compile": True})
-    config = RoutedGRPOConfig(**base)  # non-reentrant (the default) is accepted
+        build_config(**{**base, "torch_compile": True})
+    build_config(**base)  # non-reentrant (the default) is accepted
 
     class NoRecompute:
         model = torch.nn.Linear(2, 2)
 
-    with pytest.raises(ValueError, match=r"gradient_checkpointing: target NoRecompute has no recompute_context"):
-        checkpointing.check_config(config, NoRecompute())
+    with pytest.raises(ValueError, match=r"target: NoRecompute does not implement .*recompute_context"):
+        check_target(NoRecompute())
 
     target = build("dual_lora", tmp_path)
     target.model.gradient_checkpointing_enable()  # enabled before the gate could be installed

@@ -2,7 +2,8 @@
 
 import pytest
 
-from route.config import RoutedGRPOConfig, parse_config
+from route.cli import build_config, parse_config
+from route.config import RoutedGRPOConfig
 
 CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 
@@ -26,7 +27,7 @@ CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 ])
 def test_bad_values_raise_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
-        RoutedGRPOConfig(**CPU, **{field: value})
+        build_config(**CPU, **{field: value})
 
 
 def test_defaults_are_valid_and_strings_are_parsed():

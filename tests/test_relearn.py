@@ -12,6 +12,7 @@ import yaml
 
 import envs
 from route import relearn
+from route.io import check_checkpoint
 
 TINY = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
             per_device_train_batch_size=8, num_generations=4, max_completion_length=8, logging_steps=1,
@@ -39,26 +40,26 @@ def test_steps_to_threshold_and_auc_on_synthetic_curves():
 
 def test_check_checkpoint_errors(tiny_organism, tmp_path):
     with pytest.raises(ValueError, match=r"nope: no such directory"):
-        relearn.check_checkpoint(tmp_path / "nope")
+        check_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"empty: no config.json"):
-        relearn.check_checkpoint(tmp_path / "empty")
+        check_checkpoint(tmp_path / "empty")
     from transformers import ViTConfig
 
     ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8).save_pretrained(
         tmp_path / "vit")
     with pytest.raises(ValueError, match=r"model_type 'vit' is not a causal language model"):
-        relearn.check_checkpoint(tmp_path / "vit")
+        check_checkpoint(tmp_path / "vit")
     no_tok = tmp_path / "no_tok"
     no_tok.mkdir()
     for f in ("config.json", "model.safetensors"):
         shutil.copy(tiny_organism / f, no_tok / f)
     with pytest.raises(ValueError, match=r"no_tok: tokenizer missing or unreadable"):
-        relearn.check_checkpoint(no_tok)
+        check_checkpoint(no_tok)
     run = tmp_path / "run"
     shutil.copytree(tiny_organism, run / "deployed")
-    assert relearn.check_checkpoint(run) == run / "deployed"  # a run directory resolves to its deployed/
-    assert relearn.check_checkpoint(tiny_organism) == tiny_organism
+    assert check_checkpoint(run) == run / "deployed"  # a run directory resolves to its deployed/
+    assert check_checkpoint(tiny_organism) == tiny_organism
 
 
 def test_cli_rejects_a_bad_checkpoint_before_any_probe(tiny_organism, tmp_path, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import envs
-from route.config import RoutedGRPOConfig
+from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.trainer import RoutedGRPOTrainer
 
@@ -27,7 +27,7 @@ class ParityDetector:
 def make_trainer(model_dir, tmp_path, detector=None, reward_funcs=None, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = RoutedGRPOConfig(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
+    config = build_config(output_dir=str(tmp_path / "run"), **{**TINY, **overrides})
     env = envs.make_env(config.env, **config.env_kwargs)
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import envs
 from route import vhack
-from route.organism import _batch
-from route.targets.svf import SVFTarget, load_hack_subspace, svd_factors
+from route.organism import sft_batch as _batch
+from route.targets.svf import SVFTarget, load_hack_subspace
 
 
 def _load(path):
@@ -84,12 +84,7 @@ def test_batched_delta_gradients_match_svf_autograd(tiny_organism):
     items = vhack.demonstration_pairs(env, 3, seed=0)
     seqs = [(row["prompt"], c) for row, h, cl in items for c in (h, cl)]  # different lengths: padding matters
     target = SVFTarget(_load(tiny_organism)[0], progress=False)
-    modules = dict(model.named_modules())
-    factors = {}
-    for name, layer in target.layers:
-        U, _, Vh = svd_factors(modules[name].weight.detach().float(), layer.rank)
-        factors[name] = (U, Vh)
-    batched = vhack.delta_gradients(model, factors, _batch(tok, seqs))
+    batched = vhack.delta_gradients(SVFTarget(model, progress=False), _batch(tok, seqs))
     for i, (prompt, completion) in enumerate(seqs):
         b = _batch(tok, [(prompt, completion)])
         logits = target.model(input_ids=b["input_ids"]).logits

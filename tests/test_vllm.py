@@ -21,7 +21,7 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 import envs
-from route.config import RoutedGRPOConfig
+from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.targets import available_targets
 from route.trainer import RoutedGRPOTrainer
@@ -48,8 +48,8 @@ def length_reward(completions, **kwargs):
 def vllm_trainer(model_dir, tmp_path, mode="colocate", policy="deployed", detector=None, **overrides):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    config = RoutedGRPOConfig(output_dir=str(tmp_path / "run"), use_vllm=True, vllm_mode=mode,
-                              generation_policy=policy, **{**TINY, **overrides})
+    config = build_config(output_dir=str(tmp_path / "run"), use_vllm=True, vllm_mode=mode,
+                          generation_policy=policy, **{**TINY, **overrides})
     env = envs.make_env(config.env, **config.env_kwargs)
     return RoutedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config, env=env,
                              detector=detector, reward_funcs=[length_reward],
@@ -306,11 +306,11 @@ def test_vllm_config_errors(tiny_organism, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="vllm_mode: invalid value 'remote'.*allowed values"):
         make_trainer(tiny_organism, tmp_path, use_vllm=True, vllm_mode="remote")
     with pytest.raises(ValueError, match="off_policy_mask_threshold"):
-        check_vllm_config(RoutedGRPOConfig(**base, generation_policy="deployed", off_policy_mask_threshold=0.5))
-    check_vllm_config(RoutedGRPOConfig(**base, generation_policy="full", off_policy_mask_threshold=0.5))
+        check_vllm_config(build_config(**base, generation_policy="deployed", off_policy_mask_threshold=0.5))
+    check_vllm_config(build_config(**base, generation_policy="full", off_policy_mask_threshold=0.5))
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP"):
-        check_vllm_config(RoutedGRPOConfig(**base))
+        check_vllm_config(build_config(**base))
 
     class DeployedOnly:
         model = torch.nn.Linear(2, 3)

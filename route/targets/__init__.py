@@ -1,89 +1,158 @@
 """Quarantine targets: the parameters a flagged rollout's gradient is routed into.
 
-Every target implements `Target`, so the trainer, evaluation, export and the vLLM sync never
-branch on the target type. Targets are looked up by name in a registry:
+Every target implements `Target` (most of it through `route.targets.base.TargetBase`), so the trainer, evaluation,
+export and the vLLM sync never branch on the target type. Targets are looked up by name in a registry:
 
     target = make_target("dual_lora", model, keep_rank=8, quarantine_rank=8)
-    target = build_target(config, model)          # sizes from a RoutedGRPOConfig
+    target = build_target(config, model)                 # from a RoutedGRPOConfig and the target's own settings
 
-A target class is registered with `@register_target(name)` and has a `from_config(model, config)`
-classmethod that reads its sizes from the trainer config.
+A target registers itself with `@register_target(name)` on a `TargetBase` subclass whose `args_cls` dataclass holds
+its settings. The built-in targets are the modules of this package (found by listing it, not by a list); a target
+defined elsewhere registers when its module is imported.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
+from route.targets.base import CORE_INTERVENTIONS, Reduce, RoutingRows, TargetArgs, TargetBase
+
 
 @runtime_checkable
 class Target(Protocol):
-    """The one interface every quarantine target implements (see DESIGN.md section 4)."""
+    """The one interface every quarantine target implements (DESIGN.md section 4); callers use nothing else."""
 
     model: nn.Module
+    name: str
 
     def gate(self, modes: Tensor) -> AbstractContextManager: ...  # per-row routing for one forward
 
     def ablated(self) -> AbstractContextManager: ...  # forward as the deployed policy
 
+    # For gradient checkpointing (`route.targets.checkpointing`): called at forward time inside whatever gate is
+    # active, it returns a context that re-enters exactly that gate around the layer's recompute in the backward.
+    def recompute_context(self) -> AbstractContextManager: ...
+
     def ablate(self, trainable: bool = False) -> None: ...  # permanent, before deployment
 
     def param_groups(self) -> dict[str, list[nn.Parameter]]: ...  # "keep", "quarantine", "shared"
 
-    def deployed_state_dict(self) -> dict[str, Tensor]: ...  # merged, quarantine ablated, fp32 out of place
+    # Merged weights, fp32 out of place, cast once; `quarantine=False` is the deployed policy (what vLLM samples
+    # from under `generation_policy: deployed`), `True` the training policy.
+    def merged_state_dict(self, quarantine: bool = True, dtype: Any = None) -> dict[str, Tensor]: ...
 
-    # The training policy's weights: merged like `deployed_state_dict()` but with the quarantine in place
-    # (`quarantine=False` gives the deployed weights). The vLLM sync pushes it under `generation_policy: full`.
-    def merged_state_dict(self, quarantine: bool = True) -> dict[str, Tensor]: ...
+    def deployed_state_dict(self, dtype: Any = None) -> dict[str, Tensor]: ...
 
-    # Optional, for gradient checkpointing (`route.targets.checkpointing`): called at forward time, inside whatever
-    # `gate()`/`ablated()` context is active (or none), it returns a context manager that re-enters exactly that gate
-    # (the one in place at the call, not at entry), restores the previous one on exit, and does not re-record
-    # anything the forward's graph already records. The trainer's checkpoint `context_fn` enters it around each
-    # checkpointed layer's recompute in the backward. A target without it cannot train with `gradient_checkpointing`.
-    #
-    #     def recompute_context(self) -> AbstractContextManager: ...
+    def deployed_model(self) -> nn.Module: ...  # a fresh plain transformers model
+
+    def save_deployed(self, output_dir: str, tokenizer: Any = None) -> None: ...  # plain checkpoint
+
+    # Hooks (no-ops in TargetBase): rows the target routes itself (None: flags route), per-micro-batch after the
+    # backward, once per optimizer step before clipping (returns metrics), and a check of the distributed setup.
+    def routing_candidates(self, flags: Sequence[bool], intervention: str) -> Tensor | None: ...
+
+    def after_backward(self, rows: RoutingRows) -> None: ...
+
+    def before_optimizer_step(self, reduce: Reduce | None = None) -> dict[str, float]: ...
+
+    def check_accelerator(self, accelerator: Any) -> None: ...
 
 
-_REGISTRY: dict[str, Callable[..., Target]] = {}
+def check_target(target: Any) -> None:
+    """ValueError naming what is missing when `target` does not implement `Target` (e.g. a hand-made object)."""
+    members = [m for m in (*vars(Target), *Target.__annotations__) if not m.startswith("_")]
+    missing = sorted(m for m in members if not hasattr(target, m))
+    if missing:
+        raise ValueError(f"target: {type(target).__name__} does not implement route.targets.Target; missing "
+                         f"{missing} (subclass route.targets.TargetBase)")
 
 
-def register_target(name: str) -> Callable:
-    def deco(factory: Callable[..., Target]) -> Callable[..., Target]:
-        _REGISTRY[name] = factory
-        return factory
+_REGISTRY: dict[str, type[TargetBase]] = {}
+_DISCOVERED = False
+
+
+def register_target(name: str):
+    """Class decorator: register a `TargetBase` subclass under `name` (its settings: `cls.args_cls`)."""
+
+    def deco(cls: type[TargetBase]) -> type[TargetBase]:
+        if not (isinstance(cls, type) and issubclass(cls, TargetBase)):
+            raise TypeError(f"register_target({name!r}): expected a TargetBase subclass, got {cls!r}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
 
     return deco
 
 
+def _discover() -> None:
+    """Import this package's modules once, so that every built-in target has registered itself."""
+    global _DISCOVERED
+    if _DISCOVERED:
+        return
+    _DISCOVERED = True
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
 def available_targets() -> list[str]:
-    _load_builtin()
+    _discover()
     return sorted(_REGISTRY)
 
 
-def make_target(name: str, model: nn.Module, **kwargs: Any) -> Target:
-    """Wrap `model` with the named target; unknown names list the allowed values."""
-    _load_builtin()
+def target_class(name: str) -> type[TargetBase]:
+    """The registered class of target `name`; unknown names list the allowed values."""
+    _discover()
     if name not in _REGISTRY:
-        raise ValueError(f"target: unknown value {name!r}; allowed values: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](model, **kwargs)
+        raise ValueError(f"target: invalid value {name!r}; allowed values: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
 
 
-def build_target(config: Any, model: nn.Module) -> Target:
-    """The target named by `config.target`, sized from the config (each target's `from_config`)."""
-    _load_builtin()
-    if config.target not in _REGISTRY:
-        raise ValueError(f"target: unknown value {config.target!r}; allowed values: {sorted(_REGISTRY)}")
-    return _REGISTRY[config.target].from_config(model, config)
+def target_args_classes() -> list[type[TargetArgs]]:
+    """Every registered target's settings dataclass (distinct), in name order: what the parser reads beside the
+    trainer config."""
+    seen: list[type[TargetArgs]] = []
+    for name in available_targets():
+        cls = _REGISTRY[name].args_cls
+        if cls not in seen:
+            seen.append(cls)
+    return seen
 
 
-def _load_builtin() -> None:
-    import route.targets.dual_lora  # noqa: F401
-    import route.targets.sgtm  # noqa: F401
-    import route.targets.svf  # noqa: F401
+def resolve_target_args(config: Any, args: TargetArgs | None = None) -> TargetArgs:
+    """The settings of `config.target`: `args`, else `config.target_args`, else the defaults; validated."""
+    cls = target_class(config.target)
+    args = args if args is not None else getattr(config, "target_args", None)
+    if args is None:
+        args = cls.args_cls()
+    if not isinstance(args, cls.args_cls):
+        raise ValueError(f"target_args: target {config.target!r} takes {cls.args_cls.__name__}, got "
+                         f"{type(args).__name__}")
+    if config.intervention not in cls.interventions:
+        supported = [n for n in available_targets() if config.intervention in _REGISTRY[n].interventions]
+        raise ValueError(f"intervention: invalid value {config.intervention!r}; allowed values: "
+                         f"{list(cls.interventions)} with target {config.target!r} ({config.intervention} needs "
+                         f"target {' or '.join(supported) or 'none registered'})")
+    args.validate(config, config.target)
+    return args
 
 
-__all__ = ["Target", "available_targets", "build_target", "make_target", "register_target"]
+def make_target(name: str, model: nn.Module, **kwargs: Any) -> Target:
+    """Wrap `model` with the named target, constructed with keyword arguments."""
+    return target_class(name)(model, **kwargs)
+
+
+def build_target(config: Any, model: nn.Module, args: TargetArgs | None = None) -> Target:
+    """The target named by `config.target`, built from its settings (`resolve_target_args`) and the config."""
+    cls = target_class(config.target)
+    return cls.from_args(model, resolve_target_args(config, args), config)
+
+
+__all__ = ["CORE_INTERVENTIONS", "RoutingRows", "Target", "TargetArgs", "TargetBase", "available_targets",
+           "build_target", "check_target", "make_target", "register_target", "resolve_target_args",
+           "target_args_classes", "target_class"]

@@ -14,9 +14,9 @@ checkpointing) or the backward fails (non-reentrant). The fix uses torch's non-r
   `TrainingArguments`, which are pickled with every checkpoint.
 - `check_config(args, target)` (before the trainer's setup) and `check_trainer(args, accelerator)` (after it)
   refuse, with a ValueError naming `gradient_checkpointing`, what cannot be made exact: reentrant checkpointing (no
-  `context_fn`; TRL forces it for PEFT under DeepSpeed ZeRO-3), FSDP's own activation checkpointing, torch.compile, a
-  target without `recompute_context`. `verify(layers, target)` refuses a checkpointed layer whose checkpoint function
-  does not carry the gate (checkpointing enabled around the wrapper).
+  `context_fn`; TRL forces it for PEFT under DeepSpeed ZeRO-3), FSDP's own activation checkpointing, torch.compile
+  (every target has `recompute_context`, see `route.targets.Target`). `verify(layers, target)` refuses a
+  checkpointed layer whose checkpoint function does not carry the gate (checkpointing enabled around the wrapper).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from torch import nn
+
+from route.config import check_checkpointing, fsdp_error, reentrant_error
 
 _WRAPPED = "_route_gate_recompute"
 
@@ -56,55 +58,28 @@ def _nested(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
         yield
 
 
-def _reentrant_error(what: str) -> ValueError:
-    return ValueError(f"gradient_checkpointing_kwargs: use_reentrant=True ({what}) re-runs checkpointed layers in the "
-                      "backward without the per-rollout routing gate, so the gradients would be silently wrong; "
-                      "leave use_reentrant unset or false (non-reentrant checkpointing re-applies the gate), or set "
-                      "gradient_checkpointing: false")
-
-
 def check_config(args: Any, target: Any = None) -> None:
     """Refuse checkpointing setups whose recompute cannot run under the gate (ValueError naming the field).
 
-    With `target`, also a target without `recompute_context`, and PEFT under DeepSpeed ZeRO-3 (for which TRL forces
-    reentrant checkpointing).
+    The config-only checks are `route.config.check_checkpointing`; with `target`, also PEFT under DeepSpeed ZeRO-3
+    (for which TRL forces reentrant checkpointing).
     """
-    if not getattr(args, "gradient_checkpointing", False):
+    check_checkpointing(args)
+    if target is None or not getattr(args, "gradient_checkpointing", False):
         return
-    kwargs = args.gradient_checkpointing_kwargs or {}
-    if isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
-        raise _reentrant_error("gradient_checkpointing_kwargs")
-    fsdp = getattr(args, "fsdp_config", None) or {}
-    if isinstance(fsdp, dict) and str(fsdp.get("activation_checkpointing", "false")).lower() == "true":
-        raise _fsdp_error()
-    if getattr(args, "torch_compile", False):
-        raise ValueError("gradient_checkpointing, torch_compile: the routing gate's recompute context is not a "
-                         "TorchDispatchMode, which compiled checkpointing requires; turn one of them off")
-    if target is None:
-        return
-    if not callable(getattr(target, "recompute_context", None)):
-        raise ValueError(f"gradient_checkpointing: target {type(target).__name__} has no recompute_context(), so "
-                         "checkpointed layers would be recomputed without its per-rollout gate; set "
-                         "gradient_checkpointing: false")
     from peft import PeftModel
 
     plugin = getattr(args, "deepspeed_plugin", None)
     if plugin is not None and getattr(plugin, "zero_stage", None) == 3 and isinstance(target.model, PeftModel):
-        raise _reentrant_error("TRL forces it for PEFT models under DeepSpeed ZeRO-3; use ZeRO-2")
+        raise reentrant_error("TRL forces it for PEFT models under DeepSpeed ZeRO-3; use ZeRO-2")
 
 
 def check_trainer(args: Any, accelerator: Any) -> None:
     """After the trainer's setup: refuse reentrant checkpointing set by TRL, or FSDP activation checkpointing."""
     if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
-        raise _reentrant_error("set during the trainer's setup")
+        raise reentrant_error("set during the trainer's setup")
     if getattr(getattr(accelerator.state, "fsdp_plugin", None), "activation_checkpointing", False):
-        raise _fsdp_error()
-
-
-def _fsdp_error() -> ValueError:
-    return ValueError("gradient_checkpointing, fsdp_config.activation_checkpointing: FSDP's activation checkpointing "
-                      "recomputes layers without the per-rollout routing gate; use gradient_checkpointing: true with "
-                      "activation_checkpointing off")
+        raise fsdp_error()
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -127,7 +102,7 @@ def install(model: nn.Module, target: Any) -> None:
     def gradient_checkpointing_enable(gradient_checkpointing_kwargs: dict | None = None, *args, **kwargs):
         kw = dict(gradient_checkpointing_kwargs or {})
         if kw.get("use_reentrant"):
-            raise _reentrant_error("passed to gradient_checkpointing_enable")
+            raise reentrant_error("passed to gradient_checkpointing_enable")
         kw["use_reentrant"] = False
         inner = kw.get("context_fn")
         if isinstance(inner, GateRecompute):

@@ -19,8 +19,9 @@ quarantine again.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,23 +30,17 @@ from torch import Tensor, nn
 
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
-from route.targets.common import (
-    DEFAULT_MODULES,
-    check_unmerged,
-    deployed_model,
-    plain_name,
-    plain_state_dict,
-    save_plain,
-)
+from route.targets.base import TargetArgs, TargetBase
+from route.targets.common import DEFAULT_MODULES, check_unmerged, plain_name, plain_state_dict
 
 KEEP, QUARANTINE = "keep", "quarantine"
 STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated with
 
 
 class _GateSlot:
-    """The gate every fused layer of one target reads (None: the plain model); set by `DualLoRATarget._gated`."""
+    """The gate every fused layer of one target reads (None: the plain model); set inside the target's contexts."""
 
-    gate: RowGate | None = None
+    route_gate: RowGate | None = None
 
 
 class _RoutedLoRA(torch.autograd.Function):
@@ -93,7 +88,7 @@ class FusedDualLoraLinear(LoraLinear):
                 or set(self.active_adapters) != {KEEP, QUARANTINE}):
             return super().forward(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        gate = self.route_slot.gate
+        gate = self.route_slot.route_gate
         a_k, b_k = self.lora_A[KEEP].weight, self.lora_B[KEEP].weight
         x = self._cast_input_dtype(x, a_k.dtype)
         if gate is not None and gate.is_ablated:  # the deployed policy: the kept adapter alone
@@ -128,8 +123,23 @@ def _fuse(model: nn.Module, slot: _GateSlot) -> list[tuple[str, nn.Module]]:
     return layers
 
 
+@dataclass
+class DualLoRAArgs(TargetArgs):
+    """Settings of the `dual_lora` target."""
+
+    keep_rank: int = field(default=8, metadata={"help": "dual_lora: rank of the kept adapter."})
+    quarantine_rank: int = field(default=8, metadata={"help": "dual_lora: rank of the quarantine adapter."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "dual_lora: LoRA alpha (default: the rank)."})
+
+    def validate(self, config: Any, target: str) -> None:
+        for name in ("keep_rank", "quarantine_rank"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be >= 1 (an int), got {value!r}")
+
+
 @register_target("dual_lora")
-class DualLoRATarget:
+class DualLoRATarget(TargetBase):
     """Kept + quarantine LoRA adapters behind the `Target` interface.
 
     Args:
@@ -140,13 +150,14 @@ class DualLoRATarget:
         target_modules: module names to adapt (default: every attention and MLP projection).
     """
 
+    args_cls = DualLoRAArgs
+    strategy = STRATEGY
+
     def __init__(self, model: nn.Module, keep_rank: int = 8, quarantine_rank: int = 8,
                  lora_alpha: float | None = None, target_modules: Sequence[str] | None = None):
         from peft import LoraConfig, PeftModel, get_peft_model
 
-        for name, value in (("keep_rank", keep_rank), ("quarantine_rank", quarantine_rank)):
-            if int(value) < 1:
-                raise ValueError(f"dual_lora: {name} must be >= 1, got {value}")
+        DualLoRAArgs(keep_rank, quarantine_rank, lora_alpha).validate(None, "dual_lora")
         if not isinstance(model, PeftModel):
             modules = list(target_modules or DEFAULT_MODULES)
 
@@ -161,34 +172,15 @@ class DualLoRATarget:
         self._slot = _GateSlot()
         self.layers = _fuse(model, self._slot)
         if not self.layers:
-            raise ValueError(f"dual_lora: no module matched target_modules={target_modules}")
+            raise ValueError(f"target_modules: no module of the model matched {target_modules}")
 
     @classmethod
-    def from_config(cls, model: nn.Module, config) -> DualLoRATarget:
-        return cls(model, keep_rank=config.keep_rank, quarantine_rank=config.quarantine_rank,
-                   lora_alpha=config.lora_alpha, target_modules=config.target_modules)
+    def from_args(cls, model: nn.Module, args: DualLoRAArgs, config: Any) -> DualLoRATarget:
+        return cls(model, keep_rank=args.keep_rank, quarantine_rank=args.quarantine_rank,
+                   lora_alpha=args.lora_alpha, target_modules=config.target_modules)
 
-    # ------------------------------------------------------------------ gating
-    @contextlib.contextmanager
-    def _gated(self, gate: RowGate) -> Iterator[None]:
-        """Every fused layer reads `gate` inside the context; the previous gate is restored on exit (nesting)."""
-        previous, self._slot.gate = self._slot.gate, gate
-        try:
-            yield
-        finally:
-            self._slot.gate = previous
-
-    def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self._gated(RowGate.from_modes(modes, strategy=STRATEGY))
-
-    def ablated(self) -> contextlib.AbstractContextManager:
-        """Forward as the deployed policy: the quarantine contributes nothing."""
-        return self._gated(RowGate.ablated())
-
-    def recompute_context(self) -> contextlib.AbstractContextManager:
-        """The gate active now (None: the plain model), re-entered for a checkpointed layer's recompute."""
-        return self._gated(self._slot.gate)
+    def _gate_holders(self) -> list[_GateSlot]:
+        return [self._slot]  # one slot that every fused layer reads
 
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:
@@ -241,20 +233,3 @@ class DualLoRATarget:
         out = plain_state_dict(self.model.get_base_model(), ".lora_", dtype)
         out.update(self._merged_layers(dtype, (KEEP, QUARANTINE) if quarantine else (KEEP,)))
         return out
-
-    @torch.no_grad()
-    def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The plain model's state dict with the kept adapter merged and the quarantine dropped.
-
-        Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype);
-        the training weights are untouched. Keys match the un-wrapped transformers model.
-        """
-        return self.merged_state_dict(quarantine=False, dtype=dtype)
-
-    def deployed_model(self) -> nn.Module:
-        """A fresh plain transformers model holding `deployed_state_dict()`."""
-        return deployed_model(self.model.get_base_model(), self.deployed_state_dict(), "dual_lora")
-
-    def save_deployed(self, output_dir: str, tokenizer=None) -> None:
-        """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
-        save_plain(self.deployed_model(), output_dir, tokenizer)

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from route.config import as_list, choice, rate
 from route.masks import SGTMMasks, apply_masks, available_strategies, detect_arch
 from route.masks.arch import layer_shape, layers_of, resolve_layers
 from route.masks.linear import MASKED_LINEARS
 from route.targets import register_target
+from route.targets.base import TargetArgs, TargetBase
 
 
 def _shared_modules(model: nn.Module) -> list[nn.Module]:
@@ -37,8 +41,49 @@ def _shared_modules(model: nn.Module) -> list[nn.Module]:
             if not isinstance(m, MASKED_LINEARS) and next(m.parameters(recurse=False), None) is not None]
 
 
+@dataclass
+class SGTMArgs(TargetArgs):
+    """Settings of the `sgtm` target (sizes that depend on the model are checked when the target is built)."""
+
+    sgtm_forget_mlp_frac: float = field(
+        default=0.125,
+        metadata={"help": "sgtm: share of each masked layer's MLP units reserved as the quarantine (the last units, "
+                          "rounded, at least one when > 0)."})
+    sgtm_forget_heads: int = field(
+        default=0, metadata={"help": "sgtm: attention heads per masked layer reserved as the quarantine (the last "
+                                     "heads; whole KV groups)."})
+    sgtm_masked_layers: list[int] | None = field(
+        default=None, metadata={"help": "sgtm: indices of the layers that hold quarantine units (None: every layer)."})
+    sgtm_strategy: str = field(
+        default="parameter_masking",
+        metadata={"help": "sgtm: masking strategy for forget rollouts (see route.masks.strategies).",
+                  "choices": available_strategies()})
+    sgtm_mask_shared: bool = field(
+        default=True,
+        metadata={"help": "sgtm: forget rollouts send no gradient into parameters outside the quarantine "
+                          "(embeddings, norms, head, unmasked layers)."})
+
+    def validate(self, config: Any, target: str) -> None:
+        rate("sgtm_forget_mlp_frac", self.sgtm_forget_mlp_frac)
+        choice("sgtm_strategy", self.sgtm_strategy, tuple(available_strategies()))
+        if isinstance(self.sgtm_forget_heads, bool) or not isinstance(self.sgtm_forget_heads, int) \
+                or self.sgtm_forget_heads < 0:
+            raise ValueError(f"sgtm_forget_heads: must be an int >= 0, got {self.sgtm_forget_heads!r}")
+        layers = as_list(self.sgtm_masked_layers)
+        if layers is not None:
+            try:
+                layers = [int(i) for i in layers]
+            except (TypeError, ValueError):
+                raise ValueError(f"sgtm_masked_layers: must be layer indices, got {self.sgtm_masked_layers!r}"
+                                 ) from None
+        self.sgtm_masked_layers = layers
+        if self.sgtm_forget_mlp_frac == 0 and self.sgtm_forget_heads == 0:
+            raise ValueError("sgtm_forget_mlp_frac, sgtm_forget_heads: the sgtm quarantine is empty; reserve MLP "
+                             "units (sgtm_forget_mlp_frac > 0) or heads (sgtm_forget_heads > 0)")
+
+
 @register_target("sgtm")
-class SGTMTarget:
+class SGTMTarget(TargetBase):
     """Reserved MLP units and heads of the model itself behind the `Target` interface.
 
     Args:
@@ -51,13 +96,13 @@ class SGTMTarget:
         mask_shared: forget rows send no gradient into parameters outside the quarantine.
     """
 
+    args_cls = SGTMArgs
+
     def __init__(self, model: nn.Module, forget_mlp_frac: float = 0.125, forget_heads: int = 0,
                  masked_layers: Sequence[int] | None = None, strategy: str = "parameter_masking",
                  mask_shared: bool = True):
-        if not 0.0 <= float(forget_mlp_frac) <= 1.0:
-            raise ValueError(f"sgtm_forget_mlp_frac: must be a number in [0, 1], got {forget_mlp_frac!r}")
-        if strategy not in available_strategies():
-            raise ValueError(f"sgtm_strategy: invalid value {strategy!r}; allowed values: {available_strategies()}")
+        rate("sgtm_forget_mlp_frac", forget_mlp_frac)
+        choice("sgtm_strategy", strategy, tuple(available_strategies()))
         arch = detect_arch(model)
         layers = layers_of(model)
         chosen = resolve_layers(masked_layers, len(layers))
@@ -78,12 +123,12 @@ class SGTMTarget:
         self.masks = SGTMMasks(model, strategy, _shared_modules(model) if mask_shared else ())
 
     @classmethod
-    def from_config(cls, model: nn.Module, config) -> SGTMTarget:
-        return cls(model, forget_mlp_frac=config.sgtm_forget_mlp_frac, forget_heads=config.sgtm_forget_heads,
-                   masked_layers=config.sgtm_masked_layers, strategy=config.sgtm_strategy,
-                   mask_shared=config.sgtm_mask_shared)
+    def from_args(cls, model: nn.Module, args: SGTMArgs, config: Any) -> SGTMTarget:
+        return cls(model, forget_mlp_frac=args.sgtm_forget_mlp_frac, forget_heads=args.sgtm_forget_heads,
+                   masked_layers=args.sgtm_masked_layers, strategy=args.sgtm_strategy,
+                   mask_shared=args.sgtm_mask_shared)
 
-    # ------------------------------------------------------------------ gating
+    # ------------------------------------------------------------------ gating (the mask core installs its own hooks)
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
         return self.masks.gate(modes)
@@ -113,28 +158,5 @@ class SGTMTarget:
         """
         return self.masks.merged_state_dict(ablate=not quarantine, dtype=dtype)
 
-    def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The deployed policy's weights: the reserved units zeroed (same shapes as the plain model)."""
-        return self.merged_state_dict(quarantine=False, dtype=dtype)
 
-    def deployed_model(self) -> nn.Module:
-        """A fresh plain transformers model holding `deployed_state_dict()`."""
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(self.model.config)
-        missing, unexpected = model.load_state_dict(self.deployed_state_dict(), strict=False)
-        tied = set(getattr(model, "_tied_weights_keys", None) or [])
-        if unexpected or [k for k in missing if k not in tied and "lm_head" not in k]:
-            raise RuntimeError(f"sgtm: deployed state dict mismatch: missing={missing} unexpected={unexpected}")
-        model.tie_weights()
-        model.generation_config = self.model.generation_config
-        return model.eval()
-
-    def save_deployed(self, output_dir: str, tokenizer=None) -> None:
-        """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
-        self.deployed_model().save_pretrained(output_dir)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(output_dir)
-
-
-__all__ = ["SGTMTarget"]
+__all__ = ["SGTMArgs", "SGTMTarget"]

@@ -33,30 +33,27 @@ zeroes c and leaves it trainable (d loss / d c does not depend on c, so no re-in
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from route.masks import DEFAULT, FORGET, RowGate, encode_modes
+from route.config import as_list, choice, rate
+from route.masks import DEFAULT, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
-from route.targets.common import (
-    DEFAULT_MODULES,
-    check_unmerged,
-    deployed_model,
-    plain_name,
-    plain_state_dict,
-    save_plain,
-)
+from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
+from route.targets.common import DEFAULT_MODULES, check_unmerged, plain_name, plain_state_dict
 from route.targets.svf_peft import SVFConfig, SVFLayer
+from route.targets.svf_routing import RowGradientRecorder, SVFRoutingMixin, ignore_gradient
 
 ADAPTER = "default"
 VHACK_FORMAT = "route.vhack/1"
 STRATEGY = "gradient_routing"
+ROUTE_SCORES = ("none", "cosine")
 
 
 def load_hack_subspace(path_or_dict: str | os.PathLike | dict) -> dict[str, Tensor]:
@@ -95,8 +92,82 @@ def orthonormal_rows(v: Tensor, what: str = "svf_hack_subspace") -> Tensor:
     return (q * torch.sign(diag)).T.float().contiguous()
 
 
+@dataclass
+class SVFArgs(TargetArgs):
+    """Settings of the `svf` target, its score routing and its `erase` intervention."""
+
+    svf_rank: int | None = field(
+        default=None,
+        metadata={"help": "svf: singular pairs per module, min(svf_rank, out, in) (None: full rank). A hack subspace "
+                          "must have been extracted at the same rank (route.vhack --rank)."})
+    svf_reserve_axes: list[int] | None = field(
+        default=None, metadata={"help": "svf: quarantine = these singular axes (indices) of every module."})
+    svf_hack_subspace: str | None = field(
+        default=None,
+        metadata={"help": "svf: quarantine = the hack subspace in this route.vhack/1 file (python -m route.vhack)."})
+    svf_cache_dir: str | None = field(
+        default=None, metadata={"help": "svf: SVD cache directory (None: $ROUTE_CACHE/svd)."})
+    route_score: str = field(
+        default="none",
+        metadata={"help": "svf, intervention route: flag-free routing: none, or cosine (a rollout is routed when the "
+                          "cosine |P g| / |g| between its per-rollout delta gradient g and the hack subspace exceeds "
+                          "route_score_threshold; flags then no longer route by themselves).",
+                  "choices": list(ROUTE_SCORES)})
+    route_score_threshold: float = field(
+        default=0.3, metadata={"help": "svf, route_score: the cosine (in [0, 1]) above which a rollout is routed."})
+    route_score_requires_flag: bool = field(
+        default=False,
+        metadata={"help": "svf, route_score: route only flagged rollouts whose score exceeds the threshold (the flag "
+                          "picks the rollouts, the subspace confirms); unflagged rollouts follow unflagged_mode."})
+    erase_one_sided: bool = field(
+        default=False,
+        metadata={"help": "svf, intervention erase: remove only the components whose update would move the kept "
+                          "delta toward +v (the hack direction), instead of the whole projection."})
+
+    def validate(self, config: Any, target: str) -> None:
+        rank = self.svf_rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+            raise ValueError(f"svf_rank: must be an int >= 1 or None (full rank), got {rank!r}")
+        axes = as_list(self.svf_reserve_axes)
+        if axes is not None:
+            try:
+                axes = [int(a) for a in axes]
+            except (TypeError, ValueError):
+                raise ValueError(f"svf_reserve_axes: must be axis indices, got {self.svf_reserve_axes!r}") from None
+            if not axes or min(axes) < 0 or len(set(axes)) != len(axes):
+                raise ValueError(f"svf_reserve_axes: must be distinct indices >= 0, got {self.svf_reserve_axes!r}")
+        self.svf_reserve_axes = axes
+        if axes is not None and self.svf_hack_subspace is not None:
+            raise ValueError("svf_reserve_axes, svf_hack_subspace: give one quarantine reservation, not both")
+        if self.svf_hack_subspace is not None and not os.path.isfile(self.svf_hack_subspace):
+            raise ValueError(f"svf_hack_subspace: no such file: {self.svf_hack_subspace} (write it with "
+                             "python -m route.vhack)")
+        choice("route_score", self.route_score, ROUTE_SCORES)
+        rate("route_score_threshold", self.route_score_threshold)
+        for name in ("route_score_requires_flag", "erase_one_sided"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: must be true or false, got {getattr(self, name)!r}")
+        if config is None:
+            return
+        if config.intervention in ("route", "erase") and axes is None and self.svf_hack_subspace is None:
+            raise ValueError(f"svf_reserve_axes, svf_hack_subspace: target svf with intervention "
+                             f"{config.intervention} needs a quarantine reservation; set one of them")
+        if self.route_score != "none":
+            if config.intervention != "route":
+                raise ValueError(f"route_score: {self.route_score!r} needs intervention route, got intervention "
+                                 f"{config.intervention!r}; allowed values here: ['none']")
+            if config.unflagged_mode == "retain" and not self.route_score_requires_flag:
+                raise ValueError("unflagged_mode: 'retain' conflicts with flag-free route_score (every rollout is a "
+                                 "score candidate and runs in default mode); set route_score_requires_flag or "
+                                 "unflagged_mode: default")
+        if config.ddp_broadcast_buffers is None:
+            # the SVD factors are buffers (as large as the model at full rank) and a pure function of the frozen
+            # weights: DDP's default would re-broadcast them from rank 0 before every forward
+            config.ddp_broadcast_buffers = False
+
+
 @register_target("svf")
-class SVFTarget:
+class SVFTarget(SVFRoutingMixin, TargetBase):
     """Singular-value deltas with a reserved hack subspace behind the `Target` interface.
 
     Args:
@@ -109,19 +180,25 @@ class SVFTarget:
         cache_dir: SVD cache directory (default `$ROUTE_CACHE/svd`).
         erase, erase_one_sided: remove the kept gradient's hack component before each optimizer step.
         score_threshold: record per-rollout delta gradients and route candidates whose score exceeds it.
+        route_requires_flag: score routing considers only flagged rollouts (`route_score_requires_flag`).
         progress: progress bar over the modules' SVDs.
     """
+
+    args_cls = SVFArgs
+    interventions = (*CORE_INTERVENTIONS, "erase")
+    gate_attrs = ("svf_gate", "svf_recorder")
+    strategy = STRATEGY
 
     def __init__(self, model: nn.Module, rank: int | None = None, target_modules: Sequence[str] | None = None,
                  reserve_axes: list[int] | None = None, hack_subspace: str | dict | None = None,
                  cache_dir: str | os.PathLike | None = None, *, erase: bool = False, erase_one_sided: bool = False,
-                 score_threshold: float | None = None, progress: bool = True):
+                 score_threshold: float | None = None, route_requires_flag: bool = False, progress: bool = True):
         from peft import PeftModel, get_peft_model
 
         if reserve_axes is not None and hack_subspace is not None:
             raise ValueError("svf_reserve_axes, svf_hack_subspace: give one quarantine reservation, not both")
-        if score_threshold is not None and not 0.0 <= float(score_threshold) <= 1.0:
-            raise ValueError(f"route_score_threshold: must be a number in [0, 1], got {score_threshold!r}")
+        if score_threshold is not None:
+            rate("route_score_threshold", score_threshold)
         if not isinstance(model, PeftModel):
             subspace = None
             if hack_subspace is not None:
@@ -133,30 +210,29 @@ class SVFTarget:
                 cache_dir=None if cache_dir is None else str(cache_dir), progress=progress,
                 hack_subspace_source=None if isinstance(hack_subspace, dict | None) else str(hack_subspace))
             model = get_peft_model(model, config, adapter_name=ADAPTER)
-            layers = dict(_svf_layers(model))
+            layers = dict(svf_layers(model))
             with torch.no_grad():
                 for name, v in (subspace or {}).items():
                     layers[name].svf_basis[ADAPTER].copy_(v)
         self.model = model
-        self.layers: list[tuple[str, SVFLayer]] = _svf_layers(model)
+        self.layers: list[tuple[str, SVFLayer]] = svf_layers(model)
         if not self.layers:
-            raise ValueError(f"svf: no module matched target_modules={target_modules}")
+            raise ValueError(f"target_modules: no module of the model matched {target_modules}")
         self.erase, self.erase_one_sided = bool(erase), bool(erase_one_sided)
         self.score_threshold = None if score_threshold is None else float(score_threshold)
+        self.route_requires_flag = bool(route_requires_flag)
         if (self.erase or self.score_threshold is not None) and not self.has_quarantine:
             raise ValueError("svf_reserve_axes, svf_hack_subspace: erase and score routing need a hack subspace")
-        self._records: dict[int, Tensor] = {}
-        self._record_modes: Tensor | None = None
-        self._pending: dict[int, Tensor] = {}
-        self._rows = [0, 0]  # kept-gradient rows, rows routed by score, since the last optimizer step
+        self._init_routing()
 
     @classmethod
-    def from_config(cls, model: nn.Module, config: Any) -> SVFTarget:
-        return cls(model, rank=config.svf_rank, target_modules=config.target_modules,
-                   reserve_axes=config.svf_reserve_axes, hack_subspace=config.svf_hack_subspace,
-                   cache_dir=config.svf_cache_dir, erase=config.intervention == "erase",
-                   erase_one_sided=config.erase_one_sided,
-                   score_threshold=config.route_score_threshold if config.route_score == "cosine" else None,
+    def from_args(cls, model: nn.Module, args: SVFArgs, config: Any) -> SVFTarget:
+        return cls(model, rank=args.svf_rank, target_modules=config.target_modules,
+                   reserve_axes=args.svf_reserve_axes, hack_subspace=args.svf_hack_subspace,
+                   cache_dir=args.svf_cache_dir, erase=config.intervention == "erase",
+                   erase_one_sided=args.erase_one_sided,
+                   score_threshold=args.route_score_threshold if args.route_score == "cosine" else None,
+                   route_requires_flag=args.route_score_requires_flag,
                    progress=not getattr(config, "disable_tqdm", False))
 
     @property
@@ -164,44 +240,41 @@ class SVFTarget:
         return any(layer.basis is not None for _, layer in self.layers)
 
     # ------------------------------------------------------------------ gating
-    @contextlib.contextmanager
-    def _set(self, state: list[tuple[RowGate | None, Callable | None]]) -> Iterator[None]:
-        """Each layer's (gate, recorder) inside the context; the previous ones are restored on exit (nesting)."""
-        saved = [(layer.svf_gate, layer.svf_recorder) for _, layer in self.layers]
-        try:
-            for (_, layer), (gate, recorder) in zip(self.layers, state, strict=True):
-                layer.svf_gate, layer.svf_recorder = gate, recorder
-            yield
-        finally:
-            for (_, layer), (g, r) in zip(self.layers, saved):
-                layer.svf_gate, layer.svf_recorder = g, r
+    def _gate_holders(self) -> list[SVFLayer]:
+        return [layer for _, layer in self.layers]
 
-    def _use(self, gate: RowGate, record: bool) -> contextlib.AbstractContextManager:
-        return self._set([(gate, self._recorder(i) if record else None) for i in range(len(self.layers))])
+    def _gate_state(self, gate: RowGate, holder_index: int, grad: bool) -> tuple:
+        """(gate, recorder): with scoring on, a gated forward under autograd records each row's delta gradient."""
+        record = grad and self.score_threshold is not None and not gate.is_ablated
+        return gate, self._recorder.hook(holder_index) if record else None
+
+    def _recompute_state(self, state: tuple) -> tuple:
+        """A recording layer records nothing in a checkpointed recompute: the backward runs through the forward's
+        graph, whose hooks record each row's gradient once; the recompute only rebuilds saved tensors."""
+        gate, recorder = state
+        return gate, None if recorder is None else ignore_gradient
 
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`).
 
         With scoring on and gradients enabled, the per-row delta gradients of the next backward are recorded for
-        `after_backward()`.
+        `score_rows()` (the `after_backward` hook).
         """
         codes = encode_modes(modes)
-        record = self.score_threshold is not None and torch.is_grad_enabled()
-        if record:
-            self._records, self._record_modes = {}, codes.cpu()
-        return self._use(RowGate.from_modes(codes, strategy=STRATEGY), record)
+        if self.score_threshold is not None and torch.is_grad_enabled():
+            self._recorder.pop()
+            self._record_modes = codes.cpu()
+        return super().gate(codes)
 
-    def ablated(self) -> contextlib.AbstractContextManager:
-        """Forward as the deployed policy: delta_quar = 0."""
-        return self._use(RowGate.ablated(), False)
-
-    def recompute_context(self) -> contextlib.AbstractContextManager:
-        """Every layer's gate now, re-entered for a checkpointed recompute; a recording layer records nothing there.
-
-        The backward runs through the forward's graph, whose hooks record each row's gradient once; the recompute
-        only rebuilds saved tensors (its hooks never fire), but it must take the same per-row path to save the same.
-        """
-        return self._set([(m.svf_gate, None if m.svf_recorder is None else _ignore) for _, m in self.layers])
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[RowGradientRecorder]:
+        """Inside: every layer runs per row (all rows in default mode) and every backward adds each row's delta
+        gradient, summed over tokens, to the yielded recorder's `records` ({layer index: (B, r)}, float32): the
+        recorder score routing uses, for callers such as `route.vhack`."""
+        recorder = RowGradientRecorder()
+        gate = RowGate.from_modes(torch.tensor([DEFAULT]), strategy=STRATEGY)  # all default: any batch size
+        with self._install([(gate, recorder.hook(i)) for i in range(len(self.layers))]):
+            yield recorder
 
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:
@@ -249,119 +322,8 @@ class SVFTarget:
             out[f"{name}.weight"] = merged.to(dtype or weight.dtype)
         return out
 
-    def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """`merged_state_dict(quarantine=False)`: the deployed policy's plain weights."""
-        return self.merged_state_dict(quarantine=False, dtype=dtype)
 
-    def deployed_model(self) -> nn.Module:
-        """A fresh plain transformers model holding `deployed_state_dict()`."""
-        return deployed_model(self.model.get_base_model(), self.deployed_state_dict(), "svf")
-
-    def save_deployed(self, output_dir: str, tokenizer=None) -> None:
-        """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
-        save_plain(self.deployed_model(), output_dir, tokenizer)
-
-    # ------------------------------------------------------------------ score routing and erase
-    def _recorder(self, i: int) -> Callable[[Tensor], None]:
-        def record(g: Tensor) -> None:
-            g = g.float()
-            prev = self._records.get(i)
-            self._records[i] = g if prev is None else prev + g
-
-        return record
-
-    @torch.no_grad()
-    def row_scores(self, grads: dict[int, Tensor]) -> Tensor:
-        """|P g_b| / |g_b| per row for per-layer row gradients {layer index: (B, r)} (0 for a zero gradient)."""
-        num = den = None
-        for i, g in grads.items():
-            basis = self.layers[i][1].basis
-            sq = g.pow(2).sum(1)
-            proj = (g @ basis.T).pow(2).sum(1) if basis is not None else torch.zeros_like(sq)
-            num, den = (proj, sq) if num is None else (num + proj, den + sq)
-        return torch.where(den > 0, (num / den.clamp_min(1e-30)).sqrt(), torch.zeros_like(den)).clamp(max=1.0)
-
-    @torch.no_grad()
-    def after_backward(self, candidates: Tensor | Sequence[bool]) -> dict[str, Tensor] | None:
-        """Route the candidate rows of the last recorded backward whose score exceeds the threshold.
-
-        Only default rows can be routed (their forward had the quarantine on and their gradient reached both parts).
-        Their delta gradients are queued for removal from delta_keep's gradient in `before_optimizer_step()`.
-        Returns {"scores": (B,), "routed": (B,) bool}, or None when nothing was recorded.
-        """
-        if self.score_threshold is None or not self._records or self._record_modes is None:
-            return None
-        records, modes = self._records, self._record_modes
-        self._records, self._record_modes = {}, None
-        scores = self.row_scores(records).cpu()
-        cand = torch.as_tensor(candidates, dtype=torch.bool).view(-1).cpu()
-        if cand.numel() != modes.numel():
-            raise RuntimeError(f"svf: {cand.numel()} score candidates for a batch of {modes.numel()} rows")
-        routed = cand & (modes == DEFAULT) & (scores > self.score_threshold)
-        if routed.any():
-            for i, g in records.items():
-                share = g[routed.to(g.device)].sum(0)
-                self._pending[i] = share if i not in self._pending else self._pending[i] + share
-        self._rows[0] += int((modes != FORGET).sum())
-        self._rows[1] += int(routed.sum())
-        return {"scores": scores, "routed": routed}
-
-    @torch.no_grad()
-    def before_optimizer_step(self, reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
-        """Apply the queued score routing, then `erase`, to the accumulated gradients; call once per optimizer step,
-        after the last backward and before clipping. `reduce` averages a tensor over data-parallel processes (as
-        DDP averages gradients); every process must call this. Returns logging stats."""
-        stats: dict[str, float] = {}
-        if self.score_threshold is not None:
-            self._apply_routing(reduce or (lambda t: t))
-        if self.erase:
-            stats["erase/removed_norm_frac"] = self.erase_gradients()
-        return stats
-
-    def _apply_routing(self, reduce: Callable[[Tensor], Tensor]) -> None:
-        rows = reduce(torch.tensor(self._rows, dtype=torch.float64, device=self._device))
-        nothing_left = float(rows[0] - rows[1]) < 1e-9  # every kept-gradient row was routed: exactly zero
-        for i, (_, layer) in enumerate(self.layers):
-            dk = layer.delta_keep
-            pending = self._pending.get(i)
-            pending = torch.zeros(layer.rank, device=self._device) if pending is None else pending.to(self._device)
-            pending = reduce(pending)
-            if dk.grad is None:
-                continue
-            if nothing_left:
-                dk.grad.zero_()
-            else:
-                dk.grad.sub_(pending.to(dk.grad.dtype))
-        self._pending, self._rows = {}, [0, 0]
-
-    @property
-    def _device(self) -> torch.device:
-        return self.layers[0][1].delta_keep.device
-
-    @torch.no_grad()
-    def erase_gradients(self) -> float:
-        """Remove the hack-subspace component of delta_keep's gradient (see the module docstring); returns the
-        removed share of the kept gradient's norm."""
-        total = removed = 0.0
-        for _, layer in self.layers:
-            g, basis = layer.delta_keep.grad, layer.basis
-            if g is None or basis is None:
-                continue
-            a = basis @ g.float()
-            if self.erase_one_sided:
-                a = a.clamp(max=0.0)
-            part = a @ basis
-            total += float(g.float().pow(2).sum())
-            removed += float(part.pow(2).sum())
-            g.sub_(part.to(g.dtype))
-        return math.sqrt(removed / total) if total > 0 else 0.0
-
-
-def _ignore(g: Tensor) -> None:
-    """The recorder of a recompute: the forward's graph already records the gradient."""
-
-
-def _svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
+def svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
     return [(plain_name(n), m) for n, m in model.named_modules() if isinstance(m, SVFLayer) and ADAPTER in m.svf_delta]
 
 
@@ -387,4 +349,4 @@ def _fit_subspace(model: nn.Module, subspace: dict[str, Tensor], rank: int | Non
     return out
 
 
-__all__ = ["SVFTarget", "load_hack_subspace", "orthonormal_rows", "svd_factors"]
+__all__ = ["SVFArgs", "SVFTarget", "load_hack_subspace", "orthonormal_rows", "svd_factors", "svf_layers"]

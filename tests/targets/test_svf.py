@@ -174,13 +174,13 @@ def test_optimizer_step_invariants(kind, mode, keep_moves, quar_moves):
     opt = build_optimizer(groups, lr=1e-2, weight_decay=0.01)
     ids = batch()
     loss_backward(t, ids, ["default"] * 4)  # a first step builds AdamW momentum everywhere (the trap)
-    t.after_backward(torch.zeros(4, dtype=torch.bool))
+    t.score_rows(torch.zeros(4, dtype=torch.bool))
     t.before_optimizer_step()
     opt.step()
     opt.zero_grad(set_to_none=True)
     before_k, before_q = _snapshot(groups["keep"]), _snapshot(groups["quarantine"])
     loss_backward(t, ids, ["default" if mode == "score" else mode] * 4)
-    routed = t.after_backward(torch.full((4,), mode in ("score", "forget", "retain")))["routed"]
+    routed = t.score_rows(torch.full((4,), mode in ("score", "forget", "retain")))["routed"]
     assert routed.tolist() == [mode == "score"] * 4  # forget and retain rows are never routed by score
     t.before_optimizer_step()
     opt.step()
@@ -215,7 +215,7 @@ def test_score_routing_moves_exactly_the_routed_rows(kind):
     t.model.zero_grad(set_to_none=True)
     loss_backward(t, ids, ["default"] * 4)
     t.score_threshold = sorted(expected)[1] + 1e-6  # two rows above, two below
-    out = t.after_backward(torch.tensor([True, True, True, False]))
+    out = t.score_rows(torch.tensor([True, True, True, False]))
     torch.testing.assert_close(out["scores"], torch.tensor(expected), rtol=1e-4, atol=1e-6)
     routed = out["routed"]
     assert routed.tolist() == [s > t.score_threshold and i < 3 for i, s in enumerate(expected)]
@@ -347,11 +347,10 @@ def test_three_step_run(tiny_organism, tmp_path, case):
         assert all(not layer.coef.any() for _, layer in t.target.layers), "erase never trains the quarantine"
     if case == "score":
         assert sum(h["routing/score_frac"] for h in logged) > 0
-        t._metrics["train"].clear()  # the realised rates against ground truth, on a known batch
-        t._count_scores(torch.tensor([1, 1, 0, 0, 0]).bool(), torch.tensor([.9, .8, .1, .2, .0]),
-                        torch.tensor([1, 1, 1, 1, 0]).bool(), torch.tensor([1, 0, 1, 0, 0]).bool())
-        t._log_scores()
-        m = {k: v[-1] for k, v in t._metrics["train"].items()}
+        # the realised rates against ground truth, on a known batch (the target logs them, not the trainer)
+        t.target._count_scores(torch.tensor([1, 1, 0, 0, 0]).bool(), torch.tensor([.9, .8, .1, .2, .0]),
+                               torch.tensor([1, 1, 1, 1, 0]).bool(), torch.tensor([1, 0, 1, 0, 0]).bool())
+        m = t.target._score_stats(None)
         assert m == pytest.approx({"routing/score_frac": 0.4, "routing/score_tpr": 0.5, "routing/score_fpr": 1 / 3,
                                    "routing/score_mean": 0.5})
     t.save_deployed()
@@ -371,23 +370,24 @@ CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
     (dict(target="svf", svf_reserve_axes="a,b"), "svf_reserve_axes: must be axis indices"),
     (dict(target="svf", svf_hack_subspace="/nonexistent.pt"), "svf_hack_subspace: no such file"),
     (dict(target="svf", svf_reserve_axes=[0], route_score="l2"), "route_score: invalid value 'l2'"),
-    (dict(route_score="cosine"), "route_score: 'cosine' needs target svf and intervention route"),
+    (dict(target="svf", svf_reserve_axes=[0], intervention="filter", route_score="cosine"),
+     "route_score: 'cosine' needs intervention route"),
     (dict(target="svf", svf_reserve_axes=[0], route_score="cosine", route_score_threshold=1.5),
      "route_score_threshold: must be a number in \\[0, 1\\]"),
     (dict(target="svf", svf_reserve_axes=[0], route_score="cosine", unflagged_mode="retain"),
      "unflagged_mode: 'retain' conflicts with flag-free route_score"),
 ])
 def test_config_validation_names_the_field(overrides, message):
-    from route.config import RoutedGRPOConfig
+    from route.cli import build_config
 
     with pytest.raises(ValueError, match=message):
-        RoutedGRPOConfig(**CPU, **overrides)
+        build_config(**CPU, **overrides)
 
 
 def test_svf_config_file_parses(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from route.config import parse_config
+    from route.cli import parse_config
 
     root = Path(__file__).resolve().parents[2]
     (tmp_path / "runs" / "vhack").mkdir(parents=True)

@@ -1,0 +1,124 @@
+"""Building a run's configuration: `RoutedGRPOConfig` plus the chosen target's settings, validated before any work.
+
+    config = parse_config(["--config", "configs/svf.yaml", "--seed", "1"])     # YAML + flags, as on the CLI
+    config = build_config(target="svf", svf_reserve_axes=[0, 1], max_steps=5)  # the same from Python
+
+Both return a `RoutedGRPOConfig` whose `target_args` holds the target's settings dataclass (`route.targets`), so
+`config.svf_rank` reads through to it. Parsing is `TrlParser` over `RoutedGRPOConfig` and every registered target's
+settings dataclass, the way TRL parses `ModelConfig` beside `GRPOConfig`: flag and YAML names are the fields' names.
+Settings of targets other than the chosen one are ignored (a sweep over targets sets several).
+
+`validate_run(config)` checks what needs the registries (the environment, the detector's modes, the target's
+settings against the config); the trainer and every command line call it before loading a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any
+
+from route.config import RoutedGRPOConfig
+
+
+def _target_fields() -> dict[str, type]:
+    """{field name: the settings class that owns it} over every registered target."""
+    from route.targets import target_args_classes
+
+    owners: dict[str, type] = {}
+    for cls in target_args_classes():
+        for f in dataclasses.fields(cls):
+            if f.name in owners and owners[f.name] is not cls:
+                raise TypeError(f"target settings {cls.__name__} and {owners[f.name].__name__} both define "
+                                f"{f.name!r}; flag names must be unique")
+            owners[f.name] = cls
+    return owners
+
+
+def config_fields() -> list[str]:
+    """Every field a run's YAML or flags may set: the trainer config's and every target's settings."""
+    own = [f.name for f in dataclasses.fields(RoutedGRPOConfig) if f.init]
+    return own + [n for n in _target_fields() if n not in own]
+
+
+def attach_target_args(config: RoutedGRPOConfig, settings: dict[type, Any]) -> RoutedGRPOConfig:
+    """Attach the chosen target's settings (from `settings`, one instance per settings class; the defaults if absent)
+    and validate the run. Other targets' settings are ignored, as a sweep over targets sets several."""
+    from route.targets import target_class
+
+    chosen = target_class(config.target).args_cls
+    config.target_args = settings.get(chosen) or chosen()
+    validate_run(config)
+    return config
+
+
+def build_config(**fields: Any) -> RoutedGRPOConfig:
+    """A validated `RoutedGRPOConfig` from keyword fields, target settings included (`svf_rank=...`)."""
+    owners = _target_fields()
+    own = {k: v for k, v in fields.items() if k not in owners}
+    config = RoutedGRPOConfig(**own)
+    grouped: dict[type, dict[str, Any]] = {}
+    for k, v in fields.items():
+        if k in owners:
+            grouped.setdefault(owners[k], {})[k] = v
+    return attach_target_args(config, {cls: cls(**kw) for cls, kw in grouped.items()})
+
+
+def parse_config(argv: list[str] | None = None, default_config: str | None = None) -> RoutedGRPOConfig:
+    """Parse `--config FILE.yaml` plus flag overrides (flags win over the file) into a validated config.
+
+    Same semantics as `TrlParser`, with one difference: a YAML `env:` that is a string is this config's environment
+    name; a mapping is still read as environment variables to set.
+    """
+    from trl import TrlParser
+
+    from route.io import load_yaml_mapping, pop_config_arg
+    from route.targets import target_args_classes
+
+    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv, default_config)
+    classes = target_args_classes()
+    _target_fields()  # refuse clashing flag names before the parser does, with a clearer message
+    parser = TrlParser((RoutedGRPOConfig, *classes))
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"--config: no such file: {path}")
+        values = load_yaml_mapping(path)
+        if isinstance(values.get("env"), dict):
+            for key, value in values.pop("env").items():
+                os.environ[key] = str(value)
+        unknown = parser.set_defaults_with_config(**values)
+        if unknown:
+            raise ValueError(f"config file {path}: unknown fields {unknown[::2]}")
+    config, *settings = parser.parse_args_into_dataclasses(args=argv)
+    return attach_target_args(config, dict(zip(classes, settings)))
+
+
+def flat_config(config: RoutedGRPOConfig) -> dict[str, Any]:
+    """Every field of the run as one flat mapping: the trainer config's, then the target's settings."""
+    out = {k: v for k, v in dataclasses.asdict(config).items() if k != "target_args"}
+    if config.target_args is not None:
+        out.update(dataclasses.asdict(config.target_args))
+    return out
+
+
+def validate_run(config: RoutedGRPOConfig) -> Any:
+    """Check the environment, the detector's modes and the target's settings; returns the target's settings.
+
+    Raises ValueError naming the field and the allowed values. Builds nothing heavier than the environment object.
+    """
+    import envs
+    from route.config import choice
+    from route.targets import resolve_target_args
+
+    choice("env", config.env, tuple(envs.available_envs()))
+    env = envs.make_env(config.env, **config.env_kwargs)
+    if config.detector_modes is not None:
+        unknown = [m for m in config.detector_modes if m not in env.modes]
+        if unknown:
+            raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
+    config.target_args = resolve_target_args(config)
+    return config.target_args
+
+
+__all__ = ["attach_target_args", "build_config", "config_fields", "flat_config", "parse_config", "validate_run"]

@@ -1,0 +1,179 @@
+"""What every quarantine target shares: its settings base, gate install / restore / recompute, export, no-op hooks.
+
+A target is a class with
+
+- `args_cls`: a dataclass of its own settings (a `TargetArgs`), parsed by `TrlParser` beside `RoutedGRPOConfig` the
+  way TRL parses `ModelConfig` beside `GRPOConfig`; it validates itself against the trainer config;
+- `from_args(model, args, config)`: builds the target from its settings and the trainer config;
+- the `Target` members (see `route.targets.Target`), most of which `TargetBase` implements once:
+  - gating: a target names the objects that hold its gate (`_gate_holders()`, each with the attributes in
+    `gate_attrs`) and how a `RowGate` becomes their state (`_gate_state()`); `gate`, `ablated` and
+    `recompute_context` set those attributes inside a context and restore the previous values on exit (nesting);
+  - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once); the deployed state
+    dict, the deployed plain transformers model and `save_deployed` are built from it here;
+  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`.
+
+Registering (`@register_target("name")` in `route.targets`) is all a new target needs: the config, the trainer and
+the command line never name a target.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from route.masks import RowGate, encode_modes
+from route.targets.common import deployed_model, save_plain
+
+# Interventions every target supports; a target adds its own in `TargetBase.interventions`.
+CORE_INTERVENTIONS = ("none", "filter", "penalty", "route")
+
+
+@dataclasses.dataclass
+class TargetArgs:
+    """Base of a target's settings dataclass (fields with `metadata={"help": ...}`, flag names as on the CLI)."""
+
+    def validate(self, config: Any, target: str) -> None:
+        """Check the fields against the trainer config; raise ValueError naming the field and the allowed values.
+
+        May set trainer defaults the target needs (e.g. `ddp_broadcast_buffers`). `target` is the registered name.
+        """
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class RoutingRows:
+    """The routing columns of one micro-batch, row-aligned with the loss forward (see `RoutedGRPOTrainer`)."""
+
+    modes: Tensor  # routing codes (route.masks FORGET / RETAIN / DEFAULT)
+    flags: Tensor  # the monitor's flags (bool)
+    exploited: Tensor  # ground truth, for logging only (bool)
+    candidates: Tensor  # rows the target may route itself after the backward (bool)
+
+
+Reduce = Callable[[Tensor, str], Tensor]  # (tensor, "mean" | "sum") across data-parallel processes
+
+
+class TargetBase:
+    """Shared implementation of the `Target` protocol; subclasses fill in the parts marked "subclass"."""
+
+    args_cls: ClassVar[type[TargetArgs]] = TargetArgs
+    interventions: ClassVar[tuple[str, ...]] = CORE_INTERVENTIONS
+    gate_attrs: ClassVar[tuple[str, ...]] = ("route_gate",)
+    strategy: ClassVar[str] = "gradient_routing"  # the mask-core strategy a RowGate is built with
+    name: ClassVar[str] = "target"  # set by register_target
+    model: nn.Module
+
+    # ------------------------------------------------------------------ construction (subclass)
+    @classmethod
+    def from_args(cls, model: nn.Module, args: TargetArgs, config: Any) -> TargetBase:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ gating
+    def _gate_holders(self) -> Sequence[Any]:
+        """The objects whose `gate_attrs` the forward reads (subclass)."""
+        raise NotImplementedError
+
+    def _gate_state(self, gate: RowGate, holder_index: int, grad: bool) -> tuple:
+        """The values of `gate_attrs` for one holder under `gate`; `grad`: gradients are enabled (a gated forward
+        that will be backpropagated). Default: the gate alone."""
+        return (gate,)
+
+    def _recompute_state(self, state: tuple) -> tuple:
+        """A holder's state for a checkpointed layer's recompute (default: the same)."""
+        return state
+
+    @contextlib.contextmanager
+    def _install(self, states: Sequence[tuple]) -> Iterator[None]:
+        """Set every holder's `gate_attrs` to its state inside the context; restore the previous values on exit."""
+        holders = self._gate_holders()
+        saved = [tuple(getattr(h, a) for a in self.gate_attrs) for h in holders]
+        try:
+            for h, state in zip(holders, states, strict=True):
+                for attr, value in zip(self.gate_attrs, state, strict=True):
+                    setattr(h, attr, value)
+            yield
+        finally:
+            for h, state in zip(holders, saved):
+                for attr, value in zip(self.gate_attrs, state):
+                    setattr(h, attr, value)
+
+    def _use(self, gate: RowGate) -> contextlib.AbstractContextManager:
+        grad = torch.is_grad_enabled()
+        return self._install([self._gate_state(gate, i, grad) for i in range(len(self._gate_holders()))])
+
+    def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context (rows must match `modes`)."""
+        return self._use(RowGate.from_modes(encode_modes(modes), strategy=self.strategy))
+
+    def ablated(self) -> contextlib.AbstractContextManager:
+        """Forward as the deployed policy: the quarantine contributes nothing."""
+        return self._use(RowGate.ablated())
+
+    def recompute_context(self) -> contextlib.AbstractContextManager:
+        """The gate active now, re-entered for a checkpointed layer's recompute (`route.targets.checkpointing`)."""
+        holders = self._gate_holders()
+        return self._install([self._recompute_state(tuple(getattr(h, a) for a in self.gate_attrs))
+                              for h in holders])
+
+    # ------------------------------------------------------------------ parameters (subclass)
+    def ablate(self, trainable: bool = False) -> None:
+        raise NotImplementedError
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ export
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The plain model's state dict with the kept part and, if `quarantine`, the quarantine merged (subclass).
+
+        Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype); the training weights
+        are untouched. Keys match the un-wrapped transformers model (what the vLLM sync pushes).
+        """
+        raise NotImplementedError
+
+    def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+        """The deployed policy's plain weights: `merged_state_dict(quarantine=False)`."""
+        return self.merged_state_dict(quarantine=False, dtype=dtype)
+
+    def plain_model(self) -> nn.Module:
+        """The transformers model under any wrapper (its config and generation config describe the export)."""
+        get = getattr(self.model, "get_base_model", None)
+        return get() if callable(get) else self.model
+
+    def deployed_model(self) -> nn.Module:
+        """A fresh plain transformers model holding `deployed_state_dict()`."""
+        return deployed_model(self.plain_model(), self.deployed_state_dict(), self.name)
+
+    def save_deployed(self, output_dir: str, tokenizer: Any = None) -> None:
+        """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
+        save_plain(self.deployed_model(), output_dir, tokenizer)
+
+    # ------------------------------------------------------------------ hooks (no-op defaults)
+    def routing_candidates(self, flags: Sequence[bool], intervention: str) -> Tensor | None:
+        """Rows the target routes itself after the backward (they run in default mode); None: flags route."""
+        return None
+
+    def after_backward(self, rows: RoutingRows) -> None:
+        """Called after each micro-batch's backward with that micro-batch's routing columns."""
+
+    def before_optimizer_step(self, reduce: Reduce | None = None) -> dict[str, float]:
+        """Called once per optimizer step after the last backward, before clipping; every process calls it.
+
+        `reduce(tensor, "mean" | "sum")` combines a tensor over data-parallel processes (None: one process).
+        Returns metrics to log.
+        """
+        return {}
+
+    def check_accelerator(self, accelerator: Any) -> None:
+        """Refuse a distributed setup the target cannot train under (ValueError naming the field)."""
+
+
+__all__ = ["CORE_INTERVENTIONS", "Reduce", "RoutingRows", "TargetArgs", "TargetBase"]
