@@ -92,8 +92,9 @@ class RoutedGRPOConfig(GRPOConfig):
     intervention: str = field(
         default="route",
         metadata={"help": "What to do with flagged rollouts: none, filter (zero advantage), penalty (reward minus "
-                          "`penalty`), route (gradient only into the quarantine) or erase (target svf: remove the "
-                          "hack-subspace component of every kept gradient; flags are only logged).",
+                          "`penalty`), route (gradient only into the quarantine) or erase (targets that "
+                          "support it: remove the hack-subspace component of every kept gradient; flags are only "
+                          "logged).",
                   "choices": list(INTERVENTIONS)})
     penalty: float = field(default=1.0, metadata={"help": "Lambda subtracted from a flagged rollout's reward."})
     detector: str = field(default="noisy", metadata={"help": "Detector kind: noisy or ground_truth.",
@@ -120,8 +121,8 @@ class RoutedGRPOConfig(GRPOConfig):
     # ---------------------------------------------------------------- target
     target: str = field(
         default="dual_lora",
-        metadata={"help": "Quarantine target: a registered name (dual_lora, sgtm, svf, or any target registered with "
-                          "route.targets.register_target); its own settings follow in their own group."})
+        metadata={"help": "Quarantine target: a registered name (route.targets.available_targets(); a new one "
+                          "registers with route.targets.register_target); its own settings are its own fields."})
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Modules the target adapts (default: all attention and MLP projections)."})
     quarantine_lr_ratio: float = field(

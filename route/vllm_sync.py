@@ -105,10 +105,6 @@ class TargetWeightSync:
         if generation_policy not in ("full", "deployed"):
             raise ValueError(f"generation_policy: invalid value {generation_policy!r}; "
                              "allowed values: ['full', 'deployed']")
-        if generation_policy == "full" and not callable(getattr(target, "merged_state_dict", None)):
-            raise NotImplementedError(
-                f"generation_policy: 'full' with use_vllm needs {type(target).__name__}.merged_state_dict("
-                "quarantine=True) (see route.targets.Target); use generation_policy=deployed")
         self.target = target
         self.generation_policy = generation_policy
         self.gather = gather

@@ -322,8 +322,6 @@ def test_vllm_config_errors(tiny_organism, tmp_path, monkeypatch):
             self.rows += 1
             return {"weight": torch.zeros(self.rows, 2)}
 
-    with pytest.raises(NotImplementedError, match="generation_policy: 'full'.*merged_state_dict"):
-        TargetWeightSync(DeployedOnly(), "full")
     with pytest.raises(ValueError, match="generation_policy"):
         TargetWeightSync(DeployedOnly(), "ablated")
     sync = TargetWeightSync(DeployedOnly(), "deployed")
