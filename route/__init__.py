@@ -1,3 +1,7 @@
 """route: GRPO post-training with gradient routing into an ablatable quarantine."""
 
+from route.threads import configure_threads as _configure_threads
+
 __version__ = "0.1.0"
+
+_configure_threads()  # chosen, not inherited: $ROUTE_THREADS, else $OMP_NUM_THREADS, else 1 (see route.threads)

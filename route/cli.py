@@ -80,6 +80,8 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
     classes = target_args_classes()
     _target_fields()  # refuse clashing flag names before the parser does, with a clearer message
     parser = TrlParser((RoutedGRPOConfig, *classes))
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of any of the fields below; flags win over "
+                        f"it (default: {default_config or 'none'})")
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"--config: no such file: {path}")
@@ -90,8 +92,9 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
         unknown = parser.set_defaults_with_config(**values)
         if unknown:
             raise ValueError(f"config file {path}: unknown fields {unknown[::2]}")
-    config, *settings = parser.parse_args_into_dataclasses(args=argv)
-    return attach_target_args(config, dict(zip(classes, settings)))
+    outputs = parser.parse_args_into_dataclasses(args=argv)  # `--config` was taken out: its value comes back last
+    config, settings = outputs[0], outputs[1: 1 + len(classes)]
+    return attach_target_args(config, dict(zip(classes, settings, strict=True)))
 
 
 def flat_config(config: RoutedGRPOConfig) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from route.io import check_checkpoint, write_csv, write_json_atomic
+from route.threads import configure_threads
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -258,8 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sft_batch_size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-4, help="sft learning rate (full-parameter, so below GRPO's LoRA lr)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice; 1 is fastest for the "
-                                                "tiny organism on a busy machine)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: $ROUTE_THREADS, else 1; 1 is fastest "
+                                                "for the tiny organism on a busy machine)")
     p.add_argument("--title", help="figure title (default: the probe's method and steps)")
     p.add_argument("--output_dir", required=True)
     args = p.parse_args(argv)
@@ -285,10 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         p.exit(2, f"route.relearn: error: {e}\n")
     from tqdm.auto import tqdm
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     rows = []
     for label, ckpt, is_ref in tqdm(probes, desc=f"relearn {args.method}", unit="checkpoint"):
         rows += run_probe(label, ckpt, args, reference=is_ref)
