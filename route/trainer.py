@@ -53,6 +53,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import envs
+from route.cli import validate_run
 from route.config import RoutedGRPOConfig
 from route.detectors import Detector, make_detector, realised_rates
 from route.io import atomic_dir
@@ -108,8 +109,6 @@ class RoutedGRPOTrainer(GRPOTrainer):
     def __init__(self, model, args: RoutedGRPOConfig, env=None, target: Target | None = None,
                  detector: Detector | None = None, reward_funcs=None, target_args: TargetArgs | None = None,
                  **kwargs):
-        from route.cli import validate_run
-
         if not isinstance(args, RoutedGRPOConfig):
             raise TypeError(f"args must be a RoutedGRPOConfig, got {type(args).__name__}")
         if target_args is not None:
@@ -168,12 +167,15 @@ class RoutedGRPOTrainer(GRPOTrainer):
             return super()._generate(prompts)
 
     # ------------------------------------------------------------------ flags and modes
-    def routing_modes(self, flags: list[bool], rollout_ids: list[str]) -> torch.Tensor:
-        """Per-rollout routing codes from flags (`route.policy.routing_modes` with this run's settings)."""
+    def routing_modes(self, flags: list[bool], rollout_ids: list[str],
+                      candidates: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-rollout routing codes from flags (`route.policy.routing_modes` with this run's settings; `candidates`:
+        the target's `routing_candidates(flags)`, asked for here when not given)."""
         a = self.args
+        if candidates is None:
+            candidates = self.target.routing_candidates(flags, a.intervention)
         return routing_modes(flags, rollout_ids, intervention=a.intervention, unflagged_mode=a.unflagged_mode,
-                             retain_fraction=a.retain_fraction, seed=a.detector_seed,
-                             candidates=self.target.routing_candidates(flags, a.intervention))
+                             retain_fraction=a.retain_fraction, seed=a.detector_seed, candidates=candidates)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
@@ -188,7 +190,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         grades = self.env.grade(prompts, completions, **columns)
         flags = self.detector(grades, rollout_ids)
         candidates = self.target.routing_candidates(flags, self.args.intervention)
-        modes = self.routing_modes(flags, rollout_ids)
+        modes = self.routing_modes(flags, rollout_ids, candidates)
         self._routing = _PendingRouting(
             modes=modes, flags=torch.tensor([bool(f) for f in flags], dtype=torch.bool),
             exploited=torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool),
