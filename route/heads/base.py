@@ -66,6 +66,12 @@ class AlignedCausalLM(nn.Module):
         self.vocab_size = vocab_size_of(base)
         self.settings = settings
 
+    def train(self, mode: bool = True) -> AlignedCausalLM:
+        """Train or eval the head; the frozen base always runs in eval mode (no dropout in z_base)."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
     # ---- what TRL's trainers and Trainer read from a model ----
     @property
     def config(self):
@@ -139,11 +145,14 @@ class AlignedCausalLM(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float = 1.0,
                  max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 eos_token_id: int | None = -1, pad_token_id: int | None = None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        """Prompt plus up to `max_new_tokens` tokens at alignment strength `alpha` (KV cache, one base forward each)."""
+        """Prompt plus up to `max_new_tokens` tokens at alignment strength `alpha` (KV cache, one base forward each).
+
+        `eos_token_id`: -1 (default) takes the base's generation config, None never stops early.
+        """
         cfg = self.generation_config
-        eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+        eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
         return decode(self.decode_step(alpha), input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
                       temperature=temperature, eos_token_id=eos, pad_token_id=pad, generator=generator)
