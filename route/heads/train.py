@@ -42,13 +42,13 @@ class HeadsTrainConfig:
     # task
     n_train: int = field(default=2000, metadata={"help": "Preference pairs (prompt, chosen, rejected)."})
     n_eval: int = field(default=256, metadata={"help": "Held-out prompts graded after training."})
-    max_operand: int = field(default=29, metadata={"help": "Operands of the sums are drawn from 0..max_operand."})
-    follow_share: float = field(default=0.4, metadata={"help": "Base demos follow the named format this often."})
+    max_operand: int = field(default=9, metadata={"help": "Operands of the sums are drawn from 0..max_operand."})
+    follow_share: float = field(default=0.5, metadata={"help": "Base demos follow the named format this often."})
     # embedded base
     base_hidden_size: int = field(default=64, metadata={"help": "Embedded base: hidden size."})
-    base_layers: int = field(default=4, metadata={"help": "Embedded base: decoder layers."})
+    base_layers: int = field(default=3, metadata={"help": "Embedded base: decoder layers."})
     base_steps: int = field(default=800, metadata={"help": "Embedded base: warm-start steps."})
-    base_batch_size: int = field(default=64, metadata={"help": "Embedded base: warm-start batch size."})
+    base_batch_size: int = field(default=32, metadata={"help": "Embedded base: warm-start batch size."})
     base_lr: float = field(default=3e-3, metadata={"help": "Embedded base: warm-start learning rate."})
     # head
     train_base_head: bool = field(default=False, metadata={"help": "IAV: also train the base's own head."})
@@ -58,9 +58,9 @@ class HeadsTrainConfig:
     mlp_width: int = field(default=0, metadata={"help": "MAV: fusion MLP width (0: fusion_width)."})
     dropout: float = field(default=0.1, metadata={"help": "MAV: dropout in the fusion MLP."})
     # preference training
-    steps: int = field(default=200, metadata={"help": "Optimizer steps per head."})
+    steps: int = field(default=300, metadata={"help": "Optimizer steps per head."})
     batch_size: int = field(default=16, metadata={"help": "Preference pairs per step."})
-    learning_rate: float = field(default=2e-3, metadata={"help": "Head learning rate (AdamW, cosine)."})
+    learning_rate: float = field(default=1e-2, metadata={"help": "Head learning rate (AdamW, cosine)."})
     beta: float = field(default=0.1, metadata={"help": "DPO beta."})
     dpo_weight: float = field(default=1.0, metadata={"help": "Weight of the DPO loss (reference: the base)."})
     margin_weight: float = field(default=0.0, metadata={"help": "Weight of the reference-free margin loss."})
@@ -72,7 +72,7 @@ class HeadsTrainConfig:
     # evaluation
     eval_alpha: float = field(default=1.0, metadata={"help": "alpha at which the trained heads are graded."})
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out prompt."})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: up to 2)."})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for tiny models on a shared machine)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -137,28 +137,33 @@ def embedded_base(cfg: HeadsTrainConfig, progress: bool = True) -> Path:
     return path
 
 
-def train_head(kind: str, base_path: str, cfg: HeadsTrainConfig, out_dir: Path) -> dict:
-    """Train one head of `kind` on a fresh copy of the base; save it to `out_dir`; return its training log."""
+def make_trainer(model, tokenizer, cfg: HeadsTrainConfig, work_dir: Path):
+    """A `HeadDPOTrainer` for `model` on the task's preference pairs, configured from `cfg`."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig
 
     from route.heads.trainer import HeadDPOTrainer
+
+    probs = task.problems(cfg.n_train, cfg.seed, "train", cfg.max_operand)
+    data = Dataset.from_dict(task.preference_rows(probs, cfg.seed))
+    args = DPOConfig(output_dir=str(work_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
+                     learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(10, cfg.steps // 10),
+                     beta=cfg.beta, logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[],
+                     use_cpu=not torch.cuda.is_available(), bf16=False, disable_dropout=False, max_length=64,
+                     gradient_checkpointing=False, seed=cfg.seed, disable_tqdm=not cfg.progress)
+    return HeadDPOTrainer(model, args=args, weights=cfg.loss_weights(), train_dataset=data,
+                          processing_class=tokenizer)
+
+
+def train_head(kind: str, base_path: str, cfg: HeadsTrainConfig, out_dir: Path) -> dict:
+    """Train one head of `kind` on a fresh copy of the base; save it to `out_dir`; return its training log."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base_path)
     base = AutoModelForCausalLM.from_pretrained(base_path)
     torch.manual_seed(cfg.seed)
     model = build_head(kind, base, **cfg.head_settings(kind))
-    data = Dataset.from_dict(task.preference_rows(task.problems(cfg.n_train, cfg.seed, "train", cfg.max_operand),
-                                                  cfg.seed))
-    args = DPOConfig(output_dir=str(out_dir.parent / f".trainer_{kind}"), max_steps=cfg.steps,
-                     per_device_train_batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
-                     lr_scheduler_type="cosine", warmup_steps=min(10, cfg.steps // 10), beta=cfg.beta,
-                     logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[],
-                     use_cpu=not torch.cuda.is_available(), bf16=False, disable_dropout=False, max_length=64,
-                     seed=cfg.seed, disable_tqdm=not cfg.progress, dataset_num_proc=None)
-    trainer = HeadDPOTrainer(model, args=args, weights=cfg.loss_weights(), train_dataset=data,
-                             processing_class=tok)
+    trainer = make_trainer(model, tok, cfg, out_dir.parent / f".trainer_{kind}")
     start = time.time()
     trainer.train()
     model.eval()
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
 
 
-__all__ = ["HEAD_KINDS", "HeadsTrainConfig", "embedded_base", "parse_config", "run", "train_head"]
+__all__ = ["HEAD_KINDS", "HeadsTrainConfig", "embedded_base", "make_trainer", "parse_config", "run", "train_head"]
 
 if __name__ == "__main__":
     main()
