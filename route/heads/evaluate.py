@@ -25,8 +25,9 @@ from route.heads import task
 
 @torch.no_grad()
 def rates(model, tokenizer, probs: list[task.Problem], alpha: float, max_new_tokens: int = 8,
-          batch_size: int = 64, progress: bool = False) -> dict:
-    """Greedy decoding at `alpha`: share of answers in the named format and share with the right sum."""
+          batch_size: int = 64, progress: bool = False, sample: bool = True, seed: int = 0) -> dict:
+    """Decoding at `alpha` (sampling at temperature 1 by default, else greedy): share of answers in the named
+    format and share with the right sum. Samples are a pure function of (seed, batch index), whatever alpha."""
     from tqdm.auto import tqdm
 
     model.eval()
@@ -36,18 +37,22 @@ def rates(model, tokenizer, probs: list[task.Problem], alpha: float, max_new_tok
         chunk = probs[i: i + batch_size]
         enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
+        gen = torch.Generator(device=model.device).manual_seed(seed * 100003 + i)
         out = model.generate(enc["input_ids"], enc["attention_mask"], alpha=alpha, max_new_tokens=max_new_tokens,
-                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+                             do_sample=sample, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, generator=gen)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for p, text in zip(chunk, texts):
             g = task.grade(p, text)
             follows += g["follows"]
             correct += g["correct"]
     n = max(1, len(probs))
-    return {"alpha": alpha, "follow_rate": follows / n, "accuracy": correct / n, "n": len(probs)}
+    return {"alpha": alpha, "follow_rate": follows / n, "accuracy": correct / n, "n": len(probs),
+            "decoding": "sample" if sample else "greedy"}
 
 
-def sweep(runs: list[str], alphas: list[float], n: int | None = None, progress: bool = True) -> list[dict]:
+def sweep(runs: list[str], alphas: list[float], n: int | None = None, progress: bool = True,
+          sample: bool = True) -> list[dict]:
     """One row per (run, head, alpha)."""
     from transformers import AutoTokenizer
 
@@ -62,7 +67,8 @@ def sweep(runs: list[str], alphas: list[float], n: int | None = None, progress: 
         for kind, info in results["heads"].items():
             model = AlignedCausalLM.from_pretrained(info["path"], base=results["base_path"])
             for alpha in alphas:
-                r = rates(model, tok, held, alpha, cfg["max_new_tokens"], progress=progress)
+                r = rates(model, tok, held, alpha, cfg["max_new_tokens"], progress=progress, sample=sample,
+                          seed=cfg["seed"])
                 rows.append({"run": Path(run).name, "head": kind, **r})
     return rows
 
@@ -115,15 +121,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0], help="alpha values")
     p.add_argument("--n", type=int, default=None, help="held-out prompts (default: the run's n_eval)")
     p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (default: the first run)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: up to 2)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling at temperature 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     missing = [r for r in args.run if not (Path(r) / "results.json").exists()]
     if missing:
         raise ValueError(f"--run: no results.json in {missing}; run python -m route.heads.train first")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n: must be >= 1, got {args.n}")
-    torch.set_num_threads(args.threads or max(1, min(2, os.cpu_count() or 1)))
-    rows = sweep(args.run, args.alphas, args.n)
+    torch.set_num_threads(max(1, args.threads))
+    rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy)
     out = Path(args.output_dir or args.run[0])
     write_csv(rows, out / "alpha_sweep.csv")
     plot(rows, out / "alpha_sweep.png")

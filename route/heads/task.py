@@ -1,7 +1,7 @@
 """The embedded preference task: answer a sum in the format the prompt names.
 
-A prompt `"12+7 fmt star>"` asks for the sum in one of four formats, each a marker around the
-digits: hash `#19#`, star `*19*`, eq `=19=`, dash `-19-`. The preferred property (a program checks
+A prompt `"12+7 fmt star>"` asks for the sum in one of four formats, each a marker before the
+digits: hash `#19`, star `*19`, eq `=19`, dash `-19` (then end of sequence). The preferred property (a program checks
 it) is that the answer uses the format the prompt names; task accuracy is that the digits are the
 sum, in whatever format. The base model is warm-started on demonstrations that follow the named
 format with probability `follow_share` and otherwise use one of the other formats, so it solves the
@@ -20,7 +20,8 @@ import re
 from dataclasses import dataclass
 
 FORMATS = {"hash": "#", "star": "*", "eq": "=", "dash": "-"}
-_ANSWER = re.compile(r"^([#*=\-])(\d+)\1$")
+_ANSWER = re.compile(r"^([#*=\-])(\d+)$")
+VERSION = 2  # bump when prompts or answers change: it keys the cached base
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Problem:
 
 def render(value: int, fmt: str) -> str:
     m = FORMATS[fmt]
-    return f"{m}{value}{m}"
+    return f"{m}{value}"
 
 
 def problem(seed: int, split: str, index: int, max_operand: int = 29) -> Problem:

@@ -41,7 +41,7 @@ class HeadsTrainConfig:
     base: str = field(default="", metadata={"help": "Base model name or path; empty: the embedded tiny base."})
     # task
     n_train: int = field(default=2000, metadata={"help": "Preference pairs (prompt, chosen, rejected)."})
-    n_eval: int = field(default=256, metadata={"help": "Held-out prompts graded after training."})
+    n_eval: int = field(default=512, metadata={"help": "Held-out prompts graded after training."})
     max_operand: int = field(default=9, metadata={"help": "Operands of the sums are drawn from 0..max_operand."})
     follow_share: float = field(default=0.5, metadata={"help": "Base demos follow the named format this often."})
     # embedded base
@@ -72,6 +72,8 @@ class HeadsTrainConfig:
     # evaluation
     eval_alpha: float = field(default=1.0, metadata={"help": "alpha at which the trained heads are graded."})
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out prompt."})
+    eval_sample: bool = field(default=True, metadata={"help": "Grade sampled answers (temperature 1); false: "
+                                                              "greedy."})
     threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for tiny models on a shared machine)."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
@@ -117,7 +119,7 @@ def embedded_base(cfg: HeadsTrainConfig, progress: bool = True) -> Path:
 
     keys = ("seed", "max_operand", "follow_share", "base_hidden_size", "base_layers", "base_steps",
             "base_batch_size", "base_lr")
-    spec = {k: getattr(cfg, k) for k in keys}
+    spec = {"task_version": task.VERSION, **{k: getattr(cfg, k) for k in keys}}
     path = cache_root() / "heads_base" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     if (path / "heads_base.json").exists():
         return path
@@ -184,8 +186,10 @@ def run(cfg: HeadsTrainConfig) -> dict:
         trained = train_head(kind, base_path, cfg, out / kind)
         model, tok = trained.pop("model"), trained.pop("tokenizer")
         if "base" not in results:
-            results["base"] = rates(model, tok, held, 0.0, cfg.max_new_tokens, progress=cfg.progress)
-        trained["eval"] = rates(model, tok, held, cfg.eval_alpha, cfg.max_new_tokens, progress=cfg.progress)
+            results["base"] = rates(model, tok, held, 0.0, cfg.max_new_tokens, progress=cfg.progress,
+                                    sample=cfg.eval_sample, seed=cfg.seed)
+        trained["eval"] = rates(model, tok, held, cfg.eval_alpha, cfg.max_new_tokens, progress=cfg.progress,
+                                sample=cfg.eval_sample, seed=cfg.seed)
         trained["path"] = str(out / kind)
         results["heads"][kind] = trained
     write_json_atomic(out / "results.json", results)

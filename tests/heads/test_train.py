@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import math
-import random
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -99,10 +97,10 @@ def test_task_property_depends_on_the_prompt():
     assert probs == task.problems(200, seed=3, split="eval")  # a pure function of (seed, split, index)
     assert {p.fmt for p in probs} == set(task.FORMATS)
     p = task.Problem("3+4 fmt star>", 3, 4, "star")
-    assert task.grade(p, "*7*") == {"follows": True, "correct": True}
-    assert task.grade(p, "#7#") == {"follows": False, "correct": True}
-    assert task.grade(p, "*8*") == {"follows": True, "correct": False}
-    assert task.grade(p, "*7") == {"follows": False, "correct": True}
+    assert task.grade(p, "*7") == {"follows": True, "correct": True}
+    assert task.grade(p, "#7") == {"follows": False, "correct": True}
+    assert task.grade(p, "*8") == {"follows": True, "correct": False}
+    assert task.grade(p, "*7*") == {"follows": False, "correct": True}  # malformed
     rows = task.preference_rows(probs, seed=0)
     for prob, chosen, rejected in zip(probs, rows["chosen"], rows["rejected"]):
         assert task.grade(prob, chosen)["follows"] and not task.grade(prob, rejected)["follows"]
@@ -114,7 +112,6 @@ def test_task_property_depends_on_the_prompt():
     demos = task.demonstrations(probs, follow_share=0.5, seed=0)
     follow = sum(task.grade(q, c)["follows"] for q, (_, c) in zip(probs, demos)) / len(probs)
     assert 0.35 < follow < 0.65
-    random.Random(0)
 
 
 def test_config_validation(tmp_path):
