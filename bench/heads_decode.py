@@ -35,10 +35,16 @@ def llama(hidden: int, layers: int, vocab: int, seed: int, dtype, device):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-                      num_attention_heads=max(1, hidden // 64), num_key_value_heads=max(1, hidden // 256),
-                      intermediate_size=int(hidden * 8 / 3) // 64 * 64, max_position_embeddings=4096,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        num_key_value_heads=max(1, hidden // 256),
+        intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
 
@@ -51,21 +57,13 @@ def build(method: str, a):
     """(step function, extra parameters, base parameters) for one method."""
     import torch
 
-    from route.heads import IAVForCausalLM, MAVForCausalLM
+    from route.heads import IAVForCausalLM, MAVForCausalLM, causal_lm_step
 
     dtype = getattr(torch, a.dtype)
     base = llama(a.hidden, a.layers, a.vocab, 0, dtype, a.device)
 
-    def plain(model):
-        def step(ids, mask, pos, past):
-            out = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
-                        logits_to_keep=1)
-            return out.logits[:, -1], out.past_key_values
-
-        return step
-
     if method == "base":
-        return plain(base), 0, n_params(base)
+        return causal_lm_step(base), 0, n_params(base)
     if method in ("iav", "mav"):
         model = IAVForCausalLM(base) if method == "iav" else MAVForCausalLM(base, fusion_width=a.hidden, dropout=0.0)
         with torch.no_grad():  # random, non-zero heads: the head's matmuls run as after training
@@ -74,7 +72,7 @@ def build(method: str, a):
         return model.eval().decode_step(alpha=1.0), model.extra_parameters(), n_params(base)
     scale = 1.0 if method == "genarm_1x" else 0.5
     rm = llama(int(a.hidden * scale) // 64 * 64, max(1, int(a.layers * scale)), a.vocab, 1, dtype, a.device)
-    base_step, rm_step = plain(base), plain(rm)
+    base_step, rm_step = causal_lm_step(base), causal_lm_step(rm)
 
     def step(ids, mask, pos, past):
         past_b, past_r = past or (None, None)
@@ -121,8 +119,15 @@ def measure(method: str, a, queue) -> None:
         one, full = timed(1), timed(a.tokens)
         per_token.append((full - one) / (a.tokens - 1))
     peak = (torch.cuda.max_memory_allocated() if cuda else rss_bytes()) - before
-    queue.put({"method": method, "per_token_s": statistics.median(per_token), "peak_bytes": peak,
-               "extra_params": extra, "base_params": base_params})
+    queue.put(
+        {
+            "method": method,
+            "per_token_s": statistics.median(per_token),
+            "peak_bytes": peak,
+            "extra_params": extra,
+            "base_params": base_params,
+        }
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,8 +150,9 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--device: invalid value {a.device!r}; allowed values: ['cpu', 'cuda']")
     bad = sorted(set(a.methods) - set(METHODS))
     if bad or "genarm_1x" not in a.methods:
-        raise ValueError(f"--methods: invalid {bad or a.methods}; allowed values: {list(METHODS)}, "
-                         "genarm_1x included (the baseline)")
+        raise ValueError(
+            f"--methods: invalid {bad or a.methods}; allowed values: {list(METHODS)}, genarm_1x included (the baseline)"
+        )
     if a.tokens < 2 or a.hidden < 64:
         raise ValueError("--tokens must be >= 2 and --hidden >= 64")
     ctx = mp.get_context("spawn")
@@ -158,14 +164,20 @@ def main(argv: list[str] | None = None) -> None:
         rows[method] = queue.get()
         proc.join()
     ref = rows["genarm_1x"]
-    print(f"device {a.device}, dtype {a.dtype}, batch {a.batch}, prompt {a.prompt_len}, {a.tokens} new tokens, "
-          f"hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, threads {a.threads}, KV cache on everywhere")
-    print(f"{'method':<14}{'ms/token':>10}{'latency ratio':>15}{'peak MiB':>10}{'memory ratio':>14}"
-          f"{'extra params':>14}{'extra/base':>12}")
+    print(
+        f"device {a.device}, dtype {a.dtype}, batch {a.batch}, prompt {a.prompt_len}, {a.tokens} new tokens, "
+        f"hidden {a.hidden}, {a.layers} layers, vocab {a.vocab}, threads {a.threads}, KV cache on everywhere"
+    )
+    print(
+        f"{'method':<14}{'ms/token':>10}{'latency ratio':>15}{'peak MiB':>10}{'memory ratio':>14}"
+        f"{'extra params':>14}{'extra/base':>12}"
+    )
     for m, r in rows.items():
-        print(f"{m:<14}{r['per_token_s'] * 1e3:>10.2f}{r['per_token_s'] / ref['per_token_s']:>15.2f}"
-              f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>14.2f}"
-              f"{r['extra_params'] / 1e6:>13.1f}M{r['extra_params'] / r['base_params']:>12.2f}")
+        print(
+            f"{m:<14}{r['per_token_s'] * 1e3:>10.2f}{r['per_token_s'] / ref['per_token_s']:>15.2f}"
+            f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>14.2f}"
+            f"{r['extra_params'] / 1e6:>13.1f}M{r['extra_params'] / r['base_params']:>12.2f}"
+        )
     print("ratios: against genarm_1x (base + a second model of the same size) in this run")
 
 

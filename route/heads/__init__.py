@@ -8,7 +8,7 @@
 Training: `python -m route.heads.train`; alpha sweep: `python -m route.heads.evaluate`; see docs/heads.md.
 """
 
-from route.heads.base import AlignedCausalLM, HeadOutput, decode, positions_from_mask
+from route.heads.base import AlignedCausalLM, HeadOutput, causal_lm_step, decode, positions_from_mask
 from route.heads.iav import ConstantBiasForCausalLM, IAVForCausalLM
 from route.heads.mav import MAVForCausalLM
 
@@ -22,5 +22,15 @@ def build_head(kind: str, base, **settings) -> AlignedCausalLM:
     return HEAD_KINDS[kind](base, **settings)
 
 
-__all__ = ["AlignedCausalLM", "ConstantBiasForCausalLM", "HEAD_KINDS", "HeadOutput", "IAVForCausalLM",
-           "MAVForCausalLM", "build_head", "decode", "positions_from_mask"]
+__all__ = [
+    "AlignedCausalLM",
+    "ConstantBiasForCausalLM",
+    "HEAD_KINDS",
+    "HeadOutput",
+    "IAVForCausalLM",
+    "MAVForCausalLM",
+    "build_head",
+    "causal_lm_step",
+    "decode",
+    "positions_from_mask",
+]

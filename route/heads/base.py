@@ -114,39 +114,76 @@ class AlignedCausalLM(nn.Module):
         """The base model's logits from its forward output (subclasses may recompute them with grad)."""
         return out.logits
 
-    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, past_key_values: Any = None, use_cache: bool = False,
-                alpha: float = 1.0, **kwargs: Any) -> HeadOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        alpha: float = 1.0,
+        **kwargs: Any,
+    ) -> HeadOutput:
+        want_hidden = self.needs_hidden_states and alpha != 0
+        z_base, hidden, past = self.base_forward(
+            input_ids, attention_mask, position_ids, past_key_values, use_cache, want_hidden, **kwargs
+        )
+        if alpha == 0:
+            return HeadOutput(z_base, z_base, None, past)
+        a = self.alignment(hidden, z_base).to(z_base.dtype)
+        return HeadOutput(z_base + alpha * a, z_base, a, past)
+
+    def base_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        use_cache: bool = False,
+        output_hidden_states: bool = True,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, Any]:
+        """One frozen base forward: (base logits, hidden states cut to the logits' positions, KV cache).
+
+        Several heads over the same base (e.g. a kept and a quarantine head) can share this one forward and
+        each call `alignment(hidden, z_base)` on its result.
+        """
         if position_ids is None and attention_mask is not None and past_key_values is None:
             position_ids = positions_from_mask(attention_mask)
-        want_hidden = self.needs_hidden_states and alpha != 0
         with torch.no_grad():
-            out = self.base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                            past_key_values=past_key_values, use_cache=use_cache,
-                            output_hidden_states=want_hidden, **kwargs)
+            out = self.base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                output_hidden_states=output_hidden_states,
+                **kwargs,
+            )
         z_base = self.base_logits(out)
-        if alpha == 0:
-            return HeadOutput(z_base, z_base, None, out.past_key_values)
         hidden = None
-        if want_hidden:  # logits_to_keep shortens the logits, not the hidden states
-            hidden = tuple(h[:, -z_base.shape[1]:] for h in out.hidden_states)
-        a = self.alignment(hidden, z_base).to(z_base.dtype)
-        return HeadOutput(z_base + alpha * a, z_base, a, out.past_key_values)
+        if output_hidden_states:  # logits_to_keep shortens the logits, not the hidden states
+            hidden = tuple(h[:, -z_base.shape[1] :] for h in out.hidden_states)
+        return z_base, hidden, out.past_key_values
 
     # ---- decoding ----
     def decode_step(self, alpha: float) -> Callable:
-        def step(ids, mask, pos, past):
-            out = self(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True,
-                       alpha=alpha, logits_to_keep=1)
-            return out.logits[:, -1], out.past_key_values
-
-        return step
+        """One decoding step at alignment strength `alpha`, for `decode`."""
+        return causal_lm_step(self, alpha=alpha)
 
     @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, alpha: float = 1.0,
-                 max_new_tokens: int = 32, do_sample: bool = False, temperature: float = 1.0,
-                 eos_token_id: int | None = -1, pad_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        alpha: float = 1.0,
+        max_new_tokens: int = 32,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        eos_token_id: int | None = -1,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Prompt plus up to `max_new_tokens` tokens at alignment strength `alpha` (KV cache, one base forward each).
 
         `eos_token_id`: -1 (default) takes the base's generation config, None never stops early.
@@ -154,8 +191,17 @@ class AlignedCausalLM(nn.Module):
         cfg = self.generation_config
         eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
         pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-        return decode(self.decode_step(alpha), input_ids, attention_mask, max_new_tokens, do_sample=do_sample,
-                      temperature=temperature, eos_token_id=eos, pad_token_id=pad, generator=generator)
+        return decode(
+            self.decode_step(alpha),
+            input_ids,
+            attention_mask,
+            max_new_tokens,
+            do_sample=do_sample,
+            temperature=temperature,
+            eos_token_id=eos,
+            pad_token_id=pad,
+            generator=generator,
+        )
 
     # ---- persistence ----
     def head_state_dict(self) -> dict[str, torch.Tensor]:
@@ -170,15 +216,21 @@ class AlignedCausalLM(nn.Module):
         from route.io import atomic_dir
 
         name = base_name_or_path or getattr(self.base.config, "_name_or_path", "") or getattr(self, "base_path", "")
-        meta = {"kind": self.kind, "base_name_or_path": str(name), "vocab_size": self.vocab_size,
-                "base_hidden_size": getattr(self.base.config, "hidden_size", None), "settings": self.settings}
+        meta = {
+            "kind": self.kind,
+            "base_name_or_path": str(name),
+            "vocab_size": self.vocab_size,
+            "base_hidden_size": getattr(self.base.config, "hidden_size", None),
+            "settings": self.settings,
+        }
         with atomic_dir(save_directory) as tmp:
             save_file(self.head_state_dict(), str(tmp / WEIGHTS_NAME))
             (tmp / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, base: nn.Module | str | None = None,
-                        **base_kwargs: Any) -> AlignedCausalLM:
+    def from_pretrained(
+        cls, path: str | os.PathLike, base: nn.Module | str | None = None, **base_kwargs: Any
+    ) -> AlignedCausalLM:
         """Load a saved head onto `base` (a model, a name or path; default: the base it was saved with)."""
         from safetensors.torch import load_file
 
@@ -199,16 +251,20 @@ class AlignedCausalLM(nn.Module):
         base_model = load_base(base, **base_kwargs) if isinstance(base, (str, os.PathLike)) else base
         vocab = vocab_size_of(base_model)
         if vocab != meta["vocab_size"]:
-            raise ValueError(f"from_pretrained: vocabulary mismatch: the head at {path} was trained for a vocabulary "
-                             f"of {meta['vocab_size']} tokens, the base has {vocab}; a head moves only between "
-                             "bases that share the vocabulary")
+            raise ValueError(
+                f"from_pretrained: vocabulary mismatch: the head at {path} was trained for a vocabulary "
+                f"of {meta['vocab_size']} tokens, the base has {vocab}; a head moves only between "
+                "bases that share the vocabulary"
+            )
         model = klass(base_model, **meta["settings"])
         state = load_file(str(path / WEIGHTS_NAME))
         missing, unexpected = model.load_state_dict(state, strict=False)
         head_missing = [k for k in missing if not k.startswith("base.")]
         if head_missing or unexpected:
-            raise ValueError(f"from_pretrained: {path} does not fit a {kind!r} head on this base "
-                             f"(missing {head_missing}, unexpected {unexpected})")
+            raise ValueError(
+                f"from_pretrained: {path} does not fit a {kind!r} head on this base "
+                f"(missing {head_missing}, unexpected {unexpected})"
+            )
         model.base_path = str(base) if isinstance(base, (str, os.PathLike)) else meta["base_name_or_path"]
         return model.to(base_model.device)
 
@@ -219,10 +275,36 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return pos.masked_fill(attention_mask == 0, 1)
 
 
+def causal_lm_step(model: nn.Module, **kwargs: Any) -> Callable:
+    """A `decode` step for any causal LM (or head model): next-token logits and the updated KV cache."""
+
+    def step(ids, mask, pos, past):
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            past_key_values=past,
+            use_cache=True,
+            logits_to_keep=1,
+            **kwargs,
+        )
+        return out.logits[:, -1], out.past_key_values
+
+    return step
+
+
 @torch.no_grad()
-def decode(step: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
-           do_sample: bool = False, temperature: float = 1.0, eos_token_id: int | None = None,
-           pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+def decode(
+    step: Callable,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Token-by-token decoding with a KV cache: `step(ids, mask, positions, past) -> (next_logits, past)`."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")

@@ -24,8 +24,17 @@ from route.heads import task
 
 
 @torch.no_grad()
-def rates(model, tokenizer, probs: list[task.Problem], alpha: float, max_new_tokens: int = 8,
-          batch_size: int = 64, progress: bool = False, sample: bool = True, seed: int = 0) -> dict:
+def rates(
+    model,
+    tokenizer,
+    probs: list[task.Problem],
+    alpha: float,
+    max_new_tokens: int = 8,
+    batch_size: int = 64,
+    progress: bool = False,
+    sample: bool = True,
+    seed: int = 0,
+) -> dict:
     """Decoding at `alpha` (sampling at temperature 1 by default, else greedy): share of answers in the named
     format and share with the right sum. Samples are a pure function of (seed, batch index), whatever alpha."""
     from tqdm.auto import tqdm
@@ -34,25 +43,38 @@ def rates(model, tokenizer, probs: list[task.Problem], alpha: float, max_new_tok
     follows = correct = 0
     tokenizer.padding_side = "left"
     for i in tqdm(range(0, len(probs), batch_size), desc=f"grade alpha={alpha:g}", disable=not progress):
-        chunk = probs[i: i + batch_size]
+        chunk = probs[i : i + batch_size]
         enc = tokenizer([p.prompt for p in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(model.device) for k, v in enc.items()}
         gen = torch.Generator(device=model.device).manual_seed(seed * 100003 + i)
-        out = model.generate(enc["input_ids"], enc["attention_mask"], alpha=alpha, max_new_tokens=max_new_tokens,
-                             do_sample=sample, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, generator=gen)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out = model.generate(
+            enc["input_ids"],
+            enc["attention_mask"],
+            alpha=alpha,
+            max_new_tokens=max_new_tokens,
+            do_sample=sample,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            generator=gen,
+        )
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
         for p, text in zip(chunk, texts):
             g = task.grade(p, text)
             follows += g["follows"]
             correct += g["correct"]
     n = max(1, len(probs))
-    return {"alpha": alpha, "follow_rate": follows / n, "accuracy": correct / n, "n": len(probs),
-            "decoding": "sample" if sample else "greedy"}
+    return {
+        "alpha": alpha,
+        "follow_rate": follows / n,
+        "accuracy": correct / n,
+        "n": len(probs),
+        "decoding": "sample" if sample else "greedy",
+    }
 
 
-def sweep(runs: list[str], alphas: list[float], n: int | None = None, progress: bool = True,
-          sample: bool = True) -> list[dict]:
+def sweep(
+    runs: list[str], alphas: list[float], n: int | None = None, progress: bool = True, sample: bool = True
+) -> list[dict]:
     """One row per (run, head, alpha)."""
     from transformers import AutoTokenizer
 
@@ -67,8 +89,9 @@ def sweep(runs: list[str], alphas: list[float], n: int | None = None, progress: 
         for kind, info in results["heads"].items():
             model = AlignedCausalLM.from_pretrained(info["path"], base=results["base_path"])
             for alpha in alphas:
-                r = rates(model, tok, held, alpha, cfg["max_new_tokens"], progress=progress, sample=sample,
-                          seed=cfg["seed"])
+                r = rates(
+                    model, tok, held, alpha, cfg["max_new_tokens"], progress=progress, sample=sample, seed=cfg["seed"]
+                )
                 rows.append({"run": Path(run).name, "head": kind, **r})
     return rows
 

@@ -28,20 +28,23 @@ class IAVForCausalLM(AlignedCausalLM):
         super().__init__(base, train_base_head=bool(train_base_head))
         out_emb = base.get_output_embeddings()
         hidden = out_emb.weight.shape[1]
-        self.align_head = nn.Linear(hidden, self.vocab_size, bias=False, dtype=out_emb.weight.dtype,
-                                    device=out_emb.weight.device)
+        self.align_head = nn.Linear(
+            hidden, self.vocab_size, bias=False, dtype=out_emb.weight.dtype, device=out_emb.weight.device
+        )
         nn.init.zeros_(self.align_head.weight)
         if train_base_head:
             in_emb = base.get_input_embeddings()
             if in_emb is not None and in_emb.weight is out_emb.weight:
-                raise ValueError("train_base_head: the base's output head is tied to its input embeddings, so "
-                                 "training it would train the embeddings too; use train_base_head=False")
+                raise ValueError(
+                    "train_base_head: the base's output head is tied to its input embeddings, so "
+                    "training it would train the embeddings too; use train_base_head=False"
+                )
             out_emb.weight.requires_grad_(True)
 
     def base_logits(self, out) -> torch.Tensor:
         if not self.settings["train_base_head"] or out.hidden_states is None:
             return out.logits
-        h = out.hidden_states[-1][:, -out.logits.shape[1]:]
+        h = out.hidden_states[-1][:, -out.logits.shape[1] :]
         return self.base.get_output_embeddings()(h)
 
     def alignment(self, hidden_states, base_logits):

@@ -54,18 +54,32 @@ class MAVForCausalLM(AlignedCausalLM):
 
     kind = "mav"
 
-    def __init__(self, base: nn.Module, layers: str | list[int] = "auto", num_layers: int = 4,
-                 fusion_width: int = 256, mlp_width: int | None = None, dropout: float = 0.1):
+    def __init__(
+        self,
+        base: nn.Module,
+        layers: str | list[int] = "auto",
+        num_layers: int = 4,
+        fusion_width: int = 256,
+        mlp_width: int | None = None,
+        dropout: float = 0.1,
+    ):
         if isinstance(layers, str) and layers not in LAYER_CHOICES:
-            raise ValueError(f"layers: invalid value {layers!r}; allowed values: {list(LAYER_CHOICES)} "
-                             "or a list of ints")
+            raise ValueError(
+                f"layers: invalid value {layers!r}; allowed values: {list(LAYER_CHOICES)} or a list of ints"
+            )
         if fusion_width < 1 or (mlp_width is not None and mlp_width < 1):
             raise ValueError(f"fusion_width, mlp_width: must be >= 1, got {fusion_width}, {mlp_width}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout: must be in [0, 1), got {dropout}")
         layers_setting = layers if isinstance(layers, str) else [int(i) for i in layers]
-        super().__init__(base, layers=layers_setting, num_layers=num_layers, fusion_width=fusion_width,
-                         mlp_width=mlp_width, dropout=dropout)
+        super().__init__(
+            base,
+            layers=layers_setting,
+            num_layers=num_layers,
+            fusion_width=fusion_width,
+            mlp_width=mlp_width,
+            dropout=dropout,
+        )
         self.layer_ids = resolve_layers(layers_setting, num_decoder_layers(base), num_layers)
         width = mlp_width or fusion_width
         w = base.get_output_embeddings().weight

@@ -72,9 +72,10 @@ class HeadsTrainConfig:
     # evaluation
     eval_alpha: float = field(default=1.0, metadata={"help": "alpha at which the trained heads are graded."})
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out prompt."})
-    eval_sample: bool = field(default=True, metadata={"help": "Grade sampled answers (temperature 1); false: "
-                                                              "greedy."})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest for tiny models on a shared machine)."})
+    eval_sample: bool = field(default=True, metadata={"help": "Grade sampled answers (temperature 1); false: greedy."})
+    threads: int = field(
+        default=1, metadata={"help": "torch CPU threads (1 is fastest for tiny models on a shared machine)."}
+    )
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -86,10 +87,23 @@ class HeadsTrainConfig:
             try:
                 [int(i) for i in str(self.layers).split(",")]
             except ValueError:
-                raise ValueError(f"layers: invalid value {self.layers!r}; allowed values: {list(LAYER_CHOICES)} "
-                                 "or comma-separated layer indices") from None
-        for name in ("n_train", "n_eval", "steps", "batch_size", "base_steps", "base_batch_size", "max_new_tokens",
-                     "base_hidden_size", "base_layers", "fusion_width", "max_operand"):
+                raise ValueError(
+                    f"layers: invalid value {self.layers!r}; allowed values: {list(LAYER_CHOICES)} "
+                    "or comma-separated layer indices"
+                ) from None
+        for name in (
+            "n_train",
+            "n_eval",
+            "steps",
+            "batch_size",
+            "base_steps",
+            "base_batch_size",
+            "max_new_tokens",
+            "base_hidden_size",
+            "base_layers",
+            "fusion_width",
+            "max_operand",
+        ):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         if not 0.0 <= self.follow_share <= 1.0:
@@ -99,16 +113,28 @@ class HeadsTrainConfig:
     def loss_weights(self):
         from route.heads.trainer import LossWeights
 
-        return LossWeights(self.dpo_weight, self.margin_weight, self.margin_beta, self.margin_gamma, self.kl_weight,
-                           self.l2_weight, self.alpha_train)
+        return LossWeights(
+            self.dpo_weight,
+            self.margin_weight,
+            self.margin_beta,
+            self.margin_gamma,
+            self.kl_weight,
+            self.l2_weight,
+            self.alpha_train,
+        )
 
     def head_settings(self, kind: str) -> dict:
         if kind == "iav":
             return {"train_base_head": self.train_base_head}
         if kind == "mav":
             layers = self.layers if self.layers in LAYER_CHOICES else [int(i) for i in self.layers.split(",")]
-            return {"layers": layers, "num_layers": self.num_layers, "fusion_width": self.fusion_width,
-                    "mlp_width": self.mlp_width or None, "dropout": self.dropout}
+            return {
+                "layers": layers,
+                "num_layers": self.num_layers,
+                "fusion_width": self.fusion_width,
+                "mlp_width": self.mlp_width or None,
+                "dropout": self.dropout,
+            }
         return {}
 
 
@@ -117,19 +143,43 @@ def embedded_base(cfg: HeadsTrainConfig, progress: bool = True) -> Path:
     from route.io import atomic_dir
     from route.organism import OrganismConfig, build_model, build_tokenizer, cache_root, sft
 
-    keys = ("seed", "max_operand", "follow_share", "base_hidden_size", "base_layers", "base_steps",
-            "base_batch_size", "base_lr")
+    keys = (
+        "seed",
+        "max_operand",
+        "follow_share",
+        "base_hidden_size",
+        "base_layers",
+        "base_steps",
+        "base_batch_size",
+        "base_lr",
+    )
     spec = {"task_version": task.VERSION, **{k: getattr(cfg, k) for k in keys}}
     path = cache_root() / "heads_base" / hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     if (path / "heads_base.json").exists():
         return path
     tok = build_tokenizer()
-    ocfg = OrganismConfig(hidden_size=cfg.base_hidden_size, num_layers=cfg.base_layers, num_heads=4, num_kv_heads=2,
-                          intermediate_size=2 * cfg.base_hidden_size, seed=cfg.seed)
+    ocfg = OrganismConfig(
+        hidden_size=cfg.base_hidden_size,
+        num_layers=cfg.base_layers,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=2 * cfg.base_hidden_size,
+        seed=cfg.seed,
+    )
     model = build_model(ocfg, tok)
     demos = task.demonstrations(task.problems(8000, cfg.seed, "base", cfg.max_operand), cfg.follow_share, cfg.seed)
-    sft(model, tok, demos, cfg.base_steps, cfg.base_batch_size, cfg.base_lr, warmup_steps=20, seed=cfg.seed,
-        progress=progress, desc="base warm start")
+    sft(
+        model,
+        tok,
+        demos,
+        cfg.base_steps,
+        cfg.base_batch_size,
+        cfg.base_lr,
+        warmup_steps=20,
+        seed=cfg.seed,
+        progress=progress,
+        desc="base warm start",
+    )
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     with atomic_dir(path) as tmp:
@@ -148,13 +198,26 @@ def make_trainer(model, tokenizer, cfg: HeadsTrainConfig, work_dir: Path):
 
     probs = task.problems(cfg.n_train, cfg.seed, "train", cfg.max_operand)
     data = Dataset.from_dict(task.preference_rows(probs, cfg.seed))
-    args = DPOConfig(output_dir=str(work_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
-                     learning_rate=cfg.learning_rate, lr_scheduler_type="cosine", warmup_steps=min(10, cfg.steps // 10),
-                     beta=cfg.beta, logging_steps=max(1, cfg.steps // 10), save_strategy="no", report_to=[],
-                     use_cpu=not torch.cuda.is_available(), bf16=False, disable_dropout=False, max_length=64,
-                     gradient_checkpointing=False, seed=cfg.seed, disable_tqdm=not cfg.progress)
-    return HeadDPOTrainer(model, args=args, weights=cfg.loss_weights(), train_dataset=data,
-                          processing_class=tokenizer)
+    args = DPOConfig(
+        output_dir=str(work_dir),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=min(10, cfg.steps // 10),
+        beta=cfg.beta,
+        logging_steps=max(1, cfg.steps // 10),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        bf16=False,
+        disable_dropout=False,
+        max_length=64,
+        gradient_checkpointing=False,
+        seed=cfg.seed,
+        disable_tqdm=not cfg.progress,
+    )
+    return HeadDPOTrainer(model, args=args, weights=cfg.loss_weights(), train_dataset=data, processing_class=tokenizer)
 
 
 def train_head(kind: str, base_path: str, cfg: HeadsTrainConfig, out_dir: Path) -> dict:
@@ -171,8 +234,13 @@ def train_head(kind: str, base_path: str, cfg: HeadsTrainConfig, out_dir: Path) 
     model.eval()
     model.save_pretrained(out_dir, base_name_or_path=base_path)
     logs = [h for h in trainer.state.log_history if "loss" in h]
-    return {"train_seconds": time.time() - start, "extra_parameters": model.extra_parameters(),
-            "final_log": logs[-1] if logs else {}, "model": model, "tokenizer": tok}
+    return {
+        "train_seconds": time.time() - start,
+        "extra_parameters": model.extra_parameters(),
+        "final_log": logs[-1] if logs else {},
+        "model": model,
+        "tokenizer": tok,
+    }
 
 
 def run(cfg: HeadsTrainConfig) -> dict:
@@ -186,10 +254,19 @@ def run(cfg: HeadsTrainConfig) -> dict:
         trained = train_head(kind, base_path, cfg, out / kind)
         model, tok = trained.pop("model"), trained.pop("tokenizer")
         if "base" not in results:
-            results["base"] = rates(model, tok, held, 0.0, cfg.max_new_tokens, progress=cfg.progress,
-                                    sample=cfg.eval_sample, seed=cfg.seed)
-        trained["eval"] = rates(model, tok, held, cfg.eval_alpha, cfg.max_new_tokens, progress=cfg.progress,
-                                sample=cfg.eval_sample, seed=cfg.seed)
+            results["base"] = rates(
+                model, tok, held, 0.0, cfg.max_new_tokens, progress=cfg.progress, sample=cfg.eval_sample, seed=cfg.seed
+            )
+        trained["eval"] = rates(
+            model,
+            tok,
+            held,
+            cfg.eval_alpha,
+            cfg.max_new_tokens,
+            progress=cfg.progress,
+            sample=cfg.eval_sample,
+            seed=cfg.seed,
+        )
         trained["path"] = str(out / kind)
         results["heads"][kind] = trained
     write_json_atomic(out / "results.json", results)
@@ -203,8 +280,10 @@ def format_results(results: dict) -> str:
     lines.append(f"{'base (alpha 0)':<16}{b['follow_rate']:>16.3f}{b['accuracy']:>14.3f}{0:>14}")
     for kind, r in results["heads"].items():
         e = r["eval"]
-        lines.append(f"{f'{kind} (alpha {alpha:g})':<16}{e['follow_rate']:>16.3f}{e['accuracy']:>14.3f}"
-                     f"{r['extra_parameters']:>14}")
+        lines.append(
+            f"{f'{kind} (alpha {alpha:g})':<16}{e['follow_rate']:>16.3f}{e['accuracy']:>14.3f}"
+            f"{r['extra_parameters']:>14}"
+        )
     return "\n".join(lines)
 
 

@@ -74,22 +74,31 @@ def dpo_loss(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, b
     return -F.logsigmoid(beta * (chosen - rejected)).mean(), chosen, rejected
 
 
-def head_losses(out, input_ids: torch.Tensor, completion_mask: torch.Tensor, w: LossWeights,
-                beta: float) -> dict[str, torch.Tensor]:
+def head_losses(
+    out, input_ids: torch.Tensor, completion_mask: torch.Tensor, w: LossWeights, beta: float
+) -> dict[str, torch.Tensor]:
     """Every loss term from one head forward (`out.logits` at alpha_train, `out.base_logits`, `out.alignment`)."""
     mask = completion_mask[:, 1:].to(out.logits.dtype)
     logps = token_logps(out.logits, input_ids)
     with torch.no_grad():
         ref_logps = token_logps(out.base_logits, input_ids)
     dpo, chosen_r, rejected_r = dpo_loss(logps, ref_logps, mask, beta)
-    terms = {"dpo": dpo, "chosen_logratio": chosen_r.detach().mean(), "rejected_logratio": rejected_r.detach().mean(),
-             "accuracy": (chosen_r > rejected_r).float().mean().detach()}
+    terms = {
+        "dpo": dpo,
+        "chosen_logratio": chosen_r.detach().mean(),
+        "rejected_logratio": rejected_r.detach().mean(),
+        "accuracy": (chosen_r > rejected_r).float().mean().detach(),
+    }
     terms["margin"] = margin_loss(logps, mask, w.margin_beta, w.margin_gamma)
     terms["kl"] = kl_to_base(out.logits[:, :-1], out.base_logits[:, :-1], mask)
     a = out.alignment[:, :-1].float()
     terms["l2"] = (a.pow(2).mean(-1) * mask).sum() / mask.sum().clamp(min=1)
-    terms["loss"] = (w.dpo_weight * terms["dpo"] + w.margin_weight * terms["margin"] + w.kl_weight * terms["kl"]
-                     + w.l2_weight * terms["l2"])
+    terms["loss"] = (
+        w.dpo_weight * terms["dpo"]
+        + w.margin_weight * terms["margin"]
+        + w.kl_weight * terms["kl"]
+        + w.l2_weight * terms["l2"]
+    )
     return terms
 
 
@@ -98,9 +107,11 @@ class HeadDPOTrainer(DPOTrainer):
 
     def __init__(self, model, args: DPOConfig, weights: LossWeights | None = None, **kwargs):
         if args.loss_type != ["sigmoid"] or args.ld_alpha is not None or args.precompute_ref_log_probs:
-            raise ValueError("HeadDPOTrainer: supports loss_type=['sigmoid'] with ld_alpha=None and "
-                             "precompute_ref_log_probs=False (the reference is the base of the same forward); "
-                             "other preference terms are set through LossWeights")
+            raise ValueError(
+                "HeadDPOTrainer: supports loss_type=['sigmoid'] with ld_alpha=None and "
+                "precompute_ref_log_probs=False (the reference is the base of the same forward); "
+                "other preference terms are set through LossWeights"
+            )
         if "ref_model" in kwargs:
             raise ValueError("HeadDPOTrainer: ref_model: not accepted; the reference is the head model's own base")
         self.weights = weights or LossWeights()
@@ -108,14 +119,16 @@ class HeadDPOTrainer(DPOTrainer):
 
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                    alpha=self.weights.alpha_train)
+        out = model(
+            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], alpha=self.weights.alpha_train
+        )
         terms = head_losses(out, inputs["input_ids"], inputs["completion_mask"], self.weights, self.beta)
         for name, value in terms.items():
             if name != "loss":
                 self._metrics[mode][f"heads/{name}"].append(self.accelerator.gather(value.detach()).mean().item())
         self._metrics[mode]["rewards/accuracies"].append(terms["accuracy"].item())
         self._metrics[mode]["rewards/margins"].append(
-            self.beta * (terms["chosen_logratio"] - terms["rejected_logratio"]).item())
+            self.beta * (terms["chosen_logratio"] - terms["rejected_logratio"]).item()
+        )
         loss = terms["loss"]
         return (loss, out) if return_outputs else loss

@@ -96,8 +96,9 @@ def test_alpha_zero_generation_equals_the_base_generate():
     perturb(model)
     ids, mask = batch()
     ours = model.generate(ids, mask, alpha=0.0, max_new_tokens=7, eos_token_id=None)
-    theirs = base.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, eos_token_id=None,
-                           min_new_tokens=7)
+    theirs = base.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=7, do_sample=False, eos_token_id=None, min_new_tokens=7
+    )
     assert torch.equal(ours, theirs)
     moved = model.generate(ids, mask, alpha=3.0, max_new_tokens=7, eos_token_id=None)
     assert not torch.equal(moved, ours)
@@ -108,8 +109,9 @@ def test_one_base_forward_per_generated_token(kind):
     base = tiny_base()
     model = build_head(kind, base).eval()
     calls, lengths = [], []
-    base.model.register_forward_hook(lambda m, args, kwargs, out: lengths.append(out.last_hidden_state.shape[1]),
-                                     with_kwargs=True)
+    base.model.register_forward_hook(
+        lambda m, args, kwargs, out: lengths.append(out.last_hidden_state.shape[1]), with_kwargs=True
+    )
     base.register_forward_pre_hook(lambda m, a: calls.append(1))
     ids, mask = batch()
     model.generate(ids, mask, alpha=1.0, max_new_tokens=5, eos_token_id=None)
@@ -122,8 +124,10 @@ def test_iav_base_head_frozen_unless_asked():
     assert [id(p) for p in frozen.head_parameters()] == [id(frozen.align_head.weight)]
     assert all(not p.requires_grad for p in frozen.base.parameters())
     trained = IAVForCausalLM(tiny_base(tie=False), train_base_head=True)
-    assert {id(p) for p in trained.head_parameters()} == {id(trained.align_head.weight),
-                                                          id(trained.base.lm_head.weight)}
+    assert {id(p) for p in trained.head_parameters()} == {
+        id(trained.align_head.weight),
+        id(trained.base.lm_head.weight),
+    }
     ids, mask = batch()
     out = trained(ids, attention_mask=mask)
     out.logits.sum().backward()
@@ -200,3 +204,16 @@ def test_mav_dropout_is_active_in_training_and_the_base_stays_in_eval():
     assert not torch.equal(a, b)
     model.eval()
     assert torch.equal(model(ids, attention_mask=mask).alignment, model(ids, attention_mask=mask).alignment)
+
+
+def test_two_heads_share_one_base_forward():
+    """A kept and a quarantine head over one base: one base forward, each head's alignment from its outputs."""
+    base = tiny_base()
+    kept, quarantine = IAVForCausalLM(base).eval(), MAVForCausalLM(base, fusion_width=8).eval()
+    perturb(kept)
+    perturb(quarantine)
+    ids, mask = batch()
+    z_base, hidden, _ = kept.base_forward(ids, mask)
+    a_k, a_q = kept.alignment(hidden, z_base), quarantine.alignment(hidden, z_base)
+    torch.testing.assert_close(z_base + a_k, kept(ids, attention_mask=mask).logits)
+    torch.testing.assert_close(z_base + 0.5 * a_q, quarantine(ids, attention_mask=mask, alpha=0.5).logits)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from route.heads import MAVForCausalLM, task
-from route.heads.trainer import LossWeights, dpo_loss, kl_to_base, margin_loss, token_logps
 from route.heads.train import HeadsTrainConfig, make_trainer, parse_config
+from route.heads.trainer import dpo_loss, kl_to_base, margin_loss, token_logps
 from route.organism import build_tokenizer
 from tests.heads.test_models import tiny_base
 
@@ -52,8 +53,19 @@ def test_token_logps_shift():
 
 
 def tiny_cfg(tmp_path, **kw) -> HeadsTrainConfig:
-    base = dict(output_dir=str(tmp_path), head="mav", n_train=48, steps=4, batch_size=4, learning_rate=5e-2,
-                fusion_width=8, progress=False, kl_weight=0.1, l2_weight=0.01, margin_weight=0.5)
+    base = dict(
+        output_dir=str(tmp_path),
+        head="mav",
+        n_train=48,
+        steps=4,
+        batch_size=4,
+        learning_rate=5e-2,
+        fusion_width=8,
+        progress=False,
+        kl_weight=0.1,
+        l2_weight=0.01,
+        margin_weight=0.5,
+    )
     return HeadsTrainConfig(**{**base, **kw})
 
 
