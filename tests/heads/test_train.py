@@ -143,3 +143,50 @@ def test_config_validation(tmp_path):
     path.write_text("head: mav\nstepz: 7\n")
     with pytest.raises(ValueError, match="unknown fields \\['stepz'\\]"):
         parse_config(["--config", str(path)])
+
+
+def test_train_and_evaluate_end_to_end(tmp_path, capsys):
+    """The CLI path on a tiny embedded base: results.json, saved heads that reload from the recorded base, CSV, PNG."""
+    import csv
+    import json
+
+    from route.heads import evaluate, train
+
+    out = tmp_path / "run"
+    argv = [
+        "--output_dir",
+        str(out),
+        "--head",
+        "iav",
+        "--base_hidden_size",
+        "16",
+        "--base_layers",
+        "1",
+        "--base_steps",
+        "3",
+        "--steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--n_train",
+        "16",
+        "--n_eval",
+        "8",
+        "--max_new_tokens",
+        "4",
+        "--progress",
+        "false",
+    ]
+    train.main(argv)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["heads"]) == {"iav", "bias"}
+    assert results["base"]["n"] == 8 and 0.0 <= results["heads"]["iav"]["eval"]["follow_rate"] <= 1.0
+    assert "follows format" in capsys.readouterr().out
+    evaluate.main(["--run", str(out), "--alphas", "0", "1", "--n", "4"])
+    with open(out / "alpha_sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["head"], float(r["alpha"])) for r in rows] == [("iav", 0.0), ("iav", 1.0), ("bias", 0.0), ("bias", 1.0)]
+    assert rows[0]["follow_rate"] == rows[2]["follow_rate"]  # alpha 0 is the same base for every head
+    assert (out / "alpha_sweep.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="--run: no results.json"):
+        evaluate.main(["--run", str(tmp_path / "missing")])
