@@ -139,12 +139,15 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description="Sweep alpha over heads trained by route.heads.train.")
+    p = argparse.ArgumentParser(
+        description="Sweep alpha over heads trained by route.heads.train.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--run", nargs="+", default=["runs/heads_iav"], help="run directories of route.heads.train")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0], help="alpha values")
-    p.add_argument("--n", type=int, default=None, help="held-out prompts (default: the run's n_eval)")
-    p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (default: the first run)")
-    p.add_argument("--greedy", action="store_true", help="greedy decoding (default: sampling at temperature 1)")
+    p.add_argument("--n", type=int, default=None, help="held-out prompts (None: the run's n_eval)")
+    p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (None: the first run)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (else sampling at temperature 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
     missing = [r for r in args.run if not (Path(r) / "results.json").exists()]
