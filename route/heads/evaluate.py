@@ -73,9 +73,15 @@ def rates(
 
 
 def sweep(
-    runs: list[str], alphas: list[float], n: int | None = None, progress: bool = True, sample: bool = True
+    runs: list[str],
+    alphas: list[float],
+    n: int | None = None,
+    progress: bool = True,
+    sample: bool = True,
+    base: str | None = None,
 ) -> list[dict]:
-    """One row per (run, head, alpha)."""
+    """One row per (run, head, alpha); `base` puts every head on that base instead of the run's (heads that
+    cannot move there, e.g. IAV onto another width, are skipped with the reason)."""
     from transformers import AutoTokenizer
 
     from route.heads import AlignedCausalLM
@@ -85,9 +91,16 @@ def sweep(
         results = json.loads((Path(run) / "results.json").read_text())
         cfg = results["config"]
         held = task.problems(n or cfg["n_eval"], cfg["seed"], "eval", cfg["max_operand"])
-        tok = AutoTokenizer.from_pretrained(results["base_path"])
+        base_path = base or results["base_path"]
+        tok = AutoTokenizer.from_pretrained(base_path)
         for kind, info in results["heads"].items():
-            model = AlignedCausalLM.from_pretrained(info["path"], base=results["base_path"])
+            try:
+                model = AlignedCausalLM.from_pretrained(info["path"], base=base_path)
+            except ValueError as err:
+                if base is None:
+                    raise
+                print(f"skipped {kind} of {run}: {err}")
+                continue
             for alpha in alphas:
                 r = rates(
                     model, tok, held, alpha, cfg["max_new_tokens"], progress=progress, sample=sample, seed=cfg["seed"]
@@ -147,6 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0], help="alpha values")
     p.add_argument("--n", type=int, default=None, help="held-out prompts (None: the run's n_eval)")
     p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (None: the first run)")
+    p.add_argument("--base", default=None, help="evaluate the heads on this base (same vocabulary; None: the run's)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (else sampling at temperature 1)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -156,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n: must be >= 1, got {args.n}")
     torch.set_num_threads(max(1, args.threads))
-    rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy)
+    rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy, base=args.base)
     out = Path(args.output_dir or args.run[0])
     write_csv(rows, out / "alpha_sweep.csv")
     plot(rows, out / "alpha_sweep.png")

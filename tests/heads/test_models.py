@@ -158,8 +158,12 @@ def test_save_and_load_round_trip(kind, tmp_path):
 
 
 def test_mav_moves_to_a_base_of_another_width_and_refuses_another_vocabulary(tmp_path):
-    model = MAVForCausalLM(tiny_base(hidden=32, layers=3), fusion_width=24).eval()
-    perturb(model)
+    from route.heads.train import HeadsTrainConfig, make_trainer
+
+    model = MAVForCausalLM(tiny_base(hidden=32, layers=3), fusion_width=24, dropout=0.0)
+    cfg = HeadsTrainConfig(head="mav", n_train=24, steps=3, batch_size=4, learning_rate=5e-2, progress=False)
+    make_trainer(model, build_tokenizer(), cfg, tmp_path / "work").train()  # a trained head, not a fresh one
+    model.eval()
     model.save_pretrained(tmp_path / "head", base_name_or_path="unused")
     wide = tiny_base(hidden=48, layers=4, seed=3)
     moved = MAVForCausalLM.from_pretrained(tmp_path / "head", base=wide).eval()
