@@ -190,3 +190,12 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert (out / "alpha_sweep.png").stat().st_size > 0
     with pytest.raises(ValueError, match="--run: no results.json"):
         evaluate.main(["--run", str(tmp_path / "missing")])
+
+
+@pytest.mark.parametrize("name,head", [("iav_default", "iav"), ("mav_default", "mav")])
+def test_default_configs_parse(name, head):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    cfg = parse_config(["--config", str(path)])
+    assert cfg.head == head and cfg.baseline and cfg.output_dir == f"runs/heads_{head}"
