@@ -13,6 +13,7 @@ tokenizer must write the task's characters. Writes `<output_dir>/<kind>/` (each 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -228,9 +229,12 @@ def train_head(kind: str, base_path: str, cfg: HeadsTrainConfig, out_dir: Path) 
     base = AutoModelForCausalLM.from_pretrained(base_path)
     torch.manual_seed(cfg.seed)
     model = build_head(kind, base, **cfg.head_settings(kind))
-    trainer = make_trainer(model, tok, cfg, out_dir.parent / f".trainer_{kind}")
+    work_dir = out_dir.parent / f".trainer_{kind}"
+    trainer = make_trainer(model, tok, cfg, work_dir)
     start = time.time()
     trainer.train()
+    with contextlib.suppress(OSError):
+        work_dir.rmdir()  # TRL's output_dir: nothing is saved there (save_strategy "no")
     model.eval()
     model.save_pretrained(out_dir, base_name_or_path=base_path)
     logs = [h for h in trainer.state.log_history if "loss" in h]
