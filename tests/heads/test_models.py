@@ -221,3 +221,34 @@ def test_two_heads_share_one_base_forward():
     a_k, a_q = kept.alignment(hidden, z_base), quarantine.alignment(hidden, z_base)
     torch.testing.assert_close(z_base + a_k, kept(ids, attention_mask=mask).logits)
     torch.testing.assert_close(z_base + 0.5 * a_q, quarantine(ids, attention_mask=mask, alpha=0.5).logits)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2"])
+def test_heads_wrap_other_architectures(arch):
+    """Not only Llama: learned absolute positions (GPT-2) and Qwen2 decode from the cache like a full forward."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=46, n_embd=32, n_layer=2, n_head=2, n_positions=64))
+    else:
+        base = Qwen2ForCausalLM(
+            Qwen2Config(
+                vocab_size=46,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+            )
+        )
+    base.eval()
+    ids, mask = batch()
+    for kind in ("iav", "mav"):
+        model = build_head(kind, base).eval()
+        assert torch.equal(model(ids, attention_mask=mask).logits, base_logits(base, ids, mask))
+        perturb(model, 0.2)
+        out = model.generate(ids, mask, alpha=1.0, max_new_tokens=4, eos_token_id=None)
+        full_mask = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], dim=1)
+        full = model(out, attention_mask=full_mask).logits
+        assert torch.equal(full[:, 8:-1].argmax(-1), out[:, 9:])
