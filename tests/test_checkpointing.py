@@ -15,7 +15,8 @@ from tests.test_trainer import TINY, make_trainer
 
 MODES = torch.tensor([FORGET, RETAIN, DEFAULT, FORGET, DEFAULT, RETAIN])
 SIZES = {"dual_lora": dict(keep_rank=2, quarantine_rank=2), "sgtm": dict(forget_mlp_frac=0.25),
-         "svf": dict(rank=8, reserve_axes=[0, 1], progress=False, score_threshold=0.3)}
+         "svf": dict(rank=8, reserve_axes=[0, 1], progress=False, score_threshold=0.3), "logit_head": {}}
+GATED_IN_LAYERS = ("dual_lora", "sgtm", "svf")  # logit_head gates after the last layer: nothing to recompute
 
 
 def build(name, tmp_path):
@@ -26,7 +27,7 @@ def build(name, tmp_path):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero adapters, so every gated path carries gradient
         for n, p in target.model.named_parameters():
-            if p.requires_grad and ("lora_" in n or "svf_" in n):
+            if p.requires_grad and ("lora_" in n or "svf_" in n or "logit_heads" in n):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return target
 
@@ -75,17 +76,18 @@ def unfixed_is_wrong(target, reference, use_reentrant):
 
 def test_gradients_with_checkpointing_equal_those_without(tmp_path):
     names = available_targets()
-    assert names == ["dual_lora", "sgtm", "svf"]
+    assert names == ["dual_lora", "logit_head", "sgtm", "svf"]
     checked = []
     for name in names:
         target = build(name, tmp_path)
         reference, records = gated_grads(target)
-        assert len(reference) > 2, name
+        assert len(reference) >= 2, name
         if name == "svf":
             assert records, "svf scoring records per-row delta gradients"
         # the comparison below can fail: without the fix the recompute runs ungated
-        assert unfixed_is_wrong(target, reference, use_reentrant=False), name
-        assert unfixed_is_wrong(target, reference, use_reentrant=True), name  # silently wrong
+        if name in GATED_IN_LAYERS:
+            assert unfixed_is_wrong(target, reference, use_reentrant=False), name
+            assert unfixed_is_wrong(target, reference, use_reentrant=True), name  # silently wrong
 
         checkpointing.install(target.model, target)
         target.model.gradient_checkpointing_enable()

@@ -152,6 +152,7 @@ def test_every_config_file_parses(tmp_path, monkeypatch):
     accelerate; a file nobody reads fails the test."""
     import yaml
 
+    from route.heads.train import parse_config as heads_parse
     from route.sgtm.config import parse_pretrain_config as sgtm_parse
     from route.sweep import load_spec
 
@@ -167,6 +168,8 @@ def test_every_config_file_parses(tmp_path, monkeypatch):
             assert load_spec(path)["grid"], path.name
         elif path.name.startswith("sgtm_"):
             assert sgtm_parse(["--config", str(path)]) is not None
+        elif path.name in ("iav_default.yaml", "mav_default.yaml"):
+            assert heads_parse(["--config", str(path)]).head == values["head"]
         else:
             c = parse_config(["--config", str(path), "--bf16", "false", "--use_cpu", "true"])
             assert c.target_args is not None and c.target == values.get("target", "dual_lora"), path.name
