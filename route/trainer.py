@@ -57,6 +57,7 @@ from route.cli import validate_run
 from route.config import RoutedGRPOConfig
 from route.detectors import Detector, make_detector, realised_rates
 from route.io import atomic_dir
+from route.logprobs import install_unfused_log_probs
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
@@ -136,6 +137,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
         super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
                          **kwargs)
+        if self.target.reads_output_head:  # after TRL patched the forward with its fused log-prob head
+            install_unfused_log_probs(self.target.model, temperature=self.temperature)
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))

@@ -30,6 +30,7 @@ class Target(Protocol):
 
     model: nn.Module
     name: str
+    reads_output_head: bool  # its gate acts at the output head: the trainer scores through the head module
 
     def gate(self, modes: Tensor) -> AbstractContextManager: ...  # per-row routing for one forward
 

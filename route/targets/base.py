@@ -69,6 +69,9 @@ class TargetBase:
     gate_attrs: ClassVar[tuple[str, ...]] = ("route_gate",)
     strategy: ClassVar[str] = "gradient_routing"  # the mask-core strategy a RowGate is built with
     name: ClassVar[str] = "target"  # set by register_target
+    # The gate acts at the output head (a hook on it): TRL's fused log-prob kernel, which reads the head's weight
+    # without calling the module, must not be used for this target (`route.logprobs`).
+    reads_output_head: bool = False
     model: nn.Module
 
     # ------------------------------------------------------------------ construction (subclass)

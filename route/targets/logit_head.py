@@ -51,6 +51,7 @@ class LogitHeadTarget(TargetBase):
     """Kept and quarantine vocabulary heads added to a frozen causal LM's logits, behind the `Target` interface."""
 
     args_cls = LogitHeadArgs
+    reads_output_head = True  # the heads are a hook on the output head
 
     def __init__(self, model: nn.Module):
         out = model.get_output_embeddings()

@@ -121,6 +121,8 @@ class SGTMTarget(TargetBase):
         self.model = model
         self.forget_mlp_dim, self.forget_heads = forget_mlp, forget_heads
         self.masks = SGTMMasks(model, strategy, _shared_modules(model) if mask_shared else ())
+        # the shared-parameter hooks include the output head's: TRL's fused log-prob kernel would bypass them
+        self.reads_output_head = model.get_output_embeddings() in self.masks.shared_modules
 
     @classmethod
     def from_args(cls, model: nn.Module, args: SGTMArgs, config: Any) -> SGTMTarget:
