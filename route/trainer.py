@@ -49,6 +49,7 @@ from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
 from route.targets import Target, build_target, checkpointing
+from route.vllm_serve import trainer_client
 from route.vllm_sync import TargetWeightSync, check_vllm_config
 
 _SCORE_COUNTS = ("rows", "candidates", "routed", "exploited", "routed_exploited", "clean", "routed_clean",
@@ -106,8 +107,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._routing: dict[str, Any] | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
-        super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
-                         **kwargs)
+        with trainer_client(args):  # server mode on a CPU trainer: weights over HTTP (route.vllm_serve)
+            super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
+                             **kwargs)
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))

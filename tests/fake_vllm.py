@@ -311,6 +311,16 @@ class FakeVLLMClient:
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def restore_env_after(monkeypatch) -> None:
+    """Undo, after the test, what TRL's colocate init writes into os.environ (`ENV_KEYS`)."""
+    for key in ENV_KEYS:
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.setenv(key, "unset")
+            monkeypatch.delenv(key)
+
+
 def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None) -> types.ModuleType:
     """Make TRL see the fake `vllm`; everything (incl. the env vars TRL's colocate init sets) is undone after."""
     import trl.generation.vllm_generation as vg
@@ -323,8 +333,12 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
     sampling.StructuredOutputsParams = StructuredOutputsParams
     sampling.SamplingParams = SamplingParams
     fake.sampling_params = sampling
+    platforms = types.ModuleType("vllm.platforms")  # a GPU platform: sleep mode exists
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
+    fake.platforms = platforms
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     # the names `if is_vllm_available(): from vllm import ...` binds at trl's import time
     monkeypatch.setattr(vg, "is_vllm_available", lambda *a, **k: True)
     for name, value in (("LLM", LLM), ("SamplingParams", SamplingParams), ("RequestOutput", RequestOutput),
@@ -334,11 +348,6 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
                                                         "instances": []})
     monkeypatch.setattr(vg, "VLLMClient", client)
     monkeypatch.setattr(LLM, "instances", [])
-    for key in ENV_KEYS:  # TRL's colocate init writes these into os.environ
-        if key in os.environ:
-            monkeypatch.setenv(key, os.environ[key])
-        else:
-            monkeypatch.setenv(key, "unset")
-            monkeypatch.delenv(key)
+    restore_env_after(monkeypatch)
     fake.FakeVLLMClient = client
     return fake
