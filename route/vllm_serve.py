@@ -99,8 +99,10 @@ class WeightPushClient(VLLMClient):
         try:
             self._post(f"{self.base_url}/collective_rpc", json={"method": READY_METHOD})
         except Exception as e:
-            raise RuntimeError(f"vLLM server at {self.base_url} cannot receive weights from a CPU trainer; start it "
-                               f"with `trl vllm-serve ... {' '.join(SERVE_FLAGS)}` (error: {e})") from e
+            raise RuntimeError(
+                f"vLLM server at {self.base_url} cannot receive weights from a CPU trainer; start it "
+                f"with `trl vllm-serve ... {' '.join(SERVE_FLAGS)}` (error: {e})"
+            ) from e
         self.http = True
 
     def update_named_params(self, metadata: Metadata, named_params: Iterator[tuple[str, torch.Tensor]]) -> None:
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     script_args, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     command = build_command(script_args, [*extra, *SERVE_FLAGS])
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, as trl vllm-serve sets it
-    sys.argv = ["vllm", *command[command.index("serve"):]]
+    sys.argv = ["vllm", *command[command.index("serve") :]]
     _version_alias()
     from vllm.entrypoints.cli.main import main as vllm_main
 

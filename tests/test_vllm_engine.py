@@ -63,8 +63,11 @@ def engine_organism(tmp_path_factory) -> Path:
     from route.organism import build_organism, tiny_config
 
     out = tmp_path_factory.mktemp("engine_organism") / "org"
-    return Path(build_organism(tiny_config(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=0),
-                               out, progress=False))
+    return Path(
+        build_organism(
+            tiny_config(hidden_size=64, num_heads=2, num_kv_heads=1, intermediate_size=128, seed=0), out, progress=False
+        )
+    )
 
 
 @pytest.fixture(scope="session")
@@ -103,10 +106,13 @@ def engine_logps(llm, ids: list[list[int]]) -> list[torch.Tensor]:
     """The engine's log-prob of every token after the first (prompt log-probs of one forward)."""
     from vllm import SamplingParams
 
-    outs = llm.generate([{"prompt_token_ids": i} for i in ids], SamplingParams(max_tokens=1, prompt_logprobs=0),
-                        use_tqdm=False)
-    return [torch.tensor([lp[t].logprob for t, lp in zip(i[1:], o.prompt_logprobs[1:], strict=True)])
-            for i, o in zip(ids, outs, strict=True)]
+    outs = llm.generate(
+        [{"prompt_token_ids": i} for i in ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
+    )
+    return [
+        torch.tensor([lp[t].logprob for t, lp in zip(i[1:], o.prompt_logprobs[1:], strict=True)])
+        for i, o in zip(ids, outs, strict=True)
+    ]
 
 
 def forward_logps(model, ids: list[list[int]], ctx=None) -> list[torch.Tensor]:
@@ -150,8 +156,9 @@ def record_loads(trainer, monkeypatch) -> list[dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("target", available_targets())
 def test_colocate_trains_every_target_and_policy(engine_organism, tmp_path, monkeypatch, shared_llm, target, policy):
     sizes = {"svf": dict(svf_reserve_axes=[0, 1], svf_cache_dir=str(tmp_path / "svd"))}.get(target, {})
-    t = colocate_trainer(engine_organism, tmp_path, policy, target=target, detector=ParityDetector(), max_steps=2,
-                         **sizes)
+    t = colocate_trainer(
+        engine_organism, tmp_path, policy, target=target, detector=ParityDetector(), max_steps=2, **sizes
+    )
     loads = record_loads(t, monkeypatch)
     perturb(t)  # both the kept part and the quarantine matter from the first rollout
     perturb(t, ("quarantine",), std=0.6, seed=1)
@@ -162,8 +169,9 @@ def test_colocate_trains_every_target_and_policy(engine_organism, tmp_path, monk
     ids = batch(engine_organism)
     served = engine_logps(shared_llm["llm"], ids)
     other = "full" if policy == "deployed" else "deployed"
-    assert max_diff(policy_logps(t, ids, policy), policy_logps(t, ids, other)) > 0.1, \
+    assert max_diff(policy_logps(t, ids, policy), policy_logps(t, ids, other)) > 0.1, (
         "the quarantine must matter for this test"
+    )
     assert max_diff(served, policy_logps(t, ids, policy)) < LOGP_TOL
     if policy == "deployed":
         path = t.save_deployed()
@@ -174,8 +182,9 @@ def test_colocate_trains_every_target_and_policy(engine_organism, tmp_path, monk
 
 
 @pytest.mark.parametrize("policy", ["deployed", "full"])
-def test_colocate_logprobs_after_each_sync_and_training_weights_untouched(engine_organism, tmp_path, monkeypatch,
-                                                                          shared_llm, policy):
+def test_colocate_logprobs_after_each_sync_and_training_weights_untouched(
+    engine_organism, tmp_path, monkeypatch, shared_llm, policy
+):
     t = colocate_trainer(engine_organism, tmp_path, policy)
     loads = record_loads(t, monkeypatch)
     ids, previous = batch(engine_organism), None
@@ -210,8 +219,9 @@ def test_colocate_tied_embedding_update_reaches_the_lm_head(engine_organism, tmp
 
 
 def test_colocate_importance_sampling_keeps_forget_rollouts(engine_organism, tmp_path, shared_llm):
-    t = colocate_trainer(engine_organism, tmp_path, "deployed", detector=lambda grades, ids: [True] * len(ids),
-                         intervention="route")
+    t = colocate_trainer(
+        engine_organism, tmp_path, "deployed", detector=lambda grades, ids: [True] * len(ids), intervention="route"
+    )
     perturb(t, ("quarantine",), std=2.0)  # a quarantine large enough to make the training policy disagree
     assert t.args.vllm_importance_sampling_mode == "sequence_mask" and t.args.vllm_importance_sampling_clip_max == 3.0
     from tests.test_trainer import group_inputs
@@ -234,8 +244,12 @@ def test_colocate_importance_sampling_keeps_forget_rollouts(engine_organism, tmp
 
 
 def test_sleep_mode_refused_on_cpu(engine_organism, tmp_path, engine_env):
-    config = RoutedGRPOConfig(**{**TINY, "output_dir": str(tmp_path / "cfg")}, use_vllm=True, vllm_mode="colocate",
-                              vllm_enable_sleep_mode=True)
+    config = RoutedGRPOConfig(
+        **{**TINY, "output_dir": str(tmp_path / "cfg")},
+        use_vllm=True,
+        vllm_mode="colocate",
+        vllm_enable_sleep_mode=True,
+    )
     with pytest.raises(ValueError, match="vllm_enable_sleep_mode: .*CPU"):
         check_vllm_config(config)
     with pytest.raises(ValueError, match="Sleep mode is not supported"):  # what vLLM says when asked directly
@@ -256,9 +270,27 @@ def vllm_server(engine_organism, tmp_path_factory):
 
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    command = [sys.executable, "-m", "route.vllm_serve", "--model", str(engine_organism), "--host", "127.0.0.1",
-               "--port", str(port), "--gpu_memory_utilization", "0.1", "--max_model_len", "64", "--dtype", "float32",
-               "--enforce_eager", "true", "--log_level", "warning"]
+    command = [
+        sys.executable,
+        "-m",
+        "route.vllm_serve",
+        "--model",
+        str(engine_organism),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--gpu_memory_utilization",
+        "0.1",
+        "--max_model_len",
+        "64",
+        "--dtype",
+        "float32",
+        "--enforce_eager",
+        "true",
+        "--log_level",
+        "warning",
+    ]
     root = str(Path(__file__).resolve().parent.parent)
     env = {**os.environ, **ENGINE_ENV, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
     with open(log, "wb") as f:
@@ -293,15 +325,24 @@ def server_logps(url: str, ids: list[list[int]]) -> list[torch.Tensor]:
     for i in ids:
         body = {"model": model, "prompt": i, "max_tokens": 1, "prompt_logprobs": 0}
         choice = requests.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
-        out.append(torch.tensor([lp[str(t)]["logprob"] for t, lp in zip(i[1:], choice["prompt_logprobs"][1:],
-                                                                         strict=True)]))
+        out.append(
+            torch.tensor([lp[str(t)]["logprob"] for t, lp in zip(i[1:], choice["prompt_logprobs"][1:], strict=True)])
+        )
     return out
 
 
 @pytest.mark.parametrize("policy", ["full", "deployed"])
 def test_server_trains_with_weights_pushed_through_the_client(engine_organism, tmp_path, vllm_server, policy):
-    t = vllm_trainer(engine_organism, tmp_path, "server", policy, detector=ParityDetector(), max_steps=2,
-                     vllm_server_base_url=vllm_server, vllm_server_timeout=60)
+    t = vllm_trainer(
+        engine_organism,
+        tmp_path,
+        "server",
+        policy,
+        detector=ParityDetector(),
+        max_steps=2,
+        vllm_server_base_url=vllm_server,
+        vllm_server_timeout=60,
+    )
     client = t.vllm_generation.vllm_client
     assert type(client) is WeightPushClient and client.http
     perturb(t)
