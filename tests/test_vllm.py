@@ -24,6 +24,7 @@ import envs
 from route.config import RoutedGRPOConfig
 from route.masks import FORGET, RETAIN
 from route.trainer import RoutedGRPOTrainer
+from route.vllm_serve import decode, encode
 from route.vllm_sync import TargetWeightSync, check_vllm_config, vllm_name
 from tests.fake_vllm import install_fake_vllm
 from tests.test_trainer import TINY, ParityDetector, group_inputs, make_trainer
@@ -328,6 +329,20 @@ def test_vllm_sleep_mode_level2_pushes_weights_again_before_each_generation(fake
     eng.sleep(2)
     eng.wake_up()
     assert all(p.isnan().all() for p in eng.params.values())  # level 2 does not
+
+
+def test_vllm_http_weight_payload_checks_the_announced_metadata():
+    meta = [("a.weight", "float32", [2, 3]), ("b.weight", "bfloat16", [4])]
+    tensors = [("a.weight", torch.randn(2, 3)), ("b.weight", torch.randn(4).bfloat16())]
+    out = decode(encode(meta, iter(tensors)))
+    assert [n for n, _ in out] == ["a.weight", "b.weight"]
+    assert all(x.dtype == y.dtype and torch.equal(x, y) for (_, x), (_, y) in zip(out, tensors, strict=True))
+    with pytest.raises(ValueError, match="tensor 1 is .*announced"):
+        encode(meta, iter([tensors[0], ("b.weight", torch.randn(5))]))
+    with pytest.raises(ValueError, match="1 tensors streamed, 2 announced"):
+        encode(meta, iter(tensors[:1]))
+    with pytest.raises(ValueError, match="b.weight missing or not float32"):
+        decode(encode(meta, iter(tensors)).replace('"bfloat16"', '"float32"'))
 
 
 def test_vllm_config_errors(tiny_organism, tmp_path, monkeypatch):

@@ -331,6 +331,15 @@ def server_logps(url: str, ids: list[list[int]]) -> list[torch.Tensor]:
     return out
 
 
+def test_trl_client_cannot_push_weights_from_a_cpu_trainer(vllm_server):
+    """Why server mode on CPU needs `route.vllm_serve`: TRL's client pushes over NCCL only."""
+    from trl.generation.vllm_client import VLLMClient
+
+    client = VLLMClient(base_url=vllm_server, connection_timeout=10)
+    with pytest.raises(NotImplementedError, match="needs a CUDA device"):
+        client.init_communicator(device="cpu")
+
+
 @pytest.mark.parametrize("policy", ["full", "deployed"])
 def test_server_trains_with_weights_pushed_through_the_client(engine_organism, tmp_path, vllm_server, policy):
     t = vllm_trainer(
