@@ -22,6 +22,10 @@ tied duplicates (e.g. `lm_head.weight` tied to the embeddings) and buffers are n
 dtypes and shapes are checked to stay identical across syncs, since the server caches the metadata. Everything
 else (when to sync, colocate vs server, sleep mode, tensor parallelism, the generation itself) is TRL's code.
 
+Colocate mode also works around TRL calling the engine's `load_weights` outside vLLM's layerwise reload, which fails
+on engines that repack weights after loading (vLLM's CPU backend), and around that reload leaving a tied output
+layer stale (`engine_reload`, `refresh_tied_layers`; docs/vllm.md has the details).
+
 Distributed: under DeepSpeed ZeRO-3 the parameters are gathered for the merge with TRL's `DistributedBackend`
 (every process iterates, as TRL's collectives need); ZeRO-2 and DDP need no gather. FSDP is refused (sharded
 parameters would need a per-module merge that no target implements yet).
@@ -53,25 +57,18 @@ def check_vllm_config(args: Any) -> None:
     if not getattr(args, "use_vllm", False):
         return
     if args.vllm_mode not in VLLM_MODES:
-        raise ValueError(
-            f"vllm_mode: invalid value {args.vllm_mode!r} with use_vllm=true; allowed values: {list(VLLM_MODES)}"
-        )
+        raise ValueError(f"vllm_mode: invalid value {args.vllm_mode!r} with use_vllm=true; "
+                         f"allowed values: {list(VLLM_MODES)}")
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
-        raise ValueError(
-            "use_vllm: the quarantine weight sync does not support FSDP; launch with DeepSpeed "
-            "(e.g. --config_file configs/accelerate_zero2.yaml) or DDP"
-        )
+        raise ValueError("use_vllm: the quarantine weight sync does not support FSDP; launch with DeepSpeed "
+                         "(e.g. --config_file configs/accelerate_zero2.yaml) or DDP")
     if args.vllm_mode == "colocate" and getattr(args, "vllm_enable_sleep_mode", False) and not _sleep_available():
-        raise ValueError(
-            "vllm_enable_sleep_mode: the installed vLLM has no sleep mode on this platform (the CPU "
-            "build refuses it); set it to false"
-        )
+        raise ValueError("vllm_enable_sleep_mode: the installed vLLM has no sleep mode on this platform (the CPU "
+                         "build refuses it); set it to false")
     if getattr(args, "off_policy_mask_threshold", None) is not None and args.generation_policy == "deployed":
-        raise ValueError(
-            "off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed "
-            "(it would compare the gated training forward with the deployed sampling log-probs and "
-            "mask the forget rollouts); leave it unset"
-        )
+        raise ValueError("off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed "
+                         "(it would compare the gated training forward with the deployed sampling log-probs and "
+                         "mask the forget rollouts); leave it unset")
 
 
 def _sleep_available() -> bool:
@@ -119,21 +116,15 @@ class TargetWeightSync:
             `DistributedBackend.gather_params`; a no-op when None).
     """
 
-    def __init__(
-        self,
-        target: Target,
-        generation_policy: GenerationPolicy,
-        gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] | None = None,
-    ):
+    def __init__(self, target: Target, generation_policy: GenerationPolicy,
+                 gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] | None = None):
         if generation_policy not in ("full", "deployed"):
-            raise ValueError(
-                f"generation_policy: invalid value {generation_policy!r}; allowed values: ['full', 'deployed']"
-            )
+            raise ValueError(f"generation_policy: invalid value {generation_policy!r}; "
+                             "allowed values: ['full', 'deployed']")
         if generation_policy == "full" and not callable(getattr(target, "merged_state_dict", None)):
             raise NotImplementedError(
                 f"generation_policy: 'full' with use_vllm needs {type(target).__name__}.merged_state_dict("
-                "quarantine=True) (see route.targets.Target); use generation_policy=deployed"
-            )
+                "quarantine=True) (see route.targets.Target); use generation_policy=deployed")
         self.target = target
         self.generation_policy = generation_policy
         self.gather = gather
@@ -162,14 +153,10 @@ class TargetWeightSync:
         if self.signature is None:
             self.signature = signature
         elif signature != self.signature:
-            changed = (
-                sorted({s[0] for s in signature} ^ {s[0] for s in self.signature})
-                or [a for a, b in zip(signature, self.signature) if a != b][:3]
-            )
-            raise RuntimeError(
-                f"vLLM sync: names, dtypes or shapes changed between syncs ({changed}); "
-                "the vLLM server caches them after the first sync"
-            )
+            changed = sorted({s[0] for s in signature} ^ {s[0] for s in self.signature}) or [
+                a for a, b in zip(signature, self.signature) if a != b][:3]
+            raise RuntimeError(f"vLLM sync: names, dtypes or shapes changed between syncs ({changed}); "
+                               "the vLLM server caches them after the first sync")
         with self.reload() if self.reload else contextlib.nullcontext():
             yield from weights.items()
 

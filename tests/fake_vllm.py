@@ -145,9 +145,8 @@ class FakeEngine:
 
     # ------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def sample(
-        self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int
-    ) -> list[tuple[list[int], list[float]]]:
+    def sample(self, prompts: list[list[int]], n: int, temperature: float, max_tokens: int
+               ) -> list[tuple[list[int], list[float]]]:
         """n completions per prompt, in prompt order: (token ids, processed log-prob of each sampled token).
 
         All rows step together (left-padded, positions counted from each row's first token, as vLLM sees them);
@@ -160,8 +159,8 @@ class FakeEngine:
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
-            ids[i, width - len(r) :] = torch.tensor(r)
-            mask[i, width - len(r) :] = 1
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
         done = torch.zeros(len(rows), dtype=torch.bool)
         tokens: list[list[int]] = [[] for _ in rows]
         logps: list[list[float]] = [[] for _ in rows]
@@ -184,24 +183,11 @@ class FakeEngine:
 
 # ---------------------------------------------------------------------- colocate: vllm.LLM and friends
 class SamplingParams:
-    def __init__(
-        self,
-        n: int = 1,
-        temperature: float = 1.0,
-        max_tokens: int = 16,
-        logprobs: int | None = None,
-        top_p: float = 1.0,
-        top_k: int | None = 0,
-        min_p: float = 0.0,
-        repetition_penalty: float = 1.0,
-        **kwargs: Any,
-    ):
-        unsupported = {
-            "top_p": top_p != 1.0,
-            "top_k": top_k not in (0, -1, None),
-            "min_p": min_p not in (0, None),
-            "repetition_penalty": repetition_penalty != 1.0,
-        }
+    def __init__(self, n: int = 1, temperature: float = 1.0, max_tokens: int = 16, logprobs: int | None = None,
+                 top_p: float = 1.0, top_k: int | None = 0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                 **kwargs: Any):
+        unsupported = {"top_p": top_p != 1.0, "top_k": top_k not in (0, -1, None), "min_p": min_p not in (0, None),
+                       "repetition_penalty": repetition_penalty != 1.0}
         if any(unsupported.values()) or kwargs:
             raise NotImplementedError(f"fake vLLM: unsupported sampling settings {unsupported} {kwargs}")
         self.n, self.temperature, self.max_tokens, self.logprobs = n, temperature, max_tokens, logprobs
@@ -251,14 +237,11 @@ class LLM:
         self.llm_engine = types.SimpleNamespace(
             model_config=types.SimpleNamespace(max_model_len=max_model_len or config.max_position_embeddings),
             model_executor=types.SimpleNamespace(
-                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=weights))
-            ),
-        )
+                driver_worker=types.SimpleNamespace(model_runner=types.SimpleNamespace(model=weights))))
         type(self).instances.append(self)
 
-    def generate(
-        self, prompts: list[dict], sampling_params: SamplingParams, use_tqdm: bool = True
-    ) -> list[RequestOutput]:
+    def generate(self, prompts: list[dict], sampling_params: SamplingParams, use_tqdm: bool = True
+                 ) -> list[RequestOutput]:
         self.engine.record("generate")
         sp = sampling_params
         prompt_ids = [list(p["prompt_token_ids"]) for p in prompts]
@@ -303,14 +286,8 @@ class FakeVLLMClient:
     model_path: str | None = None
     instances: list[FakeVLLMClient] = []
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        host: str = "0.0.0.0",
-        server_port: int = 8000,
-        group_port: int = 51216,
-        connection_timeout: float = 0.0,
-    ):
+    def __init__(self, base_url: str | None = None, host: str = "0.0.0.0", server_port: int = 8000,
+                 group_port: int = 51216, connection_timeout: float = 0.0):
         if self.model_path is None:
             raise RuntimeError("fake vLLM server: no model (install_fake_vllm(..., server_model=...))")
         self.base_url = base_url or f"http://{host}:{server_port}"
@@ -347,34 +324,21 @@ class FakeVLLMClient:
         self.engine.close_sync(metadata)
 
     def update_named_param(self, name: str, weights: torch.Tensor) -> None:
-        self.update_named_params(
-            [(name, str(weights.dtype).removeprefix("torch."), list(weights.shape))], iter([(name, weights)])
-        )
+        self.update_named_params([(name, str(weights.dtype).removeprefix("torch."), list(weights.shape))],
+                                 iter([(name, weights)]))
 
     def reset_prefix_cache(self) -> None:
         self.engine.record("reset_prefix_cache")
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        features=None,
-        n: int = 1,
-        temperature: float = 1.0,
-        max_tokens: int = 16,
-        logprobs: int | None = 0,
-        **kwargs: Any,
-    ) -> dict:
+    def generate(self, prompts: list[list[int]], features=None, n: int = 1, temperature: float = 1.0,
+                 max_tokens: int = 16, logprobs: int | None = 0, **kwargs: Any) -> dict:
         self.engine.record("generate")
         rest = {k: v for k, v in kwargs.items() if k not in ("structured_outputs_regex", "generation_kwargs")}
         SamplingParams(n=n, temperature=temperature, max_tokens=max_tokens, logprobs=logprobs, **rest)
         if features is not None or kwargs.get("structured_outputs_regex") or kwargs.get("generation_kwargs"):
             raise NotImplementedError("fake vLLM server: features, structured outputs and generation_kwargs")
-        out = {
-            "prompt_ids": [list(ids) for ids in prompts],
-            "completion_ids": [],
-            "logprobs": [],
-            "logprob_token_ids": [],
-        }
+        out = {"prompt_ids": [list(ids) for ids in prompts], "completion_ids": [], "logprobs": [],
+               "logprob_token_ids": []}
         for toks, logps in self.engine.sample(out["prompt_ids"], n, temperature, max_tokens):
             out["completion_ids"].append(toks)
             out["logprobs"].append([[lp] for lp in logps])
@@ -419,18 +383,11 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     # the names `if is_vllm_available(): from vllm import ...` binds at trl's import time
     monkeypatch.setattr(vg, "is_vllm_available", lambda *a, **k: True)
-    for name, value in (
-        ("LLM", LLM),
-        ("SamplingParams", SamplingParams),
-        ("RequestOutput", RequestOutput),
-        ("StructuredOutputsParams", StructuredOutputsParams),
-    ):
+    for name, value in (("LLM", LLM), ("SamplingParams", SamplingParams), ("RequestOutput", RequestOutput),
+                        ("StructuredOutputsParams", StructuredOutputsParams)):
         monkeypatch.setattr(vg, name, value, raising=False)
-    client = type(
-        "FakeVLLMClient",
-        (FakeVLLMClient,),
-        {"model_path": str(server_model) if server_model else None, "instances": []},
-    )
+    client = type("FakeVLLMClient", (FakeVLLMClient,), {"model_path": str(server_model) if server_model else None,
+                                                        "instances": []})
     monkeypatch.setattr(vg, "VLLMClient", client)
     monkeypatch.setattr(LLM, "instances", [])
     restore_env_after(monkeypatch)

@@ -48,23 +48,13 @@ def length_reward(completions, **kwargs):
 def vllm_trainer(model_dir, tmp_path, mode="colocate", policy="deployed", detector=None, **overrides):
     from transformers import AutoTokenizer
 
-    config = RoutedGRPOConfig(
-        output_dir=str(tmp_path / "run"),
-        use_vllm=True,
-        vllm_mode=mode,
-        generation_policy=policy,
-        **{**TINY, **overrides},
-    )
+    config = RoutedGRPOConfig(output_dir=str(tmp_path / "run"), use_vllm=True, vllm_mode=mode,
+                              generation_policy=policy, **{**TINY, **overrides})
     env = envs.make_env(config.env, **config.env_kwargs)
-    return RoutedGRPOTrainer(
-        model=AutoModelForCausalLM.from_pretrained(model_dir),
-        args=config,
-        env=env,
-        detector=detector,
-        reward_funcs=[length_reward],
-        processing_class=AutoTokenizer.from_pretrained(model_dir),
-        train_dataset=env.dataset(config.train_size, seed=0, split="train"),
-    )
+    return RoutedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config, env=env,
+                             detector=detector, reward_funcs=[length_reward],
+                             processing_class=AutoTokenizer.from_pretrained(model_dir),
+                             train_dataset=env.dataset(config.train_size, seed=0, split="train"))
 
 
 def engine(trainer):
@@ -102,9 +92,8 @@ def _completion_logps(trainer, out, modes=None):
     ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
     mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
     with trainer.target.gate(modes) if modes is not None else contextlib.nullcontext():
-        logps, _, _ = trainer._get_per_token_logps_and_entropies(
-            trainer.model, ids, mask, out["completion_ids"].size(1)
-        )
+        logps, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask,
+                                                                 out["completion_ids"].size(1))
     return logps
 
 
@@ -167,16 +156,8 @@ def test_vllm_colocate_deployed_push_equals_saved_deployed_checkpoint(fake_vllm,
 
 
 def test_vllm_server_full_policy_pushes_merged_weights_with_quarantine(fake_vllm, tiny_organism, tmp_path):
-    t = vllm_trainer(
-        tiny_organism,
-        tmp_path,
-        "server",
-        "full",
-        detector=ParityDetector(),
-        max_steps=2,
-        gradient_accumulation_steps=2,
-        per_device_train_batch_size=4,
-    )
+    t = vllm_trainer(tiny_organism, tmp_path, "server", "full", detector=ParityDetector(), max_steps=2,
+                     gradient_accumulation_steps=2, per_device_train_batch_size=4)
     perturb(t)
     steps = PolicyForwards(t, "full")
     t.add_callback(steps)
@@ -209,9 +190,8 @@ def test_vllm_weights_match_trl_stock_peft_merge(fake_vllm, tiny_organism, tmp_p
     stock_vg.model = copy.deepcopy(t.model)
     before = snapshot(stock_vg.model)
     stock = {n: p.clone() for n, p in VLLMGeneration._iter_named_params(stock_vg)}
-    assert any(not torch.equal(p, before[n]) for n, p in stock_vg.model.named_parameters()), (
+    assert any(not torch.equal(p, before[n]) for n, p in stock_vg.model.named_parameters()), \
         "TRL's in-place merge/unmerge moves the base weights (why the sync is replaced)"
-    )
 
     deployed = t.weight_sync.state_dict()
     full = TargetWeightSync(t.target, "full").state_dict()
@@ -219,14 +199,12 @@ def test_vllm_weights_match_trl_stock_peft_merge(fake_vllm, tiny_organism, tmp_p
     for name, tensor in stock.items():
         assert full[name].dtype == tensor.dtype and full[name].shape == tensor.shape
         torch.testing.assert_close(full[name], tensor, rtol=0, atol=1e-6)
-    assert any(not torch.allclose(deployed[n], stock[n], atol=1e-3) for n in stock), (
+    assert any(not torch.allclose(deployed[n], stock[n], atol=1e-3) for n in stock), \
         "TRL's stock sync would push the quarantine under generation_policy: deployed"
-    )
 
 
-@pytest.mark.parametrize(
-    "mode,policy,dtype", [("colocate", "deployed", torch.float32), ("server", "full", torch.bfloat16)]
-)
+@pytest.mark.parametrize("mode,policy,dtype", [("colocate", "deployed", torch.float32),
+                                               ("server", "full", torch.bfloat16)])
 def test_vllm_1000_syncs_leave_weights_bit_identical(fake_vllm, tiny_organism, tmp_path, mode, policy, dtype):
     t = vllm_trainer(tiny_organism, tmp_path, mode, policy)
     perturb(t)
@@ -247,25 +225,15 @@ def test_vllm_1000_syncs_leave_weights_bit_identical(fake_vllm, tiny_organism, t
     name, layer = t.target.layers[0]
     merged = layer.get_base_layer().weight.float()
     for adapter in ("keep", "quarantine") if policy == "full" else ("keep",):
-        merged = (
-            merged
-            + (layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()) * layer.scaling[adapter]
-        )
+        merged = merged + (layer.lora_B[adapter].weight.float() @ layer.lora_A[adapter].weight.float()) \
+            * layer.scaling[adapter]
     pushed = expected[f"{vllm_name(name)}.weight"]
     assert pushed.dtype == dtype and torch.equal(pushed, merged.to(dtype))
 
 
 def test_vllm_full_policy_importance_sampling_and_gated_old_logps(fake_vllm, tiny_organism, tmp_path):
-    t = vllm_trainer(
-        tiny_organism,
-        tmp_path,
-        "colocate",
-        "full",
-        detector=ParityDetector(),
-        intervention="route",
-        unflagged_mode="retain",
-        retain_fraction=0.5,
-    )
+    t = vllm_trainer(tiny_organism, tmp_path, "colocate", "full", detector=ParityDetector(),
+                     intervention="route", unflagged_mode="retain", retain_fraction=0.5)
     perturb(t, ("quarantine",), std=2.0)
     out = _scored(t, group_inputs(t, n_prompts=2))
     modes = out["routing_modes"]
@@ -388,9 +356,8 @@ def test_vllm_qwen_config_and_accelerate_zero2_config(monkeypatch):
     assert config.vllm_importance_sampling_correction and config.vllm_importance_sampling_mode == "sequence_mask"
     check_vllm_config(config)
     with pytest.raises(ValueError, match="vllm_mode"):
-        check_vllm_config(
-            parse_config(["--config", str(CONFIGS / "vllm_qwen.yaml"), "--bf16", "false", "--vllm_mode", "remote"])
-        )
+        check_vllm_config(parse_config(["--config", str(CONFIGS / "vllm_qwen.yaml"), "--bf16", "false",
+                                        "--vllm_mode", "remote"]))
     accel = yaml.safe_load((CONFIGS / "accelerate_zero2.yaml").read_text())
     assert accel["distributed_type"] == "DEEPSPEED" and accel["deepspeed_config"]["zero_stage"] == 2
     assert accel["mixed_precision"] == "bf16" and "optimizer" not in accel["deepspeed_config"]
@@ -403,38 +370,11 @@ def test_vllm_main_job_runs_with_vllm(fake_vllm, tiny_organism, tmp_path):
     from route.train_grpo import parse_config, run
 
     out = tmp_path / "job"
-    config = parse_config(
-        [
-            "--model_name_or_path",
-            str(tiny_organism),
-            "--output_dir",
-            str(out),
-            "--use_vllm",
-            "true",
-            "--generation_policy",
-            "deployed",
-            "--max_steps",
-            "1",
-            "--eval_n",
-            "4",
-            "--per_device_train_batch_size",
-            "8",
-            "--num_generations",
-            "4",
-            "--max_completion_length",
-            "8",
-            "--keep_rank",
-            "2",
-            "--quarantine_rank",
-            "2",
-            "--train_size",
-            "64",
-            "--logging_steps",
-            "1",
-            "--disable_tqdm",
-            "true",
-        ]
-    )
+    config = parse_config(["--model_name_or_path", str(tiny_organism), "--output_dir", str(out), "--use_vllm", "true",
+                           "--generation_policy", "deployed", "--max_steps", "1", "--eval_n", "4",
+                           "--per_device_train_batch_size", "8", "--num_generations", "4",
+                           "--max_completion_length", "8", "--keep_rank", "2", "--quarantine_rank", "2",
+                           "--train_size", "64", "--logging_steps", "1", "--disable_tqdm", "true"])
     results = run(config)
     (llm,) = fake_vllm.LLM.instances
     assert len(llm.engine.syncs) == 1 and len(llm.engine.calls_to("generate")) == 1
