@@ -184,14 +184,12 @@ def engine_reload(vllm_generation: Any) -> Callable[[], contextlib.AbstractConte
     tensors) and `finalize_layerwise_reload` (re-runs the repacking); this does the same around TRL's walk, then
     `refresh_tied_layers`.
     """
-    runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
-    if not callable(getattr(runner, "get_model", None)):
-        return None
     try:
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
     except ImportError:
         return None
+    runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
     model = runner.get_model()
 
     @contextlib.contextmanager

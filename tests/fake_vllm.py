@@ -378,6 +378,8 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
     platforms = types.ModuleType("vllm.platforms")  # a GPU platform: sleep mode exists
     platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
     fake.platforms = platforms
+    for name in [n for n in sys.modules if n.startswith("vllm.")]:  # a real vLLM imported earlier: out of the way
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
     monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
