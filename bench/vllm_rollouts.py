@@ -45,9 +45,18 @@ def engine(model_dir: str, dtype: str, seed: int):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    return LLM(model=model_dir, tensor_parallel_size=1, gpu_memory_utilization=0.1, max_model_len=64,
-               max_num_seqs=PROMPTS * ROLLOUTS, distributed_executor_backend="external_launcher", seed=seed,
-               max_num_batched_tokens=4096, logprobs_mode="processed_logprobs", dtype=dtype)
+    return LLM(
+        model=model_dir,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.1,
+        max_model_len=64,
+        max_num_seqs=PROMPTS * ROLLOUTS,
+        distributed_executor_backend="external_launcher",
+        seed=seed,
+        max_num_batched_tokens=4096,
+        logprobs_mode="processed_logprobs",
+        dtype=dtype,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -79,8 +88,15 @@ def main(argv: list[str] | None = None) -> None:
 
     def run_hf() -> int:
         with torch.no_grad():
-            out = hf.generate(**enc, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                              max_new_tokens=NEW_TOKENS, pad_token_id=tok.pad_token_id)
+            out = hf.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                pad_token_id=tok.pad_token_id,
+            )
         return out.shape[0]
 
     def run_engine() -> int:
@@ -119,17 +135,25 @@ def main(argv: list[str] | None = None) -> None:
         sync_ms[policy] = (1e3 * statistics.median(total[1:]), 1e3 * statistics.median(export[1:]))
 
     params = sum(p.numel() for p in hf.parameters())
-    print(f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
-          f"tokens, engine dtype {llm.llm_engine.model_config.dtype}, OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}")
+    print(
+        f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
+        f"tokens, engine dtype {llm.llm_engine.model_config.dtype}, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}"
+    )
     print(f"engine startup: {startup:.1f} s")
-    print(f"generate: {rate['generate']:.1f} completions/s (median {1e3 * statistics.median(times['generate']):.0f} "
-          f"ms per batch)")
-    print(f"engine:   {rate['engine']:.1f} completions/s (median {1e3 * statistics.median(times['engine']):.0f} "
-          f"ms per batch)")
+    print(
+        f"generate: {rate['generate']:.1f} completions/s (median {1e3 * statistics.median(times['generate']):.0f} "
+        f"ms per batch)"
+    )
+    print(
+        f"engine:   {rate['engine']:.1f} completions/s (median {1e3 * statistics.median(times['engine']):.0f} "
+        f"ms per batch)"
+    )
     for policy, (total, export) in sync_ms.items():
-        print(f"weight sync ({policy}): {total:.1f} ms (export {export:.1f} ms, push into the engine "
-              f"{total - export:.1f} ms)")
+        print(
+            f"weight sync ({policy}): {total:.1f} ms (export {export:.1f} ms, push into the engine "
+            f"{total - export:.1f} ms)"
+        )
     print(f"ratio: {rate['engine'] / rate['generate']:.2f}")
 
 
