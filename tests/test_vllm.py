@@ -3,7 +3,10 @@
 The fake (tests/fake_vllm.py) replaces only what TRL imports from vLLM (`LLM`, `SamplingParams`, ...) and its
 `VLLMClient`; TRL's own `VLLMGeneration` and `GRPOTrainer` code drives it. The fake engine is a transformers model
 that takes the pushed weights and samples from them, so sampling log-probs come from exactly what was pushed.
-A real vLLM run needs a GPU (configs/vllm_qwen.yaml).
+The real engine (the CPU build) is tested in tests/test_vllm_engine.py; this file keeps what it cannot show: that the
+calls come from TRL's own code, one sync per optimizer step under accumulation, the NCCL server client's protocol,
+1000 syncs in bf16, TRL's stock PEFT merge, gated old log-probs, sleep mode, the main job end to end. Value checks
+compare with the trainer's own forward (ablation hooks) and with the saved checkpoint in a fresh plain model.
 """
 
 import contextlib

