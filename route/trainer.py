@@ -62,6 +62,7 @@ from route.masks import DEFAULT, FORGET, RETAIN
 from route.optim import build_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
 from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing
+from route.vllm_serve import trainer_client
 from route.vllm_sync import TargetWeightSync, check_vllm_config
 
 ROUTING_COLUMNS = ("routing_modes", "routing_flags", "routing_exploited", "routing_candidates")
@@ -135,8 +136,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._loss_rows: RoutingRows | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
-        super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
-                         **kwargs)
+        with trainer_client(args):  # server mode on a CPU trainer: weights over HTTP (route.vllm_serve)
+            super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
+                             **kwargs)
         if self.target.reads_output_head:  # after TRL patched the forward with its fused log-prob head
             install_unfused_log_probs(self.target.model, temperature=self.temperature)
         if self.weight_sync is not None:

@@ -22,6 +22,10 @@ tied duplicates (e.g. `lm_head.weight` tied to the embeddings) and buffers are n
 dtypes and shapes are checked to stay identical across syncs, since the server caches the metadata. Everything
 else (when to sync, colocate vs server, sleep mode, tensor parallelism, the generation itself) is TRL's code.
 
+Colocate mode also works around TRL calling the engine's `load_weights` outside vLLM's layerwise reload, which fails
+on engines that repack weights after loading (vLLM's CPU backend), and around that reload leaving a tied output
+layer stale (`engine_reload`, `refresh_tied_layers`; docs/vllm.md has the details).
+
 Distributed: under DeepSpeed ZeRO-3 the parameters are gathered for the merge with TRL's `DistributedBackend`
 (every process iterates, as TRL's collectives need); ZeRO-2 and DDP need no gather. FSDP is refused (sharded
 parameters would need a per-module merge that no target implements yet).
@@ -58,10 +62,22 @@ def check_vllm_config(args: Any) -> None:
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
         raise ValueError("use_vllm: the quarantine weight sync does not support FSDP; launch with DeepSpeed "
                          "(e.g. --config_file configs/accelerate_zero2.yaml) or DDP")
+    if args.vllm_mode == "colocate" and getattr(args, "vllm_enable_sleep_mode", False) and not _sleep_available():
+        raise ValueError("vllm_enable_sleep_mode: the installed vLLM has no sleep mode on this platform (the CPU "
+                         "build refuses it); set it to false")
     if getattr(args, "off_policy_mask_threshold", None) is not None and args.generation_policy == "deployed":
         raise ValueError("off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed "
                          "(it would compare the gated training forward with the deployed sampling log-probs and "
                          "mask the forget rollouts); leave it unset")
+
+
+def _sleep_available() -> bool:
+    """Whether vLLM's sleep mode exists here (asked of vLLM's platform; True when vLLM is absent: TRL fails later)."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return True
+    return bool(current_platform.is_sleep_mode_available())
 
 
 def policy_state_dict(target: Target, generation_policy: GenerationPolicy) -> dict[str, Tensor]:
@@ -110,6 +126,7 @@ class TargetWeightSync:
         self.gather = gather
         self.signature: Signature | None = None
         self._skip: frozenset[str] | None = None
+        self.reload: Callable[[], contextlib.AbstractContextManager] | None = None
 
     def state_dict(self) -> dict[str, Tensor]:
         """What one sync pushes, in push order: name -> tensor (fresh tensors; the training weights are only read)."""
@@ -122,7 +139,11 @@ class TargetWeightSync:
         return {k: v for k, v in weights.items() if k not in self._skip}
 
     def named_params(self) -> Iterator[tuple[str, Tensor]]:
-        """`VLLMGeneration._iter_named_params` replacement: yields (vLLM name, tensor) for one sync."""
+        """`VLLMGeneration._iter_named_params` replacement: yields (vLLM name, tensor) for one sync.
+
+        In colocate mode the whole walk runs inside vLLM's layerwise reload (`engine_reload`), so TRL's per-tensor
+        `load_weights` calls reach layers whose weights the engine had repacked after loading.
+        """
         weights = self.state_dict()
         signature = [(k, str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in weights.items()]
         if self.signature is None:
@@ -132,7 +153,8 @@ class TargetWeightSync:
                 a for a, b in zip(signature, self.signature) if a != b][:3]
             raise RuntimeError(f"vLLM sync: names, dtypes or shapes changed between syncs ({changed}); "
                                "the vLLM server caches them after the first sync")
-        yield from weights.items()
+        with self.reload() if self.reload else contextlib.nullcontext():
+            yield from weights.items()
 
     def install(self, vllm_generation: Any) -> None:
         """Make TRL's `vllm_generation.sync_weights()` push this source (an instance-level override, nothing else)."""
@@ -141,4 +163,59 @@ class TargetWeightSync:
             raise ValueError("use_vllm: the quarantine weight sync does not support FSDP; use DeepSpeed or DDP")
         if self.gather is None and dist is not None:
             self.gather = dist.gather_params
+        if vllm_generation.mode == "colocate":
+            self.reload = engine_reload(vllm_generation)
         vllm_generation._iter_named_params = self.named_params
+
+
+def engine_reload(vllm_generation: Any) -> Callable[[], contextlib.AbstractContextManager] | None:
+    """vLLM's layerwise reload around one colocate sync, or None when the engine has none (vLLM < 0.31, the fake).
+
+    TRL's colocate sync calls `model.load_weights([(name, tensor)])` on the engine's model, which only works while
+    every parameter still is the one vLLM created (with its `weight_loader`). Backends that repack weights after
+    loading replace them: the CPU backend's `process_weights_after_loading` swaps each linear layer's `weight` for an
+    empty plain `Parameter` (the weight lives in a prepacked GEMM handle), so the first QKV push raises
+    `AttributeError: 'Parameter' object has no attribute 'weight_loader'`. vLLM's own `reload_weights` brackets
+    `load_weights` with `initialize_layerwise_reload` (restores the loadable parameters, buffers each layer's
+    tensors) and `finalize_layerwise_reload` (re-runs the repacking); this does the same around TRL's walk, then
+    `refresh_tied_layers`.
+    """
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+    except ImportError:
+        return None
+    runner = vllm_generation.llm.llm_engine.model_executor.driver_worker.model_runner
+    model = runner.get_model()
+
+    @contextlib.contextmanager
+    def reload() -> Iterator[None]:
+        with set_current_vllm_config(runner.vllm_config):
+            initialize_layerwise_reload(model)
+            try:
+                yield
+            finally:
+                finalize_layerwise_reload(model, runner.model_config)
+                refresh_tied_layers(model)
+
+    return reload
+
+
+def refresh_tied_layers(model: nn.Module) -> None:
+    """Re-run the weight processing of unquantized layers whose weight is tied to another layer's (e.g. `lm_head`).
+
+    vLLM's layerwise reload processes a tied weight only through the layer that loads it (its documented limitation
+    2): the embedding gets the new values in place, but on CPU the tied `lm_head` keeps the GEMM handle prepacked
+    from the old ones, so logits would come from the old embeddings. Re-processing the tied layer repacks it (on GPU
+    the unquantized embedding's processing is a no-op).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import UnquantizedEmbeddingMethod
+
+    owner: dict[int, nn.Module] = {}
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        tied = bool(params) and all(id(p) in owner for p in params)
+        for p in params:
+            owner.setdefault(id(p), module)
+        if tied and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
+            module.quant_method.process_weights_after_loading(module)

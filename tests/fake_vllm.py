@@ -9,6 +9,9 @@ What TRL touches (trl/generation/vllm_generation.py, trl/trainer/grpo_trainer.py
   `get_server_info()`, `update_named_params(metadata, iterator)`, `update_named_param(name, tensor)`,
   `reset_prefix_cache()` and `generate(prompts=..., n=..., ...)`.
 
+Sleep mode is modelled as vLLM documents it: level 1 offloads the weights and restores them on `wake_up`, level 2
+discards them (NaN until pushed again); loading or generating while the needed part sleeps raises.
+
 Both sides are backed by a `FakeEngine`: a plain transformers model loaded from the model directory (as vLLM
 loads `model.name_or_path`) that receives pushed weights as vLLM's `load_weights` does (copied into the named
 parameter, cast to the engine's dtype; an unknown name or a wrong shape raises) and samples with temperature,
@@ -79,6 +82,9 @@ class FakeEngine:
         self.calls: list[Call] = []
         self.syncs: list[Sync] = []
         self._open: Sync | None = None
+        self.sleep_level = 0  # 0 awake; vLLM's sleep levels: 1 offloads the weights, 2 discards them
+        self.sleeping: set[str] = set()  # "weights", "kv_cache": what is not mapped back yet
+        self._offloaded: dict[str, torch.Tensor] | None = None
 
     def record(self, method: str) -> None:
         self.calls.append(Call(method, caller_frames()))
@@ -86,9 +92,39 @@ class FakeEngine:
     def calls_to(self, method: str) -> list[Call]:
         return [c for c in self.calls if c.method == method]
 
+    # ------------------------------------------------------------------ sleep mode
+    @torch.no_grad()
+    def sleep(self, level: int) -> None:
+        """Level 1 keeps a copy of the weights to restore on wake-up; level 2 discards them (NaN until pushed)."""
+        if level not in (1, 2):
+            raise ValueError(f"fake vLLM: sleep level {level}")
+        if level == 1:
+            self._offloaded = {n: p.detach().clone() for n, p in self.params.items()}
+        else:
+            self._offloaded = None
+            for p in self.params.values():
+                p.fill_(float("nan"))
+        self.sleep_level, self.sleeping = level, {"weights", "kv_cache"}
+
+    @torch.no_grad()
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        tags = set(tags or ("weights", "kv_cache"))
+        if "weights" in tags & self.sleeping and self._offloaded is not None:
+            for n, p in self.params.items():
+                p.copy_(self._offloaded[n])
+            self._offloaded = None
+        self.sleeping -= tags
+        if not self.sleeping:
+            self.sleep_level = 0
+
+    def check_awake(self, what: str) -> None:
+        if what in self.sleeping:
+            raise RuntimeError(f"fake vLLM: {what} used while asleep (level {self.sleep_level})")
+
     # ------------------------------------------------------------------ weights
     @torch.no_grad()
     def load(self, name: str, tensor: torch.Tensor) -> None:
+        self.check_awake("weights")
         if name not in self.params:
             raise KeyError(f"fake vLLM: no parameter named {name!r}")
         param = self.params[name]
@@ -116,6 +152,8 @@ class FakeEngine:
         All rows step together (left-padded, positions counted from each row's first token, as vLLM sees them);
         a row stops after its EOS token.
         """
+        self.check_awake("weights")
+        self.check_awake("kv_cache")
         rows = [list(p) for p in prompts for _ in range(n)]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
@@ -222,10 +260,14 @@ class LLM:
         self.engine.close_sync()
 
     def sleep(self, level: int = 1) -> None:
-        self.engine.record("sleep")
+        if not self.kwargs.get("enable_sleep_mode"):
+            raise RuntimeError("fake vLLM: sleep without enable_sleep_mode")
+        self.engine.record(f"sleep({level})")
+        self.engine.sleep(level)
 
     def wake_up(self, tags: list[str] | None = None) -> None:
-        self.engine.record("wake_up")
+        self.engine.record(f"wake_up({','.join(tags or ['all'])})")
+        self.engine.wake_up(tags)
 
 
 class StructuredOutputsParams:
@@ -311,6 +353,16 @@ class FakeVLLMClient:
 ENV_KEYS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
+def restore_env_after(monkeypatch) -> None:
+    """Undo, after the test, what TRL's colocate init writes into os.environ (`ENV_KEYS`)."""
+    for key in ENV_KEYS:
+        if key in os.environ:
+            monkeypatch.setenv(key, os.environ[key])
+        else:
+            monkeypatch.setenv(key, "unset")
+            monkeypatch.delenv(key)
+
+
 def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None) -> types.ModuleType:
     """Make TRL see the fake `vllm`; everything (incl. the env vars TRL's colocate init sets) is undone after."""
     import trl.generation.vllm_generation as vg
@@ -323,8 +375,14 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
     sampling.StructuredOutputsParams = StructuredOutputsParams
     sampling.SamplingParams = SamplingParams
     fake.sampling_params = sampling
+    platforms = types.ModuleType("vllm.platforms")  # a GPU platform: sleep mode exists
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
+    fake.platforms = platforms
+    for name in [n for n in sys.modules if n.startswith("vllm.")]:  # a real vLLM imported earlier: out of the way
+        monkeypatch.setitem(sys.modules, name, None)
     monkeypatch.setitem(sys.modules, "vllm", fake)
     monkeypatch.setitem(sys.modules, "vllm.sampling_params", sampling)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     # the names `if is_vllm_available(): from vllm import ...` binds at trl's import time
     monkeypatch.setattr(vg, "is_vllm_available", lambda *a, **k: True)
     for name, value in (("LLM", LLM), ("SamplingParams", SamplingParams), ("RequestOutput", RequestOutput),
@@ -334,11 +392,6 @@ def install_fake_vllm(monkeypatch, server_model: str | os.PathLike | None = None
                                                         "instances": []})
     monkeypatch.setattr(vg, "VLLMClient", client)
     monkeypatch.setattr(LLM, "instances", [])
-    for key in ENV_KEYS:  # TRL's colocate init writes these into os.environ
-        if key in os.environ:
-            monkeypatch.setenv(key, os.environ[key])
-        else:
-            monkeypatch.setenv(key, "unset")
-            monkeypatch.delenv(key)
+    restore_env_after(monkeypatch)
     fake.FakeVLLMClient = client
     return fake

@@ -1,0 +1,161 @@
+"""Rollout throughput of the real vLLM engine (CPU build) against transformers' `generate`, and one weight sync's cost.
+
+    python bench/vllm_rollouts.py [--model DIR] [--reps 5] [--dtype auto]
+
+On the organism (built or reused from the cache when --model is unset) at the default batch (8 prompts x 8 rollouts,
+16 new tokens, temperature 1, no top-k/top-p): completions per second of `generate` (TRL's path without vLLM: the
+prompts repeated, left-padded, sampled in one batch) and of the engine as TRL's colocate mode builds it (`LLM(...)`
+with TRL's arguments, in this process), alternating, median over `--reps` timed batches after one warm-up each.
+Then the cost of one weight sync as the trainer does it: TRL's own `VLLMGeneration.sync_weights` with the
+`TargetWeightSync` source (dual_lora, both policies), split into the export (`policy_state_dict`) and the push.
+Prints `ratio: X.XX` (engine / generate completions per second). Needs the `__main__` guard: vLLM may spawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+import types
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+PROMPTS, ROLLOUTS, NEW_TOKENS = 8, 8, 16
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default=None, help="organism directory (default: build or reuse the cached organism)")
+    p.add_argument("--reps", type=int, default=5, help="timed batches per side (default: 5)")
+    p.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy (default: 5)")
+    p.add_argument("--dtype", default="auto", help="engine dtype; auto is what TRL gets (bfloat16 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="prompt sampling and generation seed (default: 0)")
+    return p.parse_args(argv)
+
+
+def engine(model_dir: str, dtype: str, seed: int):
+    """The engine as TRL 1.16's colocate init builds it (external launcher: in this process)."""
+    from vllm import LLM
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return LLM(
+        model=model_dir,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.1,
+        max_model_len=64,
+        max_num_seqs=PROMPTS * ROLLOUTS,
+        distributed_executor_backend="external_launcher",
+        seed=seed,
+        max_num_batched_tokens=4096,
+        logprobs_mode="processed_logprobs",
+        dtype=dtype,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.generation.vllm_generation import VLLMGeneration
+    from vllm import SamplingParams
+
+    import envs
+    from route.organism import OrganismConfig, load_or_build
+    from route.targets import make_target
+    from route.vllm_sync import TargetWeightSync, engine_reload, policy_state_dict
+
+    model_dir = str(args.model or load_or_build(OrganismConfig()))
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.padding_side = "left"
+    prompts = [r["prompt"] for r in envs.make_env("arith").dataset(PROMPTS, seed=args.seed, split="train")]
+    hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    t0 = time.perf_counter()
+    llm = engine(model_dir, args.dtype, args.seed)
+    startup = time.perf_counter() - t0
+    sampling = SamplingParams(n=ROLLOUTS, temperature=1.0, max_tokens=NEW_TOKENS, logprobs=0)
+    enc = tok([p for p in prompts for _ in range(ROLLOUTS)], return_tensors="pt", padding=True)
+    ids = [tok(p)["input_ids"] for p in prompts]
+
+    def run_hf() -> int:
+        with torch.no_grad():
+            out = hf.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=NEW_TOKENS,
+                pad_token_id=tok.pad_token_id,
+            )
+        return out.shape[0]
+
+    def run_engine() -> int:
+        outs = llm.generate([{"prompt_token_ids": i} for i in ids], sampling_params=sampling, use_tqdm=False)
+        return sum(len(o.outputs) for o in outs)
+
+    times: dict[str, list[float]] = {"generate": [], "engine": []}
+    torch.manual_seed(args.seed)
+    run_hf(), run_engine()  # warm-up
+    for _ in tqdm(range(args.reps), desc="rollouts"):
+        for name, fn in (("generate", run_hf), ("engine", run_engine)):
+            t = time.perf_counter()
+            assert fn() == PROMPTS * ROLLOUTS
+            times[name].append(time.perf_counter() - t)
+    rate = {k: PROMPTS * ROLLOUTS / statistics.median(v) for k, v in times.items()}
+
+    target = make_target("dual_lora", AutoModelForCausalLM.from_pretrained(model_dir), keep_rank=8, quarantine_rank=8)
+    with torch.no_grad():
+        for p in target.model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.02)
+    sync_ms = {}
+    for policy in ("deployed", "full"):
+        source = TargetWeightSync(target, policy)
+        vg = types.SimpleNamespace(mode="colocate", enable_sleep_mode=False, llm=llm, accelerator=None)
+        source.reload = engine_reload(vg)
+        vg._iter_named_params = source.named_params
+        export, total = [], []
+        for _ in range(args.syncs + 1):
+            t = time.perf_counter()
+            policy_state_dict(target, policy)
+            export.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            VLLMGeneration.sync_weights(vg)
+            total.append(time.perf_counter() - t)
+        sync_ms[policy] = (1e3 * statistics.median(total[1:]), 1e3 * statistics.median(export[1:]))
+
+    params = sum(p.numel() for p in hf.parameters())
+    print(
+        f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
+        f"tokens, engine dtype {llm.llm_engine.model_config.dtype}, OMP_NUM_THREADS="
+        f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}"
+    )
+    print(f"engine startup: {startup:.1f} s")
+    print(
+        f"generate: {rate['generate']:.1f} completions/s (median {1e3 * statistics.median(times['generate']):.0f} "
+        f"ms per batch)"
+    )
+    print(
+        f"engine:   {rate['engine']:.1f} completions/s (median {1e3 * statistics.median(times['engine']):.0f} "
+        f"ms per batch)"
+    )
+    for policy, (total, export) in sync_ms.items():
+        print(
+            f"weight sync ({policy}): {total:.1f} ms (export {export:.1f} ms, push into the engine "
+            f"{total - export:.1f} ms)"
+        )
+    print(f"ratio: {rate['engine'] / rate['generate']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
