@@ -46,6 +46,11 @@ class _Heads(nn.Module):
         self.route_gate = None
 
 
+def _tied(model: nn.Module) -> bool:
+    out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+    return out is not None and inp is not None and out.weight is inp.weight
+
+
 @register_target("logit_head")
 class LogitHeadTarget(TargetBase):
     """Kept and quarantine vocabulary heads added to a frozen causal LM's logits, behind the `Target` interface."""
@@ -67,6 +72,10 @@ class LogitHeadTarget(TargetBase):
 
     @classmethod
     def from_args(cls, model: nn.Module, args: LogitHeadArgs, config: Any) -> LogitHeadTarget:
+        if getattr(config, "use_vllm", False) and _tied(model):
+            raise ValueError("use_vllm: target logit_head pushes an untied output head (base head + W_k), which a vLLM "
+                             "engine serving a model with tied word embeddings never reads; set use_vllm: false or "
+                             "use a model with tie_word_embeddings: false")
         return cls(model)
 
     def _add_heads(self, module: nn.Module, args: tuple, z: Tensor) -> Tensor:
