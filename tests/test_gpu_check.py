@@ -22,14 +22,40 @@ def gpu_check():
 
 def test_cpu_tiny_run(gpu_check, tmp_path, capsys):
     out = tmp_path / "report.json"
-    report = gpu_check.main(["--device", "cpu", "--shape", "tiny", "--steps", "2", "--warmup", "1", "--budget-s",
-                             "600", "--skip", "heads_decode", "--out", str(out)])
+    report = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--shape",
+            "tiny",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--budget-s",
+            "600",
+            "--skip",
+            "heads_decode",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == report
     assert report["table"] in capsys.readouterr().out
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["warm-up: 1 step lora, untimed", "step lora", "step dual_lora", "svd_setup svf", "step svf",
-                          "step full", "step sgtm", "ckpt_equal dual_lora", "ckpt_equal svf", "ckpt_equal sgtm",
-                          "heads_decode"]
+    assert list(rows) == [
+        "warm-up: 1 step lora, untimed",
+        "step lora",
+        "step dual_lora",
+        "svd_setup svf",
+        "step svf",
+        "step full",
+        "step sgtm",
+        "ckpt_equal dual_lora",
+        "ckpt_equal svf",
+        "ckpt_equal sgtm",
+        "heads_decode",
+    ]
     for name, row in rows.items():
         assert list(row) == list(gpu_check.COLUMNS), name
         assert name in report["table"]
@@ -83,8 +109,15 @@ def test_budget_errors_and_missing_heads(gpu_check, tmp_path):
     assert gpu_check.heads_decode({}, broken_bench)["status"] == "not available"
 
 
-@pytest.mark.parametrize("argv, flag", [(["--shape", "7b"], "--shape"), (["--device", "tpu"], "--device"),
-                                        (["--steps", "0"], "--steps"), (["--skip", "everything"], "--skip")])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["--shape", "7b"], "--shape"),
+        (["--device", "tpu"], "--device"),
+        (["--steps", "0"], "--steps"),
+        (["--skip", "everything"], "--skip"),
+    ],
+)
 def test_bad_flags(gpu_check, argv, flag):
     with pytest.raises(ValueError, match=flag):
         gpu_check.parse_args(argv)
