@@ -75,8 +75,8 @@ COLUMNS = (
 
 
 def measure(report: dict, name: str, kind: str, fn, budget_end: float, spent: dict) -> dict:
-    """Run one measurement into a row of `report`, skipped if the budget left is below the longest one of its kind so far
-    (`spent`: seconds by kind, seeded with an estimate where the first one may be long)."""
+    """Run one measurement into a row of `report`; skipped if the budget left is below the longest one of its kind
+    so far (`spent`: seconds by kind, seeded with an estimate where the first one may be long)."""
     row = dict.fromkeys(COLUMNS)
     row.update(name=name, kind=kind)
     left = budget_end - time.monotonic()
