@@ -135,7 +135,7 @@ def format_table(report: dict) -> str:
     m = report["meta"]
     return (
         f"{m['device_name']}, shape {m['shape']} ({m['parameters'] / 1e6:.1f}M parameters), {m['dtype']}, "
-        f"{m['steps']} timed + {m['warmup']} warm-up steps; met: GPU goals only\n" + "\n".join(out)
+        f"{m['steps']} timed + {m['warmup']} warm-up steps; step goals are judged (met) on GPU only\n" + "\n".join(out)
     )
 
 

@@ -76,7 +76,8 @@ def test_cpu_tiny_run(gpu_check, tmp_path, capsys):
             assert row["goal"] == gpu_check.GOALS[kind] and row["met"] is None  # goals are judged on GPU only
 
     svd = rows["svd_setup svf"]
-    assert svd["status"] == "ok" and svd["value"] > 0 and svd["ratio"] > 0
+    assert svd["status"] == "ok" and svd["value"] > 0 and svd["detail"]["cold_s"] > 0
+    assert svd["ratio"] == pytest.approx(svd["value"] / svd["detail"]["cold_s"])
     assert svd["detail"]["cache_entries"] == 2 * 7  # two layers, every attention and MLP projection
 
     for target in ("dual_lora", "svf", "sgtm"):
