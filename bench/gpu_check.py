@@ -181,7 +181,6 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     import envs
-    from route.io import write_json_atomic
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device: cuda requested but torch.cuda.is_available() is False; use --device cpu")
@@ -216,13 +215,16 @@ def main(argv: list[str] | None = None) -> dict:
     probe(input_ids=ids, labels=ids).loss.backward()  # first-use kernel and library set-up, outside every figure
     del probe, ids
     report, spent = {"meta": meta, "rows": []}, {"heads_decode": [HEADS_DECODE_S]} if cuda else {}
-    plan = [
+    steps = [(f"step {k}", "step", k) for k, _ in STEPS]
+    plan = [  # most wanted first: a run cut short by its budget keeps routed vs vanilla and the equality checks
         ("warm-up: 1 step lora, untimed", "warmup", "lora"),
-        *[(f"step {k}", "step", k) for k, _ in STEPS],
+        *steps[:2],
+        ("svd_setup svf", "svd_setup", None),  # before the svf trainer, which then reads the SVD cache
+        steps[2],
         *[(f"ckpt_equal {t}", "ckpt_equal", t) for t in TARGETS],
+        *steps[3:],
         ("heads_decode", "heads_decode", None),
     ]
-    plan.insert(3, ("svd_setup svf", "svd_setup", None))  # before the svf trainer, which then reads the SVD cache
     fns = {
         "warmup": lambda k, c: run_steps(k, c, warmup=0, steps=1),
         "step": run_steps,
@@ -238,14 +240,22 @@ def main(argv: list[str] | None = None) -> dict:
                     {**dict.fromkeys(COLUMNS), "name": name, "kind": kind, "status": "skipped: --skip"}
                 )
                 continue
-            measure(report, name, kind, lambda k=kind, x=arg: fns[k](x, ctx), budget_end, spent)
-    add_ratios(report, cuda)
-    meta["elapsed_s"] = round(a.budget_s - (budget_end - time.monotonic()), 1)
-    report["table"] = format_table(report)
+            row = measure(report, name, kind, lambda k=kind, x=arg: fns[k](x, ctx), budget_end, spent)
+            print(f"gpu_check: {name}: {row['status']} ({row['seconds']} s)", file=sys.stderr, flush=True)
+            write_report(report, a, budget_end, cuda, done=False)  # a run killed later keeps what it finished
+    write_report(report, a, budget_end, cuda, done=True)
     print(report["table"])
-    write_json_atomic(a.out, report)
     print(f"written: {a.out}")
     return report
+
+
+def write_report(report: dict, a: argparse.Namespace, budget_end: float, cuda: bool, done: bool) -> None:
+    from route.io import write_json_atomic
+
+    add_ratios(report, cuda)
+    report["meta"].update(complete=done, elapsed_s=round(a.budget_s - (budget_end - time.monotonic()), 1))
+    report["table"] = format_table(report)
+    write_json_atomic(a.out, report)
 
 
 if __name__ == "__main__":

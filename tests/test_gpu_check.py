@@ -49,11 +49,11 @@ def test_cpu_tiny_run(gpu_check, tmp_path, capsys):
         "step dual_lora",
         "svd_setup svf",
         "step svf",
-        "step full",
-        "step sgtm",
         "ckpt_equal dual_lora",
         "ckpt_equal svf",
         "ckpt_equal sgtm",
+        "step full",
+        "step sgtm",
         "heads_decode",
     ]
     for name, row in rows.items():
@@ -62,6 +62,7 @@ def test_cpu_tiny_run(gpu_check, tmp_path, capsys):
     assert rows["heads_decode"]["status"] == "skipped: --skip"
     meta = report["meta"]
     assert (meta["device"], meta["shape"], meta["dtype"], meta["tolerance"]) == ("cpu", "tiny", "float32", 0.0)
+    assert meta["complete"] and 0 < meta["elapsed_s"] < 600
 
     baselines = {"dual_lora": "lora", "svf": "lora", "sgtm": "full"}
     for kind in ("lora", "dual_lora", "svf", "full", "sgtm"):
