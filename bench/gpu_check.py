@@ -26,7 +26,10 @@ the vocabulary. bf16 on cuda, fp32 on cpu. Every measurement has its own baselin
 
 Goals (on GPU): routed / vanilla step time <= 1.05 (dual_lora, sgtm), svf / LoRA <= 1.00. A measurement starts only
 if the remaining `--budget-s` covers the longest one of its kind so far (else status "skipped: budget"); one that
-raises records the error and the run goes on. One table is printed and written as JSON (`--out`, atomically).
+raises records the error and the run goes on. The measurements run most wanted first (steps of lora, dual_lora and
+svf, the equality checks, then full and sgtm, the heads last). One table is printed and written as JSON (`--out`,
+atomically; rewritten after every measurement with `meta.complete` false, so a run killed from outside keeps what it
+finished); a progress line per measurement goes to stderr.
 """
 
 from __future__ import annotations
