@@ -25,6 +25,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from queue import Empty
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -163,7 +164,13 @@ def main(argv: list[str] | None = None) -> None:
         queue = ctx.Queue()
         proc = ctx.Process(target=measure, args=(method, a, queue))
         proc.start()
-        rows[method] = queue.get()
+        while True:  # a worker that dies (out of memory, a crash) must not hang the parent on queue.get()
+            try:
+                rows[method] = queue.get(timeout=5)
+                break
+            except Empty:
+                if not proc.is_alive():
+                    raise RuntimeError(f"{method}: the measuring process exited with code {proc.exitcode}") from None
         proc.join()
     ref = rows["genarm_1x"]
     print(
