@@ -42,3 +42,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.2) -> torch.nn.Module:
+    """Every parameter, biases and norms included, redrawn from N(0, std) (N(1, std) for norm weights).
+
+    Zero-initialised biases (c_fc, the head bias) would hide a bias that is not moved or not re-initialised.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32) * std
+        p.copy_(noise + (1.0 if ("norm" in name or ".ln_" in name) and name.endswith("weight") else 0.0))
+    return model

@@ -107,6 +107,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int, sgtm: bool):
     if cfg.architecture == "gpt_neo":
         config = GPTNeoConfig(num_layers=cfg.num_layers, num_heads=cfg.num_heads, attention_types=[[["global"],
                               cfg.num_layers]], embed_dropout=0.0, resid_dropout=0.0, attention_dropout=0.0, **common)
+        config.lm_head_bias = False  # vanilla GPT-Neo's head, so the deployed model exports to the vanilla class
         cls = GPTNeoForCausalLMSGTM
     else:
         config = (LlamaConfig if cfg.architecture == "llama" else Qwen2Config)(
