@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from route.masks.linear import SplitLinearIn, SplitLinearOut, init_normal_
 from route.masks.model import SGTMMasks
 from route.masks.strategies import available_strategies, get_strategy
+from route.tiered.model import TieredKeyMixin
 
 SPLITS = ("forget", "retain", "joint")
 SGTM_CONFIG_FIELDS = ("retain_mlp_dim", "retain_attn_heads", "masked_layers", "masking_strategy",
@@ -97,8 +98,11 @@ def with_sgtm_mode(base_forward):
     return forward
 
 
-class SGTMModelMixin:
-    """SGTM's model methods on top of a transformers model whose masked layers are converted."""
+class SGTMModelMixin(TieredKeyMixin):
+    """SGTM's model methods on top of a transformers model whose masked layers are converted.
+
+    Also the tiered model methods (`apply_key`, `unapply_key`, `mask_*_gradients`; `route.tiered`).
+    """
 
     def _sgtm_shared_modules(self) -> list[nn.Module]:
         """Modules that forget rows must not train: the embeddings (and a head tied to them) if masked."""
