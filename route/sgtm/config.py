@@ -149,8 +149,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
-    """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
+def parse_config(cls: type, argv: list[str] | None = None):
+    """`--config FILE.yaml` plus `--field value` overrides for the config dataclass `cls` (flags win)."""
     import sys
 
     from transformers import HfArgumentParser
@@ -158,10 +158,10 @@ def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
     from route.io import load_yaml_mapping, pop_config_arg
 
     path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PretrainConfig)
+    parser = HfArgumentParser(cls)
     if path is not None:
         values = load_yaml_mapping(path)
-        known = {f.name for f in dataclasses.fields(PretrainConfig)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config file {path}: unknown fields {unknown}")
@@ -170,4 +170,9 @@ def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
     return cfg
 
 
-__all__ = ["ARCHITECTURES", "PretrainConfig", "RETAIN_MODES", "parse_pretrain_config"]
+def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
+    """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
+    return parse_config(PretrainConfig, argv)
+
+
+__all__ = ["ARCHITECTURES", "PretrainConfig", "RETAIN_MODES", "parse_config", "parse_pretrain_config"]
