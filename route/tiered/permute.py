@@ -9,8 +9,9 @@ Works on plain transformers GPT-Neo, Llama and Qwen2 models and on the SGTM mode
 first (`PermutationKey.validate`), so an overlapping key is refused instead of silently failing to
 restore. A swap exchanges the two slots' slices exactly (copies, no arithmetic), so unapply restores
 every bit. The swaps are grouped per pair of parameters into index vectors and cached per model and
-key (one `index_select`/`index_copy_` pair per group), so a two-pass step permutes cheaply. `apply_key` and `unapply_key` move the weights only: gradients and optimizer state stay where
-they are (use `swap_gradients`; `route.tiered.train` steps in the public layout, see there).
+key (one `index_select`/`index_copy_` pair per group), so a two-pass step permutes cheaply.
+`apply_key` and `unapply_key` move the weights only: gradients and optimizer state stay where they
+are (use `swap_gradients`; `route.tiered.train` steps in the public layout, see there).
 """
 
 from __future__ import annotations
