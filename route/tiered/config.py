@@ -10,12 +10,14 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from route.sgtm.config import OptimFields
+
 RUNS = ("tiered", "all_data", "public_only")
 ARCHITECTURES = ("gpt_neo", "llama", "qwen2")
 
 
 @dataclass
-class TieredConfig:
+class TieredConfig(OptimFields):
     """Two-pass tiered pretraining and its two baselines (see route/tiered/pretrain.py)."""
 
     output_dir: str = field(default="runs/tiered_default", metadata={"help": "Where results, models and PNG go."})
@@ -51,17 +53,10 @@ class TieredConfig:
     intermediate_size: int = field(default=256, metadata={"help": "MLP width."})
     init_range: float = field(default=0.02, metadata={"help": "Initializer std."})
     # optimization
-    steps: int = field(default=600, metadata={"help": "Optimizer steps per run."})
+    steps: int = field(default=300, metadata={"help": "Optimizer steps per run."})
     batch_size: int = field(default=16, metadata={"help": "Blocks per pass (baselines: two passes' worth per step)."})
-    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (warm-up, then cosine down to a tenth)."})
-    warmup_steps: int = field(default=50, metadata={"help": "Warm-up steps."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
-    eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations (curves)."})
     threads: int = field(default=1, metadata={"help": "torch intra-op threads."})
     save_models: bool = field(default=True, metadata={"help": "Save the models (for the probes) and the key."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
         if isinstance(self.runs, str):
@@ -75,18 +70,9 @@ class TieredConfig:
         for name in ("head_share", "mlp_share", "keyed_mix", "public_scale"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name}: must be a number in [0, 1], got {getattr(self, name)!r}")
-        for name in (
-            "steps",
-            "batch_size",
-            "eval_every",
-            "seq_len",
-            "eval_blocks",
-            "train_blocks",
-            "num_layers",
-            "threads",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        self.check_positive(
+            ("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks", "num_layers", "threads")
+        )
         if self.num_layers < 2:
             raise ValueError("num_layers: a key swaps across layers; need at least 2")
 
