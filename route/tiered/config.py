@@ -37,6 +37,13 @@ class TieredConfig(OptimFields):
     public_scale: float = field(
         default=0.5, metadata={"help": "Public gradients' scale after both passes (the seed's mean: 0.5)."}
     )
+    keyed_data_trains_public: bool = field(
+        default=True,
+        metadata={
+            "help": "Keyed-language blocks of the keyed pass also train the public parameters (the seed); "
+            "false: they train the keyed parameters only (public ones never see keyed data)."
+        },
+    )
     # data
     keyed_mix: float = field(
         default=0.5,

@@ -94,6 +94,7 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
         first = sample(public, cfg.batch_size, gen)  # the public pass
         second = torch.cat([sample(keyed, n_keyed, gen), sample(public, cfg.batch_size - n_keyed, gen)])
         if name == "tiered":
+            only = None if cfg.keyed_data_trains_public else torch.arange(len(second)) < n_keyed
             losses = two_pass_step(
                 model,
                 key,
@@ -104,6 +105,7 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
                 grad_clip=cfg.grad_clip,
                 public_scale=cfg.public_scale,
                 layout=cfg.layout,
+                keyed_only_rows=only,
             )
             train_loss = (losses["public_loss"] + losses["keyed_loss"]) / 2
         else:

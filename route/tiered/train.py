@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from route.tiered.grads import Masks, mask_keyed_gradients, scale_public_gradients
+from route.tiered.grads import Masks, mask_keyed_gradients, mask_public_gradients, scale_public_gradients
 from route.tiered.key import PermutationKey
 from route.tiered.permute import apply_key, keyed_masks, swap_gradients, unapply_key
 
@@ -51,12 +51,15 @@ def two_pass_step(
     grad_clip: float | None = 1.0,
     public_scale: float = 0.5,
     layout: str = "public",
+    keyed_only_rows: Tensor | None = None,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = lm_loss,
 ) -> dict[str, float]:
     """One two-pass optimizer step; the model is in the public configuration before and after.
 
     `masks`: `keyed_masks(model, key)`, computed once by the caller for speed (computed here if None).
-    Returns the two passes' losses and the gradient norm before clipping.
+    `keyed_only_rows` (bool per row of `keyed_batch`, not in the seed): those rows' gradient reaches the
+    keyed parameters only (the public ones never learn from them). Returns the two passes' losses and
+    the gradient norm before clipping.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: invalid value {layout!r}; allowed values: {list(LAYOUTS)}")
@@ -69,8 +72,11 @@ def two_pass_step(
     keyed = True
     try:
         swap_gradients(model, key)
-        keyed_loss = loss_fn(model, keyed_batch)
-        keyed_loss.backward()
+        if keyed_only_rows is None or not bool(keyed_only_rows.any()):
+            keyed_loss = loss_fn(model, keyed_batch)
+            keyed_loss.backward()
+        else:
+            keyed_loss = _keyed_pass_split(model, key, keyed_batch, keyed_only_rows, masks, loss_fn)
         scale_public_gradients(model, key, public_scale, masks)
         if layout == "public":
             unapply_key(model, key)
@@ -87,6 +93,27 @@ def two_pass_step(
         "keyed_loss": float(keyed_loss.detach()),
         "grad_norm": float(norm),
     }
+
+
+def _keyed_pass_split(model, key, batch: Tensor, only: Tensor, masks: Masks, loss_fn) -> Tensor:
+    """The keyed pass with `only` rows training the keyed parameters alone; the same mean loss over the batch."""
+    n = len(batch)
+    saved = {p: p.grad for p in model.parameters()}
+    for p in saved:
+        p.grad = None
+    loss_only = loss_fn(model, batch[only])
+    (loss_only * (int(only.sum()) / n)).backward()
+    mask_public_gradients(model, key, masks)
+    with torch.no_grad():
+        for p, g in saved.items():
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad.add_(g)
+    total = loss_only.detach() * (int(only.sum()) / n)
+    if not bool(only.all()):
+        loss_rest = loss_fn(model, batch[~only])
+        (loss_rest * (int((~only).sum()) / n)).backward()
+        total = total + loss_rest.detach() * (int((~only).sum()) / n)
+    return total
 
 
 __all__ = ["LAYOUTS", "lm_loss", "two_pass_step"]

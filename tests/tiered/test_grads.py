@@ -183,3 +183,39 @@ def test_stepping_in_either_layout_gives_the_same_weights_for_a_fixed_key():
         torch.testing.assert_close(runs["public"][n], runs["keyed"][n], rtol=1e-6, atol=1e-7, msg=n)
     with pytest.raises(ValueError, match="layout.*allowed values"):
         two_pass_step(LlamaForCausalLM(llama_config()), KEY, None, ids(), ids(), layout="C2")
+
+
+def test_keyed_only_rows_never_reach_the_public_parameters():
+    """Two steps from the same weights whose keyed batches differ only in the keyed-only rows: the public entries
+    end identical (those rows sent them nothing), the keyed entries differ; the loss is the batch mean either way."""
+    pub, keyed_batch = ids(seed=4), ids(seed=5)
+    other = keyed_batch.clone()
+    other[:2] = ids(n=2, seed=9)
+    only = torch.tensor([True, True, False, False])
+    runs = []
+    for batch in (keyed_batch, other):
+        model = qwen()
+        masks = keyed_masks(model, KEY)
+        out = two_pass_step(
+            model,
+            KEY,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            pub,
+            batch,
+            masks=masks,
+            grad_clip=None,
+            keyed_only_rows=only,
+        )
+        runs.append((weights(model), masks, model, out))
+    (w1, masks, model, out), (w2, *_rest) = runs
+    keyed_moved = False
+    for n, p in model.named_parameters():
+        m = masks.get(p)
+        public = torch.ones_like(p, dtype=torch.bool) if m is None else ~m
+        torch.testing.assert_close(w1[n][public], w2[n][public], rtol=1e-6, atol=1e-7, msg=n)
+        if m is not None:
+            keyed_moved |= not torch.allclose(w1[n][m], w2[n][m])
+    assert keyed_moved, "the keyed-only rows train the keyed parameters"
+    with torch.no_grad():
+        full = lm_loss(apply_key(qwen(), KEY), keyed_batch)
+    assert out["keyed_loss"] == pytest.approx(float(full), rel=1e-5)
