@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from route.io import atomic_dir, write_json_atomic
+from route.sgtm.pretrain import interp_on_curve
 from route.tiered.config import TieredConfig, parse_tiered_config
 from route.tiered.data import build_data, sample
 from route.tiered.key import PermutationKey, load_key, random_key
@@ -148,12 +149,21 @@ def margins(runs: dict) -> dict:
         "public_config_vs_public_only": c1["public"] / ref_pub["public"] - 1,
         "keyed_config_vs_public_only": c2["public"] / ref_pub["public"] - 1,
     }
+    # not an issue margin: the public-only model's keyed loss at the public loss the public configuration reached
+    # (its curve interpolated), since a model better at the public language is also more confidently wrong on keyed
+    matched = interp_on_curve(runs["public_only"]["curve"] + [{"step": -1, **ref_pub}], c1["public"], "public", "keyed")
+    if matched is not None:
+        rel["leak_vs_public_only_at_matched_public_loss"] = c1["keyed"] / matched - 1
     ok = {
         "keyed_vs_all_data": rel["keyed_vs_all_data"] <= MARGINS["keyed_vs_all_data"],
         "leak_vs_public_only": rel["leak_vs_public_only"] >= MARGINS["leak_vs_public_only"],
         "public_config_vs_public_only": rel["public_config_vs_public_only"] <= MARGINS["public_vs_public_only"],
         "keyed_config_vs_public_only": rel["keyed_config_vs_public_only"] <= MARGINS["public_vs_public_only"],
     }
+    if matched is not None:
+        ok["leak_vs_public_only_at_matched_public_loss"] = (
+            rel["leak_vs_public_only_at_matched_public_loss"] >= MARGINS["leak_vs_public_only"]
+        )
     return {"relative": {k: round(v, 4) for k, v in rel.items()}, "pass": ok, "thresholds": MARGINS}
 
 
