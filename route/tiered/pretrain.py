@@ -5,7 +5,8 @@ public data in the public configuration, keyed gradients masked, the key applied
 data (by default half keyed-language and half public blocks, so the keyed configuration keeps the public
 skill), public gradients scaled by 1/2, clip and AdamW step (in the public layout: see `train`). Two
 baselines see the same data per step as one batch: `all_data` (one model trained normally on everything)
-and `public_only` (public data only, same number of blocks). The model is the SGTM model class of the
+and `public_only` (the same blocks with the keyed-language ones dropped: data filtering, so every run
+sees the same public data). The model is the SGTM model class of the
 chosen architecture with every unit retain (`route.sgtm`), the tiny size of SGTM pretraining.
 
 Writes, atomically, to `output_dir`: `results.json` (config, key, held-out losses per run and
@@ -110,8 +111,8 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
             )
             train_loss = (losses["public_loss"] + losses["keyed_loss"]) / 2
         else:
-            if name == "public_only":
-                second = sample(public, cfg.batch_size, gen)
+            if name == "public_only":  # the same public blocks, the keyed ones filtered out
+                second = second[n_keyed:]
             loss = lm_loss(model, torch.cat([first, second]))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
