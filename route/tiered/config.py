@@ -28,8 +28,8 @@ class TieredConfig(OptimFields):
     )
     # key
     key_path: str | None = field(default=None, metadata={"help": "A key JSON (the seed's format); None: draw one."})
-    head_share: float = field(default=0.5, metadata={"help": "Share of heads in a drawn key."})
-    mlp_share: float = field(default=0.5, metadata={"help": "Share of MLP columns in a drawn key."})
+    head_share: float = field(default=0.25, metadata={"help": "Share of heads in a drawn key."})
+    mlp_share: float = field(default=0.25, metadata={"help": "Share of MLP columns in a drawn key."})
     layout: str = field(
         default="public",
         metadata={"help": "Layout of the optimizer step: public or keyed (the seed's; same weights for a fixed key)."},
