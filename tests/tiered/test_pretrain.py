@@ -27,6 +27,8 @@ TINY = dict(
     batch_size=4,
     warmup_steps=1,
     progress=False,
+    head_share=0.5,  # 2 of 4 heads and 32 of 64 columns per layer: 2 head swaps and 32 column swaps
+    mlp_share=0.5,
 )
 
 
