@@ -61,7 +61,9 @@ class TieredConfig(OptimFields):
     init_range: float = field(default=0.02, metadata={"help": "Initializer std."})
     # optimization
     steps: int = field(default=300, metadata={"help": "Optimizer steps per run."})
-    batch_size: int = field(default=16, metadata={"help": "Blocks per pass (baselines: both passes' blocks as one batch)."})
+    batch_size: int = field(
+        default=16, metadata={"help": "Blocks per pass (baselines: both passes' blocks as one batch)."}
+    )
     threads: int = field(default=1, metadata={"help": "torch intra-op threads."})
     save_models: bool = field(default=True, metadata={"help": "Save the models (for the probes) and the key."})
 
