@@ -10,9 +10,10 @@ pretraining and the `sgtm` RL target need:
 - `adjust_gradients(mode)`: the seed's whole-batch gradient masking after the backward
   (idempotent here, since `gate` already masks per row inside the backward);
 - `ablate(trainable=False)`: forget slices set to zero, or input-projection forget rows redrawn
-  from a normal with the retain rows' std. Departure from the seed: the output projections'
-  forget columns are zeroed in both cases, so a trainable re-init leaves the deployed function
-  unchanged (the LoRA analogue: B = 0, A redrawn); biases of forget units are zeroed;
+  from a normal with the retain rows' std. By default (`redraw="inputs"`, what the RL target
+  uses) the output projections' forget columns and forget biases are zeroed, so a trainable
+  re-init leaves the deployed function unchanged (the LoRA analogue: B = 0, A redrawn);
+  `redraw="all"` (the SGTM model API, as the public model) redraws every forget slice;
 - `param_groups()`: "keep" (retain slices), "quarantine" (forget slices) and "shared", for
   `route.optim.build_optimizer` / `SkipZeroAdamW`, which skips parameters without gradient;
 - `merged_state_dict(ablate=...)`: vanilla keys (split parameters merged), fp32, out of place.
@@ -37,6 +38,7 @@ from route.masks.linear import MASKED_LINEARS, GatedLinear, SplitLinearIn, Split
 from route.masks.strategies import get_strategy
 
 ROLES = ("retain", "forget")
+REDRAWS = ("inputs", "all")
 
 
 @dataclass(frozen=True)
@@ -211,12 +213,20 @@ class SGTMMasks:
 
     # ------------------------------------------------------------------ ablation
     @torch.no_grad()
-    def ablate(self, trainable: bool = False) -> None:
-        """Remove the forget units: zero, or (trainable) input rows redrawn at the retain rows' std."""
+    def ablate(self, trainable: bool = False, redraw: str = "inputs") -> None:
+        """Remove the forget units: zero, or (trainable) redraw forget slices at their retain slice's std.
+
+        `redraw` (with `trainable`): "inputs" redraws the input projections' forget rows and zeroes
+        the rest (the deployed function is unchanged); "all" redraws every forget slice (input rows,
+        their biases and the output projections' forget columns), as the SGTM model API does.
+        """
+        if redraw not in REDRAWS:
+            raise ValueError(f"redraw: invalid value {redraw!r}; allowed values: {list(REDRAWS)}")
+        parts = ("in_weight",) if redraw == "inputs" else ("in_weight", "in_bias", "out_weight")
         retain = {(s.module, s.part): s for s in self.slices("retain")}
         for s in self.slices("forget"):
             target = s.of(s.param.data)
-            if trainable and s.part == "in_weight" and target.numel():
+            if trainable and s.part in parts and target.numel():
                 kept = retain[(s.module, s.part)]
                 ref = kept.of(kept.param.data)
                 redraw_like_(target, ref if ref.numel() > 1 else s.param.data)

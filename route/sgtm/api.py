@@ -32,10 +32,11 @@ from torch import Tensor, nn
 from route.masks.linear import SplitLinearIn, SplitLinearOut, init_normal_
 from route.masks.model import SGTMMasks
 from route.masks.strategies import available_strategies, get_strategy
+from route.tiered.model import TieredKeyMixin
 
 SPLITS = ("forget", "retain", "joint")
 SGTM_CONFIG_FIELDS = ("retain_mlp_dim", "retain_attn_heads", "masked_layers", "masking_strategy",
-                      "split_masked_weights", "sgtm_mask_embeddings")
+                      "split_masked_weights", "sgtm_mask_embeddings", "lm_head_bias")
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,11 @@ def with_sgtm_mode(base_forward):
     return forward
 
 
-class SGTMModelMixin:
-    """SGTM's model methods on top of a transformers model whose masked layers are converted."""
+class SGTMModelMixin(TieredKeyMixin):
+    """SGTM's model methods on top of a transformers model whose masked layers are converted.
+
+    Also the tiered model methods (`apply_key`, `unapply_key`, `mask_*_gradients`; `route.tiered`).
+    """
 
     def _sgtm_shared_modules(self) -> list[nn.Module]:
         """Modules that forget rows must not train: the embeddings (and a head tied to them) if masked."""
@@ -137,8 +141,12 @@ class SGTMModelMixin:
         self.sgtm_masks.adjust_gradients(sgtm_mode)
 
     def ablate(self, trainable: bool = False) -> None:
-        """Remove the forget units (zero, or a trainable re-init at the retain rows' std)."""
-        self.sgtm_masks.ablate(trainable)
+        """Remove the forget units: zero them, or (trainable) redraw every forget slice at its retain slice's std.
+
+        As the public model: with `trainable=True` the input rows, their biases and the output
+        projections' forget columns are all redrawn, whatever the strategy and weight layout.
+        """
+        self.sgtm_masks.ablate(trainable, redraw="all")
 
     def named_parameters_split(self, sgtm_split: str = "forget") -> Iterator[tuple[str, nn.Parameter]]:
         """Parameters of one split: "forget" (`*_forget`), "retain" (`*_retain`) or "joint" (the rest).
@@ -157,8 +165,16 @@ class SGTMModelMixin:
                 yield name, p
 
     def to_vanilla_state_dict(self, ablate: bool = False) -> dict[str, Tensor]:
-        """This model's state dict under the vanilla transformers keys (forget units zeroed if `ablate`)."""
-        return self.sgtm_masks.merged_state_dict(ablate=ablate)
+        """This model's state dict under the vanilla transformers keys (forget units zeroed if `ablate`).
+
+        A head bias (GPT-Neo's public layout) has no vanilla key: dropped while zero, an error otherwise.
+        """
+        state = self.sgtm_masks.merged_state_dict(ablate=ablate)
+        bias = state.pop("lm_head.bias", None)
+        if bias is not None and bool(bias.any()):
+            raise ValueError("to_vanilla: lm_head.bias is non-zero and the vanilla class has no head bias; build the "
+                             "model with lm_head_bias=False to export it, or keep this class (save_pretrained)")
+        return state
 
     def to_vanilla(self, ablate: bool = False) -> nn.Module:
         """The vanilla transformers model (`self._vanilla`) with these weights (forget units zeroed if `ablate`)."""

@@ -21,7 +21,26 @@ RETAIN_MODES = ("default", "retain")
 
 
 @dataclass
-class PretrainConfig:
+class OptimFields:
+    """Optimizer and logging knobs shared by the pretraining CLIs (SGTM and tiered)."""
+
+    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (warm-up, then cosine down to a tenth)."})
+    warmup_steps: int = field(default=50, metadata={"help": "Warm-up steps."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
+    eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations (curves)."})
+    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+
+    def check_positive(self, names: tuple[str, ...]) -> None:
+        """A ValueError naming the first field of `names` that is below 1."""
+        for name in names:
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+
+
+@dataclass
+class PretrainConfig(OptimFields):
     """SGTM pretraining (see route/sgtm/pretrain.py)."""
 
     output_dir: str = field(default="runs/sgtm_default", metadata={"help": "Where results.json and the PNG go."})
@@ -88,15 +107,8 @@ class PretrainConfig:
     # optimization
     steps: int = field(default=1500, metadata={"help": "Optimizer steps per run."})
     batch_size: int = field(default=32, metadata={"help": "Blocks per step."})
-    lr: float = field(default=3e-3, metadata={"help": "Peak learning rate (warm-up, then cosine down to a tenth)."})
-    warmup_steps: int = field(default=50, metadata={"help": "Warm-up steps."})
-    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
-    beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
-    grad_clip: float = field(default=1.0, metadata={"help": "Gradient-norm clip."})
-    eval_every: int = field(default=100, metadata={"help": "Steps between held-out evaluations (curves)."})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: up to 2)."})
     save_models: bool = field(default=False, metadata={"help": "Save the ablated SGTM model (vanilla format)."})
-    progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
         from route.masks import available_strategies
@@ -127,9 +139,7 @@ class PretrainConfig:
             raise ValueError(f"label noise: set one of undiscovered_rate, tpr/fpr, precision/recall; got {given}")
         if (self.precision is None) != (self.recall is None):
             raise ValueError("precision, recall: set both or neither")
-        for name in ("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
+        self.check_positive(("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks"))
         for name in ("upsample_forget", "upsample_retain", "upsample_adjacent"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")
@@ -149,8 +159,8 @@ class PretrainConfig:
         return dataclasses.asdict(self)
 
 
-def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
-    """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
+def parse_config(cls: type, argv: list[str] | None = None):
+    """`--config FILE.yaml` plus `--field value` overrides for the config dataclass `cls` (flags win)."""
     import sys
 
     from transformers import HfArgumentParser
@@ -158,10 +168,10 @@ def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
     from route.io import load_yaml_mapping, pop_config_arg
 
     path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(PretrainConfig)
+    parser = HfArgumentParser(cls)
     if path is not None:
         values = load_yaml_mapping(path)
-        known = {f.name for f in dataclasses.fields(PretrainConfig)}
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"config file {path}: unknown fields {unknown}")
@@ -170,4 +180,9 @@ def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
     return cfg
 
 
-__all__ = ["ARCHITECTURES", "PretrainConfig", "RETAIN_MODES", "parse_pretrain_config"]
+def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:
+    """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
+    return parse_config(PretrainConfig, argv)
+
+
+__all__ = ["ARCHITECTURES", "OptimFields", "PretrainConfig", "RETAIN_MODES", "parse_config", "parse_pretrain_config"]

@@ -93,8 +93,13 @@ def procedural_texts(kind: str, n: int, seed: int, min_chars: int = 200) -> list
     """`n` documents (sentences joined by ". ") of one procedural language; a pure function of (kind, n, seed)."""
     if kind not in LANGUAGES:
         raise ValueError(f"kind: invalid value {kind!r}; allowed values: {list(LANGUAGES)}")
-    lex = _Lexicon(LANGUAGES[kind])
-    rng = random.Random(f"{kind}:{seed}")
+    return language_texts(LANGUAGES[kind], n, seed, min_chars, name=kind)
+
+
+def language_texts(lang: Language, n: int, seed: int, min_chars: int = 200, name: str = "") -> list[str]:
+    """`n` documents of any procedural `Language`; a pure function of (lang, n, seed, name)."""
+    lex = _Lexicon(lang)
+    rng = random.Random(f"{name}:{seed}")
     docs = []
     for _ in range(n):
         parts, size = [], 0
@@ -185,5 +190,5 @@ def noisy_labels(kinds: Sequence[str], tpr: float, fpr: float, seed: int) -> lis
     return out
 
 
-__all__ = ["KINDS", "LANGUAGES", "Language", "char_tokenizer", "load_texts", "noisy_labels", "pack",
+__all__ = ["KINDS", "LANGUAGES", "Language", "char_tokenizer", "language_texts", "load_texts", "noisy_labels", "pack",
            "procedural_texts", "tpr_fpr_from_precision_recall"]

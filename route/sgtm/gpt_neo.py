@@ -15,6 +15,11 @@ projections are not split (as in the seed). Construction draws exactly the rando
 `GPTNeoForCausalLM(config)`, so the same seed gives the same weights; with retain units
 covering everything the model is vanilla GPT-Neo. `to_vanilla()` / `from_vanilla()` convert.
 
+As in the public SGTM model, `lm_head` carries a bias (`lm_head_bias`, default true): it starts at zero
+(drawing no random number) and trains with everything else; `named_parameters_split` lists it under
+"joint". Vanilla GPT-Neo has no head bias, so `to_vanilla()` refuses a non-zero one (build with
+`lm_head_bias=False` for a model that must export to the vanilla class).
+
 Departures from the seed are those of `route.sgtm.api` (per-row modes, masking inside the
 backward, ablation also zeroing the output projections' forget columns); the gating itself is
 the shared core's (`route.masks`).
@@ -22,6 +27,7 @@ the shared core's (`route.masks`).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from transformers import GPTNeoConfig, GPTNeoForCausalLM, GPTNeoModel
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoBlock, GPTNeoPreTrainedModel
@@ -80,6 +86,9 @@ class GPTNeoForCausalLMSGTM(SGTMModelMixin, GPTNeoForCausalLM):
         GPTNeoPreTrainedModel.__init__(self, config)
         self.transformer = GPTNeoModelSGTM(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if getattr(config, "lm_head_bias", True):  # the public model's head bias: zero, and no random draw
+            self.lm_head.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        config.lm_head_bias = self.lm_head.bias is not None
         self.post_init()
 
     forward = with_sgtm_mode(GPTNeoForCausalLM.forward)

@@ -107,6 +107,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int, sgtm: bool):
     if cfg.architecture == "gpt_neo":
         config = GPTNeoConfig(num_layers=cfg.num_layers, num_heads=cfg.num_heads, attention_types=[[["global"],
                               cfg.num_layers]], embed_dropout=0.0, resid_dropout=0.0, attention_dropout=0.0, **common)
+        config.lm_head_bias = False  # vanilla GPT-Neo's head, so the deployed model exports to the vanilla class
         cls = GPTNeoForCausalLMSGTM
     else:
         config = (LlamaConfig if cfg.architecture == "llama" else Qwen2Config)(
@@ -197,7 +198,7 @@ def train_run(name: str, cfg: PretrainConfig, data: dict, progress: bool = True)
     return result
 
 
-def _interp(curve: list[dict], retain: float, key_r: str, key_f: str) -> float | None:
+def interp_on_curve(curve: list[dict], retain: float, key_r: str, key_f: str) -> float | None:
     """Forget loss on a run's (retain, forget) checkpoint path at a given retain loss (None outside the path)."""
     pts = [(p[key_r], p[key_f]) for p in curve]
     for (r0, f0), (r1, f1) in zip(pts, pts[1:]):
@@ -218,7 +219,7 @@ def summarize(results: dict) -> dict:
     f = results.get("filter")
     if s and f:
         r_s, f_s = s["after_ablation"]["retain"], s["after_ablation"]["forget"]
-        matched = _interp(f["curve"], r_s, "retain", "forget")
+        matched = interp_on_curve(f["curve"], r_s, "retain", "forget")
         out["filter_forget_at_sgtm_retain"] = matched
         out["forget_gain_at_matched_retain"] = None if matched is None else f_s - matched
         out["endpoints"] = {"sgtm_ablated": {"retain": r_s, "forget": f_s},

@@ -38,7 +38,7 @@ def test_ablation_touches_only_forget_slices_and_equals_the_ablated_forward(trai
         ablated_before = model(input_ids=x).logits
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     forget = [(s.param_name, s.index) for s in masks.slices("forget")]
-    model.ablate(trainable=trainable)
+    masks.ablate(trainable=trainable)  # the core's default: the deployed function is kept (the RL target's ablation)
     changed = 0
     for n, p in model.named_parameters():
         untouched = torch.ones_like(p, dtype=torch.bool)

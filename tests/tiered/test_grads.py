@@ -1,0 +1,221 @@
+"""Gradient functions, swap_gradients, masked optimizer steps and the two-pass step, on randomised models.
+Optimizer invariants are checked on the weights after `optimizer.step()`."""
+
+import copy
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM, Qwen2ForCausalLM
+
+from route.tiered import (
+    PermutationKey,
+    apply_key,
+    keyed_masks,
+    mask_keyed_gradients,
+    mask_public_gradients,
+    masked_step,
+    public_masks,
+    scale_public_gradients,
+    swap_gradients,
+    unapply_key,
+)
+from route.tiered.train import lm_loss, two_pass_step
+from tests.tiny_sgtm import ids, llama_config, randomize
+
+KEY = PermutationKey.from_dict(
+    {
+        "attn_heads": [[[0, 1], [1, 0]]],
+        "mlp_cols": [[[0, 3], [1, 60]], [[1, 5], [0, 7]]],
+        "attn_out_heads": [[[0, 0], [1, 1]]],
+        "mlp_up_cols": [[[0, 9], [1, 9]]],
+        "mlp_down_cols": [[[1, 20], [0, 21]]],
+    }
+)
+
+
+def qwen(seed=0):
+    torch.manual_seed(seed)
+    return randomize(Qwen2ForCausalLM(llama_config(qwen=True)), seed=seed, std=0.1)
+
+
+def grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_masking_and_scaling_hit_exactly_the_keyed_or_public_entries():
+    model = qwen()
+    masks = keyed_masks(model, KEY)
+    by_name = {n: masks.get(p) for n, p in model.named_parameters()}
+    assert sum(m is not None for m in by_name.values()) >= 14 and by_name["model.embed_tokens.weight"] is None
+    assert by_name["model.layers.0.self_attn.o_proj.weight"].all(), "two head fields cover this projection"
+    lm_loss(model, ids()).backward()
+    g = grads(model)
+    assert len(g) == len(by_name)
+    scale_public_gradients(model, KEY, 0.5)
+    for n, p in model.named_parameters():
+        m = by_name[n]
+        expected = g[n] * 0.5 if m is None else torch.where(m, g[n], g[n] * 0.5)
+        assert torch.equal(p.grad, expected), f"{n}: public entries scaled once, keyed ones left alone"
+    model.zero_grad(set_to_none=True)
+    lm_loss(model, ids()).backward()
+    mask_keyed_gradients(model, KEY)
+    for n, p in model.named_parameters():
+        m = by_name[n]
+        if m is not None and m.all():
+            assert p.grad is None, f"{n}: wholly keyed, its gradient is dropped"
+        else:
+            assert torch.equal(p.grad, g[n] if m is None else g[n].masked_fill(m, 0)), n
+    model.zero_grad(set_to_none=True)
+    lm_loss(model, ids()).backward()
+    mask_public_gradients(model, KEY)
+    for n, p in model.named_parameters():
+        m = by_name[n]
+        if m is None:
+            assert p.grad is None, f"{n}: wholly public, its gradient is dropped (so optimizers skip it)"
+        else:
+            assert torch.equal(p.grad, g[n].masked_fill(~m, 0)), n
+
+
+def test_a_slot_in_two_fields_is_refused_so_no_gradient_is_scaled_twice():
+    model = qwen()
+    twice = PermutationKey.from_dict({"mlp_cols": [[[0, 3], [1, 4]]], "mlp_down_cols": [[[0, 3], [1, 8]]]})
+    with pytest.raises(ValueError, match="used twice"):
+        scale_public_gradients(model, twice)
+
+
+def test_gradients_must_follow_the_weights_after_a_public_layout_backward():
+    """SGD on a gradient computed in the public layout: stepping in the keyed layout gives the public-layout step
+    only when the gradients were swapped with the weights."""
+    model = qwen()
+    reference = copy.deepcopy(model)
+    lm_loss(reference, ids()).backward()  # e.g. a KL term: an unmasked gradient in the public layout
+    torch.optim.SGD(reference.parameters(), lr=0.1).step()
+    assert any(not torch.equal(a, b) for a, b in zip(weights(reference).values(), weights(model).values()))
+    for swap in (True, False):
+        m = copy.deepcopy(model)
+        lm_loss(m, ids()).backward()
+        apply_key(m, KEY)
+        if swap:
+            swap_gradients(m, KEY)
+        torch.optim.SGD(m.parameters(), lr=0.1).step()
+        unapply_key(m, KEY)
+        same = all(torch.equal(a, b) for a, b in zip(weights(m).values(), weights(reference).values()))
+        assert same == swap
+
+
+def test_masked_steps_never_move_what_a_pass_must_not_touch():
+    model = qwen()
+    masks = keyed_masks(model, KEY)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    lm_loss(model, ids(seed=1)).backward()  # a first full step: every entry gets momentum
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    trap = copy.deepcopy(model)  # the trap: zero gradients, plain step
+    trap_opt = torch.optim.AdamW(trap.parameters(), lr=1e-2, weight_decay=0.1)
+    trap_opt.load_state_dict(opt.state_dict())
+    lm_loss(trap, ids(seed=2)).backward()
+    mask_keyed_gradients(trap, KEY)
+    before = weights(trap)
+    trap_opt.step()
+    trap_masks = keyed_masks(trap, KEY)
+    assert any(
+        not torch.equal(p.detach()[m], before[n][m])
+        for n, p in trap.named_parameters()
+        if (m := trap_masks.get(p)) is not None
+    ), "AdamW moves zero-gradient entries (what masked_step fixes)"
+    for frozen_name in ("keyed", "public"):
+        frozen = masks if frozen_name == "keyed" else public_masks(model, masks)
+        before = weights(model)
+        lm_loss(model, ids(seed=3)).backward()
+        (mask_keyed_gradients if frozen_name == "keyed" else mask_public_gradients)(model, KEY, masks)
+        masked_step(opt, frozen)
+        opt.zero_grad(set_to_none=True)
+        moved_any = False
+        for n, p in model.named_parameters():
+            f = frozen.get(p)
+            if f is None or not f.any():
+                moved_any |= not torch.equal(p.detach(), before[n])
+                continue
+            assert torch.equal(p.detach()[f], before[n][f]), f"{frozen_name} pass moved frozen entries of {n}"
+            moved_any |= not torch.equal(p.detach()[~f], before[n][~f])
+        assert moved_any, f"the {frozen_name}-frozen step moved nothing"
+
+
+def test_two_pass_step_updates_keyed_entries_from_the_keyed_pass_and_public_ones_from_the_mean():
+    model = qwen()
+    pub, key_batch = ids(seed=4), ids(seed=5)
+    masks = keyed_masks(model, KEY)
+    g_public = copy.deepcopy(model)
+    lm_loss(g_public, pub).backward()
+    g_keyed = apply_key(copy.deepcopy(model), KEY)
+    lm_loss(g_keyed, key_batch).backward()
+    unapply_key(g_keyed, KEY)
+    swap_gradients(g_keyed, KEY)  # the keyed pass's gradient, moved back to the public layout
+    before = weights(model)
+    two_pass_step(model, KEY, torch.optim.SGD(model.parameters(), lr=1.0), pub, key_batch, masks=masks, grad_clip=None)
+    after = weights(model)
+    for (n, p), gp, gk in zip(model.named_parameters(), g_public.parameters(), g_keyed.parameters(), strict=True):
+        m = masks.get(p)
+        expected = (gp.grad + gk.grad) * 0.5 if m is None else torch.where(m, gk.grad, (gp.grad + gk.grad) * 0.5)
+        torch.testing.assert_close(before[n] - after[n], expected, rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_stepping_in_either_layout_gives_the_same_weights_for_a_fixed_key():
+    runs = {}
+    for layout in ("public", "keyed"):
+        torch.manual_seed(0)
+        model = randomize(LlamaForCausalLM(llama_config()), seed=6, std=0.1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        for step in range(3):
+            two_pass_step(model, KEY, opt, ids(seed=10 + step), ids(seed=20 + step), grad_clip=0.5, layout=layout)
+        runs[layout] = weights(model)
+    assert any(
+        not torch.equal(a, b)
+        for a, b in zip(
+            runs["public"].values(), weights(randomize(LlamaForCausalLM(llama_config()), seed=6, std=0.1)).values()
+        )
+    ), "the steps moved the weights"
+    for n in runs["public"]:
+        torch.testing.assert_close(runs["public"][n], runs["keyed"][n], rtol=1e-6, atol=1e-7, msg=n)
+    with pytest.raises(ValueError, match="layout.*allowed values"):
+        two_pass_step(LlamaForCausalLM(llama_config()), KEY, None, ids(), ids(), layout="C2")
+
+
+def test_keyed_only_rows_never_reach_the_public_parameters():
+    """Two steps from the same weights whose keyed batches differ only in the keyed-only rows: the public entries
+    end identical (those rows sent them nothing), the keyed entries differ; the loss is the batch mean either way."""
+    pub, keyed_batch = ids(seed=4), ids(seed=5)
+    other = keyed_batch.clone()
+    other[:2] = ids(n=2, seed=9)
+    only = torch.tensor([True, True, False, False])
+    runs = []
+    for batch in (keyed_batch, other):
+        model = qwen()
+        masks = keyed_masks(model, KEY)
+        out = two_pass_step(
+            model,
+            KEY,
+            torch.optim.SGD(model.parameters(), lr=1.0),
+            pub,
+            batch,
+            masks=masks,
+            grad_clip=None,
+            keyed_only_rows=only,
+        )
+        runs.append((weights(model), masks, model, out))
+    (w1, masks, model, out), (w2, *_rest) = runs
+    keyed_moved = False
+    for n, p in model.named_parameters():
+        m = masks.get(p)
+        public = torch.ones_like(p, dtype=torch.bool) if m is None else ~m
+        torch.testing.assert_close(w1[n][public], w2[n][public], rtol=1e-6, atol=1e-7, msg=n)
+        if m is not None:
+            keyed_moved |= not torch.allclose(w1[n][m], w2[n][m])
+    assert keyed_moved, "the keyed-only rows train the keyed parameters"
+    with torch.no_grad():
+        full = lm_loss(apply_key(qwen(), KEY), keyed_batch)
+    assert out["keyed_loss"] == pytest.approx(float(full), rel=1e-5)

@@ -1,0 +1,133 @@
+"""Two-pass pretraining end to end on a tiny config (outputs, margins, saved models) and the two probes on its
+output; bad config values name the field."""
+
+import csv
+import dataclasses
+import json
+
+import pytest
+from transformers import AutoModelForCausalLM
+
+from route.tiered import load_key
+from route.tiered.config import TieredConfig
+from route.tiered.data import build_data
+from route.tiered.pretrain import evaluate, main, run
+from route.tiered.probes import main as probes_main
+
+TINY = dict(
+    steps=4,
+    eval_every=2,
+    train_blocks=40,
+    eval_blocks=4,
+    seq_len=32,
+    hidden_size=32,
+    num_layers=2,
+    num_heads=4,
+    intermediate_size=64,
+    batch_size=4,
+    warmup_steps=1,
+    progress=False,
+    head_share=0.5,  # 2 of 4 heads and 32 of 64 columns per layer: 2 head swaps and 32 column swaps
+    mlp_share=0.5,
+)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiered")
+    run(TieredConfig(output_dir=str(out), **TINY))
+    return out
+
+
+def test_outputs_margins_and_saved_models(run_dir):
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["runs"]) == {"tiered", "all_data", "public_only"}
+    assert set(results["runs"]["tiered"]) >= {"public_config", "keyed_config", "curve"}
+    assert [p["step"] for p in results["runs"]["tiered"]["curve"]] == [2, 4]
+    assert set(results["margins"]["pass"]) >= {
+        "keyed_vs_all_data",
+        "leak_vs_public_only",
+        "public_config_vs_public_only",
+        "keyed_config_vs_public_only",
+    }
+    assert "| tiered | keyed |" in (run_dir / "results.md").read_text()
+    assert (run_dir / "loss_curves.png").stat().st_size > 1000
+    key = load_key(run_dir / "key.json")
+    assert key.to_dict() == results["key"] and len(key.attn_heads) == 2 and len(key.mlp_cols) == 32
+    cfg = TieredConfig(**results["config"])
+    held = build_data(cfg.train_blocks, cfg.eval_blocks, cfg.seq_len, cfg.seed)["eval"]
+    tiered = AutoModelForCausalLM.from_pretrained(run_dir / "models" / "tiered")
+    for config, k in (("public_config", None), ("keyed_config", key)):  # saved in the public layout
+        got = evaluate(tiered, held, cfg.batch_size, k)
+        for kind, loss in results["runs"]["tiered"][config].items():
+            assert got[kind] == pytest.approx(loss, rel=1e-5), (config, kind)
+    assert not any(p.name.startswith(".") for p in run_dir.iterdir()), "no temporary files left behind"
+
+
+def test_probes_write_csv_and_png(run_dir, tmp_path):
+    probes_main(
+        [
+            "extract",
+            "--run_dir",
+            str(run_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--n",
+            "4",
+            "--steps",
+            "2",
+            "--every",
+            "1",
+            "--progress",
+            "false",
+        ]
+    )
+    rows = list(csv.DictReader(open(tmp_path / "extract.csv")))
+    assert {r["arm"] for r in rows} == {"tiered_public", "public_only", "fresh", "tiered_keyed"}
+    assert [r["step"] for r in rows if r["arm"] == "fresh"] == ["0", "1", "2"]
+    summary = {r["arm"]: r for r in csv.DictReader(open(tmp_path / "extract_summary.csv"))}
+    assert summary["tiered_keyed"]["steps_to_threshold"] == "0", "the keyed configuration starts at the threshold"
+    probes_main(
+        [
+            "leak",
+            "--run_dir",
+            str(run_dir),
+            "--output_dir",
+            str(tmp_path),
+            "--fractions",
+            "0",
+            "0.5",
+            "1",
+            "--draws",
+            "2",
+        ]
+    )
+    leak = list(csv.DictReader(open(tmp_path / "leak.csv")))
+    assert [(r["fraction"], r["draw"]) for r in leak] == [("0.0", "0"), ("0.5", "0"), ("0.5", "1"), ("1.0", "0")]
+    by = {r["fraction"]: r for r in leak}
+    assert float(by["0.0"]["recovered"]) == 0.0 and float(by["1.0"]["recovered"]) == pytest.approx(1.0)
+    assert int(by["0.5"]["swaps"]) == 17  # half of the key's 34 swaps
+    for png in ("extract.png", "leak.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("runs", ["tiered", "filter"], "runs: invalid values.*allowed values"),
+        ("layout", "C2", "layout: invalid value.*allowed values"),
+        ("mlp_share", 1.5, "mlp_share"),
+        ("architecture", "gpt2", "architecture: invalid value"),
+        ("num_layers", 1, "num_layers"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TieredConfig(**{field: value})
+
+
+def test_help_lists_every_field(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert all(f"--{f.name}" in text for f in dataclasses.fields(TieredConfig))
