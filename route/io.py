@@ -148,3 +148,27 @@ def check_checkpoint(path: str | Path) -> Path:
         raise ValueError(f"checkpoint {path}: tokenizer missing or unreadable ({type(e).__name__}); save the "
                          "tokenizer next to the model") from None
     return path
+
+
+def parse_dataclass_config(cls: type, argv: list[str] | None = None, default_config: str | None = None) -> Any:
+    """`--config FILE.yaml` plus `--field value` overrides (flags win over the file) into the dataclass `cls`; the
+    parser's `--help` lists `--config` and every field. Unknown YAML fields are a ValueError naming them."""
+    import dataclasses
+    import sys
+
+    from transformers import HfArgumentParser
+
+    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv, default_config)
+    parser = HfArgumentParser(cls)
+    parser.add_argument("--config", metavar="FILE.yaml",
+                        help=f"YAML file of any of the fields below; flags win over it (default: {default_config})")
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ValueError(f"--config: no such file: {path}")
+        values = load_yaml_mapping(path)
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"config file {path}: unknown fields {unknown}")
+        parser.set_defaults(**values)
+    return parser.parse_args_into_dataclasses(args=argv)[0]  # `--config` was taken out: its value comes back last
+

@@ -293,22 +293,9 @@ def format_results(results: dict) -> str:
 
 def parse_config(argv: list[str] | None = None) -> HeadsTrainConfig:
     """`--config FILE.yaml` plus `--field value` overrides (flags win over the file)."""
-    import sys
+    from route.io import parse_dataclass_config
 
-    from transformers import HfArgumentParser
-
-    from route.io import load_yaml_mapping, pop_config_arg
-
-    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(HeadsTrainConfig)
-    if path is not None:
-        values = load_yaml_mapping(path)
-        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(HeadsTrainConfig)})
-        if unknown:
-            raise ValueError(f"config file {path}: unknown fields {unknown}")
-        parser.set_defaults(**values)
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
-    return cfg
+    return parse_dataclass_config(HeadsTrainConfig, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -161,23 +161,9 @@ class PretrainConfig(OptimFields):
 
 def parse_config(cls: type, argv: list[str] | None = None):
     """`--config FILE.yaml` plus `--field value` overrides for the config dataclass `cls` (flags win)."""
-    import sys
+    from route.io import parse_dataclass_config
 
-    from transformers import HfArgumentParser
-
-    from route.io import load_yaml_mapping, pop_config_arg
-
-    path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser(cls)
-    if path is not None:
-        values = load_yaml_mapping(path)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"config file {path}: unknown fields {unknown}")
-        parser.set_defaults(**values)
-    (cfg,) = parser.parse_args_into_dataclasses(args=argv)
-    return cfg
+    return parse_dataclass_config(cls, argv)
 
 
 def parse_pretrain_config(argv: list[str] | None = None) -> PretrainConfig:

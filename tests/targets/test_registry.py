@@ -155,6 +155,7 @@ def test_every_config_file_parses(tmp_path, monkeypatch):
     from route.heads.train import parse_config as heads_parse
     from route.sgtm.config import parse_pretrain_config as sgtm_parse
     from route.sweep import load_spec
+    from route.tiered.config import parse_tiered_config as tiered_parse
 
     (tmp_path / "runs" / "vhack").mkdir(parents=True)
     torch.save({"format": "route.vhack/1", "subspace": {}, "metadata": {}}, tmp_path / "runs" / "vhack" / "arith.pt")
@@ -168,6 +169,8 @@ def test_every_config_file_parses(tmp_path, monkeypatch):
             assert load_spec(path)["grid"], path.name
         elif path.name.startswith("sgtm_"):
             assert sgtm_parse(["--config", str(path)]) is not None
+        elif path.name.startswith("tiered_"):
+            assert tiered_parse(["--config", str(path)]) is not None
         elif path.name in ("iav_default.yaml", "mav_default.yaml"):
             assert heads_parse(["--config", str(path)]).head == values["head"]
         else:
