@@ -46,7 +46,7 @@ from route.masks import DEFAULT, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
 from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
-from route.targets.common import DEFAULT_MODULES, check_unmerged, plain_name, plain_state_dict
+from route.targets.common import DEFAULT_MODULES, check_target_modules, check_unmerged, plain_name, plain_state_dict
 from route.targets.svf_peft import SVFConfig, SVFLayer
 from route.targets.svf_routing import RowGradientRecorder, SVFRoutingMixin, ignore_gradient
 
@@ -200,6 +200,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         if score_threshold is not None:
             rate("route_score_threshold", score_threshold)
         if not isinstance(model, PeftModel):
+            check_target_modules(model, target_modules)
             subspace = None
             if hack_subspace is not None:
                 subspace = _fit_subspace(model, load_hack_subspace(hack_subspace), rank, target_modules)
@@ -234,6 +235,13 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
                    score_threshold=args.route_score_threshold if args.route_score == "cosine" else None,
                    route_requires_flag=args.route_score_requires_flag,
                    progress=not getattr(config, "disable_tqdm", False))
+
+    @classmethod
+    def probe(cls, model: nn.Module, args: SVFArgs, config: Any) -> None:
+        """Names and shapes only (the SVD needs real weights): target_modules, and the hack subspace against them."""
+        check_target_modules(model, config.target_modules)
+        if args.svf_hack_subspace is not None:
+            _fit_subspace(model, load_hack_subspace(args.svf_hack_subspace), args.svf_rank, config.target_modules)
 
     @property
     def has_quarantine(self) -> bool:
