@@ -168,4 +168,5 @@ def check_trl_options(config: RoutedGRPOConfig) -> None:
                          "and syncing it would copy the quarantine into the reference")
 
 
-__all__ = ["attach_target_args", "build_config", "config_fields", "empty_model", "flat_config", "parse_config", "probe_run", "validate_run"]
+__all__ = ["attach_target_args", "build_config", "check_trl_options", "config_fields", "empty_model", "flat_config",
+           "parse_config", "probe_run", "validate_run"]

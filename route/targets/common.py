@@ -67,4 +67,5 @@ def save_plain(model: nn.Module, output_dir: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
-__all__ = ["DEFAULT_MODULES", "check_target_modules", "check_unmerged", "deployed_model", "plain_name", "plain_state_dict", "save_plain"]
+__all__ = ["DEFAULT_MODULES", "check_target_modules", "check_unmerged", "deployed_model", "plain_name",
+           "plain_state_dict", "save_plain"]

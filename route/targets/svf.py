@@ -48,7 +48,13 @@ from route.targets import register_target
 from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
 from route.targets.common import DEFAULT_MODULES, check_target_modules, check_unmerged, plain_name, plain_state_dict
 from route.targets.svf_peft import SVFConfig, SVFLayer
-from route.targets.svf_routing import RowGradientRecorder, SVFRoutingMixin, ignore_gradient
+from route.targets.svf_routing import (
+    RowGradientRecorder,
+    SVFRoutingMixin,
+    deepspeed_refusal,
+    ignore_gradient,
+    uses_deepspeed,
+)
 
 ADAPTER = "default"
 VHACK_FORMAT = "route.vhack/1"
@@ -160,6 +166,8 @@ class SVFArgs(TargetArgs):
                 raise ValueError("unflagged_mode: 'retain' conflicts with flag-free route_score (every rollout is a "
                                  "score candidate and runs in default mode); set route_score_requires_flag or "
                                  "unflagged_mode: default")
+        if (config.intervention == "erase" or self.route_score != "none") and uses_deepspeed(config):
+            raise deepspeed_refusal()
         if config.ddp_broadcast_buffers is None:
             # the SVD factors are buffers (as large as the model at full rank) and a pure function of the frozen
             # weights: DDP's default would re-broadcast them from rank 0 before every forward
