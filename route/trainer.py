@@ -91,6 +91,23 @@ class _GradNormLogger(TrainerCallback):
             self.trainer._metrics["train"][f"grad_norm/{name}"].append(norm)
 
 
+@contextlib.contextmanager
+def _kl_reference_is_base(args: RoutedGRPOConfig, model):
+    """The KL reference (beta > 0) is the base model. A PEFT target's is the model with every adapter disabled, what
+    TRL uses when the model has no "ref" adapter; TRL would add one (a copy of a "default" adapter) when it is given a
+    PeftModel with beta > 0, so beta reads 0 while TRL builds itself and is restored after. A target that is not PEFT
+    (sgtm) gets TRL's frozen copy of the model as loaded."""
+    from peft import PeftModel
+
+    beta = args.beta
+    if isinstance(model, PeftModel):
+        args.beta = 0.0
+    try:
+        yield
+    finally:
+        args.beta = beta
+
+
 class RoutedGRPOTrainer(GRPOTrainer):
     """GRPO with per-rollout gradient routing into a quarantine target.
 
@@ -135,8 +152,10 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._loss_rows: RoutingRows | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
-        super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
-                         **kwargs)
+        with _kl_reference_is_base(args, self.target.model):
+            super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
+                             **kwargs)
+        self.beta = args.beta
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))
