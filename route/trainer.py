@@ -322,6 +322,29 @@ class RoutedGRPOTrainer(GRPOTrainer):
                 self._metrics["train"][key].append(value)
         return loss
 
+    # ------------------------------------------------------------------ resume
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load every adapter of a PEFT target in place. Trainer's own PEFT path reloads only the first active adapter
+        as trainable and then activates it alone, which would silently drop the quarantine from every forward; here
+        the parameters keep their identity (the optimizer's groups), their trainability and the active set."""
+        from pathlib import Path
+
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = model if model is not None else self.model
+        if not isinstance(model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name in model.peft_config:
+            folder = Path(resume_from_checkpoint) / ("" if name == "default" else name)
+            path = folder / "adapter_model.safetensors"
+            if not path.is_file():
+                raise ValueError(f"resume_from_checkpoint: {path} missing (adapter {name!r} of this target)")
+            result = set_peft_model_state_dict(model, load_file(path), adapter_name=name)
+            if result.unexpected_keys:
+                raise ValueError(f"resume_from_checkpoint: {path} does not match this target's adapter {name!r} "
+                                 f"(unexpected keys {result.unexpected_keys[:3]})")
+
     # ------------------------------------------------------------------ deployment
     def save_deployed(self, output_dir: str | None = None) -> str:
         """Save the deployed policy (quarantine ablated, kept adapter merged) as a plain transformers checkpoint."""
