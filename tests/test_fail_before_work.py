@@ -166,9 +166,9 @@ def test_evaluate_checks_the_environment_before_loading(tiny_organism, tmp_path,
 def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism, tmp_path):
     """The main job evaluates the base policy after building the target (ungated): the rates are the plain
     model's, bit for bit, for every target."""
-    import envs
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    import envs
     from route.evaluate import evaluate_policy
 
     tok = AutoTokenizer.from_pretrained(tiny_organism)

@@ -11,7 +11,7 @@ from trl import GRPOTrainer
 
 import envs
 from route.cli import build_config
-from route.masks import DEFAULT, FORGET, RETAIN
+from route.masks import FORGET, RETAIN
 from route.trainer import RoutedGRPOTrainer
 
 SPLIT = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=2e-2, beta=0.0,

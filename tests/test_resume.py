@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-import route.trainer
 import route.train_grpo as train_grpo
+import route.trainer
 from envs.arith import ArithEnv
 from route.cli import build_config
 
