@@ -92,9 +92,10 @@ def test_baselines_never_move_the_quarantine(intervention, loss_type, tiny_organ
     assert not same(t, "keep", keep), "the kept adapter did not train (the test would prove nothing)"
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "vespo", "luspo"])
 def test_every_loss_type_keeps_forget_rows_out_of_the_kept_adapter(loss_type, tiny_organism, tmp_path):
-    t = make(tiny_organism, tmp_path, detector=AllFlagged(), intervention="route", loss_type=loss_type)
+    extra = {"importance_sampling_level": "sequence"} if loss_type == "luspo" else {}  # TRL requires it for luspo
+    t = make(tiny_organism, tmp_path, detector=AllFlagged(), intervention="route", loss_type=loss_type, **extra)
     keep, quarantine = snapshot(t, "keep"), snapshot(t, "quarantine")
     t.train()
     assert same(t, "keep", keep) and not same(t, "quarantine", quarantine)
