@@ -46,6 +46,8 @@ MODEL_ERRORS = {
                            "target_modules", "'q_proj'"),
     "svf subspace rank": (dict(target="svf", svf_rank=4, svf_hack_subspace="SUBSPACE"), "svf_hack_subspace",
                           "rank is 4"),
+    "svf reserve axes": (dict(target="svf", svf_rank=4, svf_reserve_axes=[0, 6]), "svf_reserve_axes",
+                         "allowed values: 0 to 3"),
     "sgtm heads": (dict(target="sgtm", sgtm_forget_heads=1), "sgtm_forget_heads", "allowed values: [0, 2]"),
 }
 

@@ -250,6 +250,12 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         check_target_modules(model, config.target_modules)
         if args.svf_hack_subspace is not None:
             _fit_subspace(model, load_hack_subspace(args.svf_hack_subspace), args.svf_rank, config.target_modules)
+        if args.svf_reserve_axes:
+            for name, m in _adapted(model, config.target_modules).items():
+                r = min(args.svf_rank or min(m.weight.shape), *m.weight.shape)
+                if max(args.svf_reserve_axes) >= r:
+                    raise ValueError(f"svf_reserve_axes: {list(args.svf_reserve_axes)} out of range for module {name} "
+                                     f"of svf rank {r}; allowed values: 0 to {r - 1}")
 
     @property
     def has_quarantine(self) -> bool:
@@ -343,14 +349,20 @@ def svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
     return [(plain_name(n), m) for n, m in model.named_modules() if isinstance(m, SVFLayer) and ADAPTER in m.svf_delta]
 
 
-def _fit_subspace(model: nn.Module, subspace: dict[str, Tensor], rank: int | None,
-                  target_modules: Sequence[str] | None) -> dict[str, Tensor]:
-    """Check each basis against the module it names (adapted Linear, r columns) and orthonormalise its rows."""
+def _adapted(model: nn.Module, target_modules: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """{name: Linear} of the modules the svf tuner adapts."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     probe = SVFConfig(target_modules=list(target_modules or DEFAULT_MODULES))
+    return {n: m for n, m in model.named_modules()
+            if n and isinstance(m, nn.Linear) and check_target_module_exists(probe, n)}
+
+
+def _fit_subspace(model: nn.Module, subspace: dict[str, Tensor], rank: int | None,
+                  target_modules: Sequence[str] | None) -> dict[str, Tensor]:
+    """Check each basis against the module it names (adapted Linear, r columns) and orthonormalise its rows."""
     modules = dict(model.named_modules())
-    adapted = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and check_target_module_exists(probe, n)]
+    adapted = list(_adapted(model, target_modules))
     out = {}
     for name, v in subspace.items():
         m = modules.get(name)
