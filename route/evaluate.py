@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.n <= 0:
         parser.error(f"--n must be > 0, got {args.n}")
     try:
+        if os.path.exists(args.model) or args.model.startswith((".", "/", "~")):  # a local checkpoint, not a Hub id
+            from route.io import check_checkpoint
+
+            args.model = str(check_checkpoint(args.model))
         result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     except ValueError as e:
         parser.error(str(e))

@@ -190,3 +190,10 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
         assert json.dumps(evaluate_policy(trainer.target.model, tok, env, n=32, max_new_tokens=8)) == json.dumps(plain)
         checked.append(config.target)
     assert checked == ["dual_lora", "svf", "sgtm"]
+
+
+def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeypatch, no_work):
+    monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
+    with pytest.raises(SystemExit) as e:
+        route.evaluate.main(["--model", str(tmp_path / "missing")])
+    assert e.value.code == 2 and "missing: no such directory" in capsys.readouterr().err
