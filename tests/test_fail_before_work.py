@@ -197,3 +197,15 @@ def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeyp
     with pytest.raises(SystemExit) as e:
         route.evaluate.main(["--model", str(tmp_path / "missing")])
     assert e.value.code == 2 and "missing: no such directory" in capsys.readouterr().err
+
+
+def test_target_modules_follow_peft_name_matching(tiny_organism):
+    """A dotted suffix of a module's name is a valid target (PEFT's rule); a name matching no Linear is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from route.targets.common import check_target_modules
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_organism)
+    assert check_target_modules(model, ["self_attn.q_proj", "down_proj"]) == ["self_attn.q_proj", "down_proj"]
+    with pytest.raises(ValueError, match=r"target_modules: \['mlp.q_proj'\] match no Linear module"):
+        check_target_modules(model, ["mlp.q_proj", "down_proj"])

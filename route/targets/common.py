@@ -16,8 +16,10 @@ def check_target_modules(model: nn.Module, target_modules) -> list[str]:
     """The module names to adapt (default `DEFAULT_MODULES`); ValueError naming `target_modules` and the Linear
     module names of the model when a name matches none (checked before PEFT wraps anything)."""
     modules = list(target_modules or DEFAULT_MODULES)
-    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear) and n})
-    missing = [t for t in modules if t not in linear]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+    # PEFT's rule: a name matches a module whose full name is it or ends with "." + it
+    missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n in names)]
     if target_modules and missing:
         raise ValueError(f"target_modules: {missing} match no Linear module of the model; allowed values: {linear}")
     if not target_modules and len(missing) == len(modules):
