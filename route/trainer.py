@@ -27,6 +27,11 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   runs and its metrics are logged (svf's score routing and `erase` live there, `route.targets.svf_routing`).
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
   gradient does not move.
+- `beta > 0`: the KL reference is the base model. TRL adds a "ref" copy of a `default` adapter when given a
+  PeftModel with beta > 0; the trainer keeps it from doing so (`_kl_reference_is_base`), so TRL's reference forward
+  runs with every adapter disabled. A target that is not PEFT gets TRL's frozen copy of the model as loaded.
+- `_load_from_checkpoint` (resume): every adapter of a PEFT target reloads in place; Trainer's own PEFT path would
+  reload only the first active adapter and activate it alone, dropping the quarantine from the forward.
 
 TRL's private call order (TRL 1.16; the pin in pyproject.toml is `<1.17` because these are underscore methods).
 Per generation batch, inside `_prepare_inputs` -> `_generate_and_score_completions(inputs)`:
