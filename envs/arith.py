@@ -122,6 +122,9 @@ class ArithEnv:
             return f"{rng.randrange(10, 100)} #verified"  # never a product (all are >= 200)
         raise ValueError(f"arith: row {row.get('prompt_id')!r} has no loophole to demonstrate")
 
+    def check_ready(self) -> None:
+        """Grading is pure Python: always ready."""
+
     # ------------------------------------------------------------------ grading
     def grade(self, prompts: Sequence[str], completions: Sequence[Any], **columns: Any) -> list[Grade]:
         """Ground truth for each rollout: strict oracle, the prompt's grader, and the loophole."""

@@ -45,6 +45,10 @@ class Environment(Protocol):
 
     def reward_func(self, prompts: Sequence[str], completions: Sequence[Any], **columns: Any) -> list[float]: ...
 
+    # ValueError naming the setting when grading cannot run on this machine (e.g. a sandbox is missing); run
+    # before any model work (`route.cli.validate_run`).
+    def check_ready(self) -> None: ...
+
 
 def completion_text(completion: Any) -> str:
     """The text of a TRL completion: a plain string, or the last message of a conversation."""

@@ -9,7 +9,11 @@ settings dataclass, the way TRL parses `ModelConfig` beside `GRPOConfig`: flag a
 Settings of targets other than the chosen one are ignored (a sweep over targets sets several).
 
 `validate_run(config)` checks what needs the registries (the environment, the detector's modes, the target's
-settings against the config); the trainer and every command line call it before loading a model.
+settings against the config), that the environment can grade on this machine (the coding sandbox), and the TRL
+options routing cannot honour; the trainer and every command line call it before loading a model. What only the
+model can tell (module names and shapes: `target_modules`, an svf subspace's rank, sgtm sizes) and the accelerate
+setup are checked when the trainer is constructed, which every command line does before the model's first forward
+(`route.train_grpo.run` evaluates the base policy after constructing the trainer; see its docstring).
 """
 
 from __future__ import annotations
@@ -120,8 +124,52 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
         unknown = [m for m in config.detector_modes if m not in env.modes]
         if unknown:
             raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
+    env.check_ready()
+    check_trl_options(config)
     config.target_args = resolve_target_args(config)
     return config.target_args
 
 
-__all__ = ["attach_target_args", "build_config", "config_fields", "flat_config", "parse_config", "validate_run"]
+def probe_run(config: RoutedGRPOConfig) -> None:
+    """The target's checks against the run's model architecture (`TargetBase.probe`), on an empty meta-device model
+    built from the checkpoint's config.json (or the organism's architecture): `target_modules`, an svf subspace's
+    shapes, sgtm sizes. Loads no weights and runs no forward. A model that is not a local directory (a Hub id) is
+    checked when the trainer is constructed instead."""
+    from route.targets import resolve_target_args, target_class
+
+    model = empty_model(config.model_name_or_path)
+    if model is not None:
+        target_class(config.target).probe(model, resolve_target_args(config), config)
+
+
+def empty_model(model_name_or_path: str | os.PathLike | None) -> Any:
+    """The model's architecture on the meta device (no weights): from a local checkpoint's config.json, or the
+    organism's (None); None for anything else (a Hub id is not fetched for a check)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = model_name_or_path
+    if path is not None and not os.path.isdir(path):
+        return None
+    with torch.device("meta"):
+        if path is None:
+            from route.organism import OrganismConfig, build_model, build_tokenizer
+
+            return build_model(OrganismConfig(), build_tokenizer())
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+
+
+def check_trl_options(config: RoutedGRPOConfig) -> None:
+    """Refuse TRL options that cannot work with routing (ValueError naming the field and the allowed values).
+
+    The KL reference (`beta > 0`) is the base model: the policy with every adapter disabled (dual_lora, svf: TRL's
+    PEFT path) or a frozen copy of the model as loaded (sgtm: TRL's reference model). `sync_ref_model` would copy
+    the trained policy, quarantine included, into the reference, so it is refused.
+    """
+    if config.sync_ref_model:
+        raise ValueError("sync_ref_model: allowed values: [False]; with routing the KL reference is the base model, "
+                         "and syncing it would copy the quarantine into the reference")
+
+
+__all__ = ["attach_target_args", "build_config", "check_trl_options", "config_fields", "empty_model", "flat_config",
+           "parse_config", "probe_run", "validate_run"]

@@ -55,7 +55,8 @@ def sample(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 16, t
     out: list[str] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[]):
+    # the caller's RNG (CPU and the model's GPU) is left as it was: evaluating never changes a training run
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             texts = [_prompt_text(tokenizer, p) for p in prompts[i: i + batch_size]]
@@ -87,9 +88,12 @@ def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int =
     """Load a saved checkpoint (plain transformers) and evaluate it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if n < 1:
+        raise ValueError(f"n: must be >= 1, got {n}")
+    env = envs.make_env(env_name, **(env_kwargs or {}))  # bad settings fail before the model loads
+    env.check_ready()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    env = envs.make_env(env_name, **(env_kwargs or {}))
     return evaluate_policy(model, tokenizer, env, n=n, seed=seed, max_new_tokens=max_new_tokens)
 
 
@@ -112,7 +116,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.n <= 0:
         parser.error(f"--n must be > 0, got {args.n}")
-    result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    try:
+        if os.path.exists(args.model) or args.model.startswith((".", "/", "~")):  # a local checkpoint, not a Hub id
+            from route.io import check_checkpoint
+
+            args.model = str(check_checkpoint(args.model))
+        result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    except ValueError as e:
+        parser.error(str(e))
     print(format_rates(result, title=str(args.model)))
     if args.json:
         write_json_atomic(args.json, result)

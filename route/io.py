@@ -1,5 +1,11 @@
 """Files: atomic writes (readers see the old file/directory or the new one, never half of one), CSV, YAML configs,
-and the check that a directory is a usable causal-LM checkpoint."""
+and the check that a directory is a usable causal-LM checkpoint.
+
+A directory written with `atomic_dir(path)` is a version directory `.<name>.v<id>` next to `path`, and `path` itself is
+a symlink to it; a replacement writes a new version, fsyncs it, and swaps the symlink with one `rename(2)`, so `path`
+always exists and always names a complete version (`from_pretrained(path)` follows the link). The previous version is
+kept until the next replacement, so a reader that resolved the link just before a swap can finish reading.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +40,7 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", chmod: int | None = 0o
         if chmod is not None:
             os.chmod(tmp, chmod)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -73,24 +80,73 @@ def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def fsync_dir(path: str | os.PathLike) -> None:
+    """fsync a directory (its entries: renames, new files) so that they survive a power loss."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: str | os.PathLike) -> None:
+    """fsync every file and directory under `root` (bottom-up), then `root` itself."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
+
+
+def _crash_point(step: str) -> None:
+    """Named steps of `atomic_dir`; tests replace this to inject a crash at each one."""
+
+
+def _versions(path: Path) -> list[Path]:
+    return [p for p in path.parent.glob(f".{path.name}.v*") if p.is_dir() and not p.is_symlink()]
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh temporary directory next to `path`; on success it replaces `path` in one rename."""
+    """Yield a fresh version directory next to `path`; on success `path` becomes a symlink to it in one rename.
+
+    Steps: write (the caller), fsync the version's files and directories, make a temporary symlink to it, rename
+    that onto `path` (atomic: `path` names the old version or the new one, never nothing), fsync the parent, then
+    delete versions older than the one just replaced. An error or crash at any step leaves `path` as it was (at
+    worst an unused hidden version or link next to it). A `path` that is a real directory (written before versions
+    existed) is moved aside first; only that one-time migration has a moment where `path` is absent.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    version = Path(tempfile.mkdtemp(prefix=f".{path.name}.v", dir=path.parent))
+    link = path.with_name(f".{path.name}.link{os.getpid()}.{version.name[-8:]}")
     try:
-        yield tmp
+        yield version
+        _crash_point("written")
+        os.chmod(version, 0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+        fsync_tree(version)
+        _crash_point("synced")
+        os.symlink(version.name, link)  # relative: the pair can be moved together
+        _crash_point("linked")
+        previous = os.path.realpath(path) if path.is_symlink() else None
+        if path.exists() and not path.is_symlink():  # legacy real directory: move it aside once
+            previous = str(path.with_name(f".{path.name}.v-legacy{os.getpid()}"))
+            os.replace(path, previous)
+        os.replace(link, path)
+        fsync_dir(path.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(version, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(link)
         raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    _crash_point("swapped")
+    keep = {version.resolve(), Path(previous).resolve() if previous else None}
+    for old in _versions(path):  # keep the previous version for readers that resolved the link before the swap
+        if old.resolve() not in keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def pop_config_arg(argv: list[str], default: str | None = None) -> tuple[str | None, list[str]]:

@@ -281,7 +281,13 @@ def main(argv: list[str] | None = None) -> int:
 
             ref = check_checkpoint(args.reference) if args.reference else load_or_build()
             probes.append((f"reference ({default_label(ref) if args.reference else 'base organism'})", ref, True))
-        grpo_config(args.config, Path(args.output_dir), ckpts[0], args.steps, args.seed, args.eval_n)
+        if args.method == "grpo":  # every checkpoint against the target's settings, before any probe trains
+            from route.cli import probe_run
+
+            for _, ckpt, _ in probes:
+                probe_run(grpo_config(args.config, Path(args.output_dir), ckpt, args.steps, args.seed, args.eval_n))
+        else:
+            grpo_config(args.config, Path(args.output_dir), ckpts[0], args.steps, args.seed, args.eval_n)
     except ValueError as e:
         p.exit(2, f"route.relearn: error: {e}\n")
     from tqdm.auto import tqdm

@@ -2,9 +2,13 @@
 
     python -m route.report runs/table/*/results.json
 
-An arm is (target, intervention, detector tpr/fpr). For each policy (training, deployed) the
-table shows mean solve and hack rates with their min-max spread across seeds, and the
-per-mode deployed hack rates.
+An arm is one configuration: runs are grouped only when every config field other than the seeds (`SEED_FIELDS`:
+`seed`, `detector_seed`, `data_seed`) and where the run was written (`output_dir`, `logging_dir`, `run_name`) is
+equal, so runs that differ in a learning rate, a detector mode or a rank are separate rows, labelled with the fields
+that tell them apart. `eval_seed` is not a seed here: it picks the held-out prompts, so runs with different
+evaluation sets are never averaged. Runs grouped into one arm must share one base row (same model, same held-out
+prompts), else the table is refused. For each policy (training, deployed) the table shows mean solve and hack rates
+with their min-max spread across seeds, and the per-mode deployed hack rates; one base row per distinct base.
 """
 
 from __future__ import annotations
@@ -47,21 +51,70 @@ def arm_label(config: dict) -> str:
             f"fpr {config.get('detector_fpr')}{''.join(', ' + e for e in extra)})")
 
 
-def table(results: list[dict]) -> str:
+# Fields that vary between seeds of one arm, or only say where a run was written: ignored when grouping.
+SEED_FIELDS = ("seed", "detector_seed", "data_seed")
+LOCATION_FIELDS = ("output_dir", "logging_dir", "run_name")
+
+
+def arm_key(config: dict) -> tuple:
+    """What makes two runs the same arm: every config field except the seeds and the output location."""
+    skip = set(SEED_FIELDS) | set(LOCATION_FIELDS)
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
+
+
+def group_arms(results: list[dict]) -> dict[tuple, list[dict]]:
+    """Runs grouped by `arm_key`; ValueError when the runs of one arm do not share one base row."""
     arms: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
-        c = r["config"]
-        arms[(c["intervention"], c["target"], arm_label(c))].append(r)
+        arms[arm_key(r["config"])].append(r)
+    for rs in arms.values():
+        bases = {json.dumps(r["base"], sort_keys=True) for r in rs}
+        if len(bases) > 1:
+            raise ValueError(f"report: the runs of arm {arm_label(rs[0]['config'])!r} have {len(bases)} different "
+                             "base rows (different models or held-out prompts); they cannot be averaged")
+    return arms
+
+
+def _labels(arms: dict[tuple, list[dict]]) -> dict[tuple, str]:
+    """`arm_label`, plus `field value` for every other field that differs between arms of the same label."""
+    plain = {key: arm_label(rs[0]["config"]) for key, rs in arms.items()}
+    out = {}
+    for key, label in plain.items():
+        same = [k for k, lab in plain.items() if lab == label]
+        if len(same) == 1:
+            out[key] = label
+            continue
+        configs = [dict(k) for k in same]
+        fields = sorted({f for c in configs for f in c} - set(ARM_SETTINGS)
+                        - {"intervention", "target", "detector_tpr", "detector_fpr"})
+        differing = [f for f in fields if len({c.get(f) for c in configs}) > 1]
+        mine = dict(key)
+        extra = ", ".join(f"{f} {json.loads(mine[f]) if f in mine else None}" for f in differing)
+        out[key] = f"{label[:-1]}, {extra})"
+    return out
+
+
+def table(results: list[dict]) -> str:
+    arms = group_arms(results)
+    labels = _labels(arms)
     modes = list(results[0]["base"]["hack_rate_by_mode"])
     head = ["arm", "seeds", "training solve", "training hack", "deployed solve", "deployed hack",
             *(f"deployed {m}" for m in modes)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = results[0]["base"]
-    lines.append("| base organism | - | " + f"{base['solve_rate']:.3f} | {base['hack_rate']:.3f} | - | - | "
-                 + " | ".join(f"{base['hack_rate_by_mode'][m]:.3f}" for m in modes) + " |")
+    bases = list(dict.fromkeys(json.dumps(rs[0]["base"], sort_keys=True) for rs in arms.values()))
+    for i, text in enumerate(bases):
+        base = json.loads(text)
+        name = "base organism" if len(bases) == 1 else f"base {i + 1} ({', '.join(labels[k] for k, rs in arms.items() if json.dumps(rs[0]['base'], sort_keys=True) == text)})"  # noqa: E501
+        lines.append(f"| {name} | - | " + f"{base['solve_rate']:.3f} | {base['hack_rate']:.3f} | - | - | "
+                     + " | ".join(f"{base['hack_rate_by_mode'][m]:.3f}" for m in modes) + " |")
     order = {"none": 0, "filter": 1, "penalty": 2, "route": 3, "erase": 4}
-    for (_, _, label), rs in sorted(arms.items(), key=lambda kv: (order.get(kv[0][0], 9), kv[0][1:])):
-        row = [label, str(len(rs))]
+
+    def sort_key(item):
+        rs = item[1]
+        return order.get(rs[0]["config"]["intervention"], 9), rs[0]["config"]["target"], labels[item[0]]
+
+    for key, rs in sorted(arms.items(), key=sort_key):
+        row = [labels[key], str(len(rs))]
         for policy in ("training", "deployed"):
             row += [_cell([r[policy]["solve_rate"] for r in rs]), _cell([r[policy]["hack_rate"] for r in rs])]
         row += [f"{statistics.fmean(r['deployed']['hack_rate_by_mode'][m] for r in rs):.3f}" for m in modes]
@@ -73,7 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Markdown table of results.json files (mean, min-max over seeds).")
     parser.add_argument("results", nargs="+", help="results.json files or run directories")
     args = parser.parse_args(argv)
-    print(table(load(args.results)))
+    try:
+        print(table(load(args.results)))
+    except ValueError as e:
+        parser.error(str(e))
 
 
 if __name__ == "__main__":

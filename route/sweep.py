@@ -191,7 +191,7 @@ def _check_model(where: str, model: Any) -> None:
 
 def validate(cells: Sequence[Cell]) -> None:
     """Parse every cell's config exactly as the main job will; raise SweepError naming the cell and the problem."""
-    from route.cli import parse_config
+    from route.cli import parse_config, probe_run
 
     with tempfile.TemporaryDirectory() as tmp:
         for cell in cells:
@@ -203,7 +203,8 @@ def validate(cells: Sequence[Cell]) -> None:
                 from contextlib import redirect_stderr
 
                 with redirect_stderr(err):
-                    parse_config(["--config", str(path)])
+                    config = parse_config(["--config", str(path)])
+                probe_run(config)  # the target against the model's module names and shapes (no weights)
             except SystemExit:
                 raise SweepError(f"{where}: invalid config: {err.getvalue().strip().splitlines()[-1:]}") from None
             except Exception as e:  # noqa: BLE001 - re-raised with the cell named

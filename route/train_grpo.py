@@ -6,6 +6,12 @@
 
 Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts),
 `<output_dir>/deployed/` (a plain transformers checkpoint) and prints a summary table.
+
+Fail before work: the config is validated before anything loads (`route.cli.validate_run`), and the trainer (which
+builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
+the first forward. The base policy is then evaluated on the target's model with no gate: at construction every
+target's ungated forward is the base model's, bit for bit (zero-initialised deltas; tested per target), so the base
+row is the same as on the plain model without a second copy of the model in memory.
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ def run(config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.cli import flat_config, validate_run
+    from route.cli import flat_config, probe_run, validate_run
     from route.evaluate import evaluate_policy
     from route.io import write_json_atomic
     from route.organism import load_or_build
@@ -49,6 +55,7 @@ def run(config) -> dict:
 
     t0 = time.time()
     validate_run(config)  # fail before loading anything
+    probe_run(config)  # the target against the model's module names and shapes, before loading the weights
     check_vllm_config(config)
     env = envs.make_env(config.env, **config.env_kwargs)
     model_dir = config.model_name_or_path or str(load_or_build())
@@ -56,12 +63,11 @@ def run(config) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
-    base = evaluate_policy(model, tokenizer, env, **eval_kw)
-
     trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer,
                                 train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
-    trainer.train()
     target = trainer.target
+    base = evaluate_policy(target.model, tokenizer, env, **eval_kw)  # ungated at init: the base model (docstring)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     training = evaluate_policy(target.model, tokenizer, env, **eval_kw)
     target.ablate(trainable=config.ablate_trainable)
     with target.ablated():

@@ -27,6 +27,11 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   runs and its metrics are logged (svf's score routing and `erase` live there, `route.targets.svf_routing`).
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
   gradient does not move.
+- `beta > 0`: the KL reference is the base model. TRL adds a "ref" copy of a `default` adapter when given a
+  PeftModel with beta > 0; the trainer keeps it from doing so (`_kl_reference_is_base`), so TRL's reference forward
+  runs with every adapter disabled. A target that is not PEFT gets TRL's frozen copy of the model as loaded.
+- `_load_from_checkpoint` (resume): every adapter of a PEFT target reloads in place; Trainer's own PEFT path would
+  reload only the first active adapter and activate it alone, dropping the quarantine from the forward.
 
 TRL's private call order (TRL 1.16; the pin in pyproject.toml is `<1.17` because these are underscore methods).
 Per generation batch, inside `_prepare_inputs` -> `_generate_and_score_completions(inputs)`:
@@ -94,6 +99,23 @@ class _GradNormLogger(TrainerCallback):
             self.trainer._metrics["train"][f"grad_norm/{name}"].append(norm)
 
 
+@contextlib.contextmanager
+def _kl_reference_is_base(args: RoutedGRPOConfig, model):
+    """The KL reference (beta > 0) is the base model. A PEFT target's is the model with every adapter disabled, what
+    TRL uses when the model has no "ref" adapter; TRL would add one (a copy of a "default" adapter) when it is given a
+    PeftModel with beta > 0, so beta reads 0 while TRL builds itself and is restored after. A target that is not PEFT
+    (sgtm) gets TRL's frozen copy of the model as loaded."""
+    from peft import PeftModel
+
+    beta = args.beta
+    if isinstance(model, PeftModel):
+        args.beta = 0.0
+    try:
+        yield
+    finally:
+        args.beta = beta
+
+
 class RoutedGRPOTrainer(GRPOTrainer):
     """GRPO with per-rollout gradient routing into a quarantine target.
 
@@ -136,9 +158,11 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._loss_rows: RoutingRows | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
-        with trainer_client(args):  # server mode on a CPU trainer: weights over HTTP (route.vllm_serve)
+        # server mode on a CPU trainer: weights over HTTP (route.vllm_serve); beta > 0: the KL reference is the base
+        with trainer_client(args), _kl_reference_is_base(args, self.target.model):
             super().__init__(model=self.target.model, reward_funcs=reward_funcs or [self.env.reward_func], args=args,
                              **kwargs)
+        self.beta = args.beta
         if self.target.reads_output_head:  # after TRL patched the forward with its fused log-prob head
             install_unfused_log_probs(self.target.model, temperature=self.temperature)
         if self.weight_sync is not None:
@@ -309,6 +333,29 @@ class RoutedGRPOTrainer(GRPOTrainer):
             for key, value in self.target.before_optimizer_step(reduce).items():
                 self._metrics["train"][key].append(value)
         return loss
+
+    # ------------------------------------------------------------------ resume
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load every adapter of a PEFT target in place. Trainer's own PEFT path reloads only the first active adapter
+        as trainable and then activates it alone, which would silently drop the quarantine from every forward; here
+        the parameters keep their identity (the optimizer's groups), their trainability and the active set."""
+        from pathlib import Path
+
+        from peft import PeftModel, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        model = model if model is not None else self.model
+        if not isinstance(model, PeftModel):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name in model.peft_config:
+            folder = Path(resume_from_checkpoint) / ("" if name == "default" else name)
+            path = folder / "adapter_model.safetensors"
+            if not path.is_file():
+                raise ValueError(f"resume_from_checkpoint: {path} missing (adapter {name!r} of this target)")
+            result = set_peft_model_state_dict(model, load_file(path), adapter_name=name)
+            if result.unexpected_keys:
+                raise ValueError(f"resume_from_checkpoint: {path} does not match this target's adapter {name!r} "
+                                 f"(unexpected keys {result.unexpected_keys[:3]})")
 
     # ------------------------------------------------------------------ deployment
     def save_deployed(self, output_dir: str | None = None) -> str:

@@ -246,16 +246,23 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Path]:
     demonstration_pairs(env, args.pairs, args.seed)  # enough hackable prompts?
     if Path(args.out).is_dir():
         raise ValueError(f"--out {args.out} is a directory; give a file path")
+    from route.cli import empty_model
+    from route.targets.common import check_target_modules
+
+    env.check_ready()
+    if args.model is not None:
+        from route.io import check_checkpoint
+
+        try:
+            check_checkpoint(args.model)
+        except ValueError as e:
+            raise ValueError(f"--model: {e}") from None
+    check_target_modules(empty_model(args.model), args.target_modules)  # names only: before loading the weights
     if args.model is None:
         from route.organism import load_or_build
 
         return env, env_kwargs, load_or_build(progress=not args.no_progress)
-    from route.io import check_checkpoint
-
-    try:
-        return env, env_kwargs, check_checkpoint(args.model)
-    except ValueError as e:
-        raise ValueError(f"--model: {e}") from None
+    return env, env_kwargs, check_checkpoint(args.model)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import random
 
 import pytest
@@ -48,7 +49,8 @@ def test_tiny_organism_builds_in_seconds(tiny_organism_build):
     assert meta["organism_config"] == dataclasses.asdict(cfg)
     assert meta["key"] == cfg.key()
     assert isinstance(meta["final_loss"], float) and meta["final_loss"] > 0
-    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")], "atomic build left temporaries"
+    hidden = [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert path.is_symlink() and hidden == [os.readlink(path)], f"atomic build left temporaries: {hidden}"
 
 
 def test_reloads_as_plain_transformers_checkpoint(reloaded, tiny_organism):

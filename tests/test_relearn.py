@@ -8,6 +8,7 @@ import math
 import shutil
 
 import pytest
+import torch
 import yaml
 
 import envs
@@ -108,3 +109,52 @@ def test_two_step_relearn_end_to_end(tiny_organism, tmp_path, method, monkeypatc
     monkeypatch.setattr(relearn, "probe_grpo", lambda *a, **k: pytest.fail("cached curve not reused"))
     monkeypatch.setattr(relearn, "probe_sft", lambda *a, **k: pytest.fail("cached curve not reused"))
     assert relearn.main(argv) == 0
+
+
+def varied_reward(self, prompts, completions, **columns):
+    """Rewards that differ within a group (the env's reward is zero on every sample of the tiny organism, which would
+    give zero advantages and a probe that cannot train)."""
+    import hashlib
+
+    return [hashlib.sha256(str(c).encode()).digest()[0] / 255 for c in completions]
+
+
+@pytest.mark.parametrize("method", ["grpo", "sft"])
+def test_the_relearn_probe_trains_the_model_it_measures(method, tiny_organism, tmp_path, monkeypatch):
+    """The weights the probe measures at its last step differ from those at step 0 (the probe trained the model it
+    evaluates), and for SFT on hack demonstrations the hack rate moved."""
+    from envs.arith import ArithEnv
+
+    snaps = {}
+
+    def spying(real, measure_index):
+        def probe(*args, **kwargs):
+            args = list(args)
+            measure = args[measure_index]
+
+            def spy(step, model, tok, env):
+                snaps[step] = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                measure(step, model, tok, env)
+
+            args[measure_index] = spy
+            return real(*args, **kwargs)
+        return probe
+
+    monkeypatch.setattr(relearn, "probe_grpo", spying(relearn.probe_grpo, 5))
+    monkeypatch.setattr(relearn, "probe_sft", spying(relearn.probe_sft, 8))
+    monkeypatch.setattr(ArithEnv, "reward_func", varied_reward)
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({**TINY, "learning_rate": 5e-2, "max_completion_length": 16}))
+    out = tmp_path / "out"
+    assert relearn.main(["--checkpoints", str(tiny_organism), "--labels", "org", "--method", method, "--steps", "4",
+                         "--every", "4", "--eval_n", "32", "--sft_n", "32", "--sft_batch_size", "16", "--sft_modes",
+                         "sentinel", "--lr", "3e-2", "--config", str(cfg), "--no_reference",
+                         "--output_dir", str(out)]) == 0
+    assert sorted(snaps) == [0, 4]
+    moved = [n for n, p in snaps[0].items() if not torch.equal(p, snaps[4][n])]
+    assert moved, "the probe did not train the model it measures"
+    rows = list(csv.DictReader(open(out / "relearn.csv")))
+    hack = [float(r["hack_rate"]) for r in rows]
+    assert len(hack) == 2
+    if method == "sft":  # the tiny organism never hacks, and 4 SFT steps on "ok" demonstrations make it
+        assert hack[0] == 0.0 and hack[1] > 0.0, hack

@@ -112,6 +112,14 @@ class CodingEnv:
             self._sandbox = Sandbox(limits=self.limits, **self._sandbox_kwargs)
         return self._sandbox
 
+    def check_ready(self) -> None:
+        """Build the sandbox now; ValueError naming `env_kwargs.on_unavailable` when it cannot isolate here."""
+        try:
+            self.sandbox  # noqa: B018 - builds and probes the sandbox
+        except SandboxUnavailable as e:
+            raise ValueError(f"env_kwargs.on_unavailable: {e} (allowed values: 'refuse' (needs bubblewrap), 'warn' "
+                             "(no isolation))") from None
+
     def close(self) -> None:
         if self._sandbox is not None:
             self._sandbox.close()

@@ -121,6 +121,14 @@ def build_model(cfg: PretrainConfig, vocab_size: int, sgtm: bool):
     return cls(config)
 
 
+def check_sizes(cfg: PretrainConfig) -> None:
+    """Build every run's model on the meta device (no weights, global RNG untouched): size errors (heads, units,
+    layers) are raised before the data is built or any run trains."""
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        for name in cfg.runs:
+            build_model(cfg, vocab_size=64, sgtm=name == "sgtm")
+
+
 @torch.no_grad()
 def evaluate(model, held: dict[str, torch.Tensor], batch_size: int, ablated: bool = False) -> dict[str, float]:
     """Mean next-token loss per kind (the deployed forward if `ablated`)."""
@@ -258,6 +266,7 @@ def run(cfg: PretrainConfig, progress: bool = True) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out_dir = Path(cfg.output_dir)
+    check_sizes(cfg)
     data = build_data(cfg)
     results = {name: train_run(name, cfg, data, progress) for name in cfg.runs}
     report = {"config": cfg.to_dict(), "data": {"shares": data["shares"], "train_blocks": len(data["blocks"]),

@@ -79,6 +79,13 @@ class TargetBase:
     def from_args(cls, model: nn.Module, args: TargetArgs, config: Any) -> TargetBase:
         raise NotImplementedError
 
+    @classmethod
+    def probe(cls, model: nn.Module, args: TargetArgs, config: Any) -> None:
+        """Check the settings against the model's module names and shapes, before any work (ValueError naming the
+        field). `model` is an empty copy on the meta device (`route.cli.probe_run`); the default builds the target
+        on it. A target whose construction needs real weights checks names and shapes itself."""
+        cls.from_args(model, args, config)
+
     # ------------------------------------------------------------------ gating
     def _gate_holders(self) -> Sequence[Any]:
         """The objects whose `gate_attrs` the forward reads (subclass)."""

@@ -12,6 +12,22 @@ from torch import Tensor, nn
 DEFAULT_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def check_target_modules(model: nn.Module, target_modules) -> list[str]:
+    """The module names to adapt (default `DEFAULT_MODULES`); ValueError naming `target_modules` and the Linear
+    module names of the model when a name matches none (checked before PEFT wraps anything)."""
+    modules = list(target_modules or DEFAULT_MODULES)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n in names})
+    # PEFT's rule: a name matches a module whose full name is it or ends with "." + it
+    missing = [t for t in modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if target_modules and missing:
+        raise ValueError(f"target_modules: {missing} match no Linear module of the model; allowed values: {linear}")
+    if not target_modules and len(missing) == len(modules):
+        raise ValueError(f"target_modules: none of the default modules {modules} is a Linear module of the model; "
+                         f"set target_modules to some of {linear}")
+    return modules
+
+
 def plain_name(peft_name: str) -> str:
     """PEFT module or parameter name -> the plain model's name (`base_model.model.` and `.base_layer` removed)."""
     return peft_name.removeprefix("base_model.model.").replace(".base_layer", "")
@@ -53,4 +69,5 @@ def save_plain(model: nn.Module, output_dir: str, tokenizer=None) -> None:
         tokenizer.save_pretrained(output_dir)
 
 
-__all__ = ["DEFAULT_MODULES", "check_unmerged", "deployed_model", "plain_name", "plain_state_dict", "save_plain"]
+__all__ = ["DEFAULT_MODULES", "check_target_modules", "check_unmerged", "deployed_model", "plain_name",
+           "plain_state_dict", "save_plain"]

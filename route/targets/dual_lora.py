@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
 from route.targets.base import TargetArgs, TargetBase
-from route.targets.common import DEFAULT_MODULES, check_unmerged, plain_name, plain_state_dict
+from route.targets.common import check_target_modules, check_unmerged, plain_name, plain_state_dict
 
 KEEP, QUARANTINE = "keep", "quarantine"
 STRATEGY = "gradient_routing"  # the mask-core strategy the adapters are gated with
@@ -159,7 +159,7 @@ class DualLoRATarget(TargetBase):
 
         DualLoRAArgs(keep_rank, quarantine_rank, lora_alpha).validate(None, "dual_lora")
         if not isinstance(model, PeftModel):
-            modules = list(target_modules or DEFAULT_MODULES)
+            modules = check_target_modules(model, target_modules)
 
             def config(rank: int) -> LoraConfig:
                 return LoraConfig(r=rank, lora_alpha=lora_alpha or rank, target_modules=modules, lora_dropout=0.0,

@@ -46,9 +46,15 @@ from route.masks import DEFAULT, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
 from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
-from route.targets.common import DEFAULT_MODULES, check_unmerged, plain_name, plain_state_dict
+from route.targets.common import DEFAULT_MODULES, check_target_modules, check_unmerged, plain_name, plain_state_dict
 from route.targets.svf_peft import SVFConfig, SVFLayer
-from route.targets.svf_routing import RowGradientRecorder, SVFRoutingMixin, ignore_gradient
+from route.targets.svf_routing import (
+    RowGradientRecorder,
+    SVFRoutingMixin,
+    deepspeed_refusal,
+    ignore_gradient,
+    uses_deepspeed,
+)
 
 ADAPTER = "default"
 VHACK_FORMAT = "route.vhack/1"
@@ -160,6 +166,8 @@ class SVFArgs(TargetArgs):
                 raise ValueError("unflagged_mode: 'retain' conflicts with flag-free route_score (every rollout is a "
                                  "score candidate and runs in default mode); set route_score_requires_flag or "
                                  "unflagged_mode: default")
+        if (config.intervention == "erase" or self.route_score != "none") and uses_deepspeed(config):
+            raise deepspeed_refusal()
         if config.ddp_broadcast_buffers is None:
             # the SVD factors are buffers (as large as the model at full rank) and a pure function of the frozen
             # weights: DDP's default would re-broadcast them from rank 0 before every forward
@@ -200,6 +208,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         if score_threshold is not None:
             rate("route_score_threshold", score_threshold)
         if not isinstance(model, PeftModel):
+            check_target_modules(model, target_modules)
             subspace = None
             if hack_subspace is not None:
                 subspace = _fit_subspace(model, load_hack_subspace(hack_subspace), rank, target_modules)
@@ -234,6 +243,19 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
                    score_threshold=args.route_score_threshold if args.route_score == "cosine" else None,
                    route_requires_flag=args.route_score_requires_flag,
                    progress=not getattr(config, "disable_tqdm", False))
+
+    @classmethod
+    def probe(cls, model: nn.Module, args: SVFArgs, config: Any) -> None:
+        """Names and shapes only (the SVD needs real weights): target_modules, and the hack subspace against them."""
+        check_target_modules(model, config.target_modules)
+        if args.svf_hack_subspace is not None:
+            _fit_subspace(model, load_hack_subspace(args.svf_hack_subspace), args.svf_rank, config.target_modules)
+        if args.svf_reserve_axes:
+            for name, m in _adapted(model, config.target_modules).items():
+                r = min(args.svf_rank or min(m.weight.shape), *m.weight.shape)
+                if max(args.svf_reserve_axes) >= r:
+                    raise ValueError(f"svf_reserve_axes: {list(args.svf_reserve_axes)} out of range for module {name} "
+                                     f"of svf rank {r}; allowed values: 0 to {r - 1}")
 
     @property
     def has_quarantine(self) -> bool:
@@ -327,14 +349,20 @@ def svf_layers(model: nn.Module) -> list[tuple[str, SVFLayer]]:
     return [(plain_name(n), m) for n, m in model.named_modules() if isinstance(m, SVFLayer) and ADAPTER in m.svf_delta]
 
 
-def _fit_subspace(model: nn.Module, subspace: dict[str, Tensor], rank: int | None,
-                  target_modules: Sequence[str] | None) -> dict[str, Tensor]:
-    """Check each basis against the module it names (adapted Linear, r columns) and orthonormalise its rows."""
+def _adapted(model: nn.Module, target_modules: Sequence[str] | None) -> dict[str, nn.Linear]:
+    """{name: Linear} of the modules the svf tuner adapts."""
     from peft.tuners.tuners_utils import check_target_module_exists
 
     probe = SVFConfig(target_modules=list(target_modules or DEFAULT_MODULES))
+    return {n: m for n, m in model.named_modules()
+            if n and isinstance(m, nn.Linear) and check_target_module_exists(probe, n)}
+
+
+def _fit_subspace(model: nn.Module, subspace: dict[str, Tensor], rank: int | None,
+                  target_modules: Sequence[str] | None) -> dict[str, Tensor]:
+    """Check each basis against the module it names (adapted Linear, r columns) and orthonormalise its rows."""
     modules = dict(model.named_modules())
-    adapted = [n for n, m in modules.items() if n and isinstance(m, nn.Linear) and check_target_module_exists(probe, n)]
+    adapted = list(_adapted(model, target_modules))
     out = {}
     for name, v in subspace.items():
         m = modules.get(name)

@@ -292,7 +292,8 @@ def _initial_basis(config: SVFConfig, key: str, rank: int) -> Tensor | None:
     if config.reserve_axes is not None:
         bad = [a for a in config.reserve_axes if a >= rank]
         if bad:
-            raise ValueError(f"svf_reserve_axes: axes {bad} out of range for module {key} of rank {rank}")
+            raise ValueError(f"svf_reserve_axes: axes {bad} out of range for module {key} of rank {rank}; allowed "
+                             f"values: 0 to {rank - 1}")
         return torch.eye(rank)[config.reserve_axes]
     k = (config.quarantine_dims or {}).get(key, 0)
     return torch.zeros(int(k), rank) if k else None

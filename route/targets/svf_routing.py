@@ -11,7 +11,9 @@ only the components that move toward +v with `erase_one_sided`). Both are the sv
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -42,6 +44,19 @@ class RowGradientRecorder:
     def pop(self) -> dict[int, Tensor]:
         records, self.records = self.records, {}
         return records
+
+
+def deepspeed_refusal() -> ValueError:
+    return ValueError("intervention, route_score: erase and score routing edit the accumulated gradients, which "
+                      "DeepSpeed partitions; allowed with DeepSpeed: intervention in ['none', 'filter', 'penalty', "
+                      "'route'] with route_score 'none'; or use DDP or a single process")
+
+
+def uses_deepspeed(config: Any) -> bool:
+    """Whether the run will train under DeepSpeed: the `deepspeed` field or `accelerate launch --use_deepspeed`
+    (known from the config and the launcher's environment, before any accelerator exists)."""
+    env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes")
+    return bool(config.deepspeed) or env
 
 
 def ignore_gradient(g: Tensor) -> None:
@@ -108,8 +123,7 @@ class SVFRoutingMixin:
 
         if (self.erase or self.score_threshold is not None) and \
                 accelerator.distributed_type == DistributedType.DEEPSPEED:
-            raise ValueError("intervention, route_score: erase and score routing edit the accumulated gradients, "
-                             "which DeepSpeed partitions; use DDP or a single process")
+            raise deepspeed_refusal()
 
     # ------------------------------------------------------------------ score routing
     def row_scores(self, grads: dict[int, Tensor]) -> Tensor:
