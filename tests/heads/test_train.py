@@ -180,7 +180,8 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     train.main(argv)
     results = json.loads((out / "results.json").read_text())
     assert set(results["heads"]) == {"iav", "bias"}
-    assert sorted(p.name for p in out.iterdir()) == ["bias", "iav", "results.json"]  # no trainer leftovers
+    visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .<name>.v<id>: atomic versions
+    assert visible == ["bias", "iav", "results.json"]  # no trainer leftovers
     assert results["base"]["n"] == 8 and 0.0 <= results["heads"]["iav"]["eval"]["follow_rate"] <= 1.0
     assert "follows format" in capsys.readouterr().out
     evaluate.main(["--run", str(out), "--alphas", "0", "1", "--n", "4"])
