@@ -41,23 +41,26 @@ def run(config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
+    from route.detectors import build_detector
     from route.evaluate import evaluate_policy
     from route.io import write_json_atomic
-    from route.organism import load_or_build
+    from route.organism import load_or_build, organism_config
     from route.trainer import RoutedGRPOTrainer
     from route.vllm_sync import check_vllm_config
 
     t0 = time.time()
     check_vllm_config(config)  # fail before loading anything
     env = envs.make_env(config.env, **config.env_kwargs)
-    model_dir = config.model_name_or_path or str(load_or_build())
+    model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
+    detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
+    eval_kw["detector"] = detector
     base = evaluate_policy(model, tokenizer, env, **eval_kw)
 
-    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer,
+    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
                                 train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
     trainer.train()
     target = trainer.target
@@ -75,9 +78,12 @@ def run(config) -> dict:
     results = {
         "config": {k: v for k, v in dataclasses.asdict(config).items() if _jsonable(v)},
         "model": model_dir,
-        "detector": {"kind": config.detector, "tpr": config.detector_tpr, "fpr": config.detector_fpr,
+        "detector": {"kind": config.detector, "monitor": config.monitor,
+                     "tpr": config.detector_tpr, "fpr": config.detector_fpr,
                      "modes": config.detector_modes, "realised_tpr": mean_of("routing/realised_tpr"),
-                     "realised_fpr": mean_of("routing/realised_fpr")},
+                     "realised_fpr": mean_of("routing/realised_fpr"),
+                     **{k: mean_of(k) for k in sorted({k for h in logs for k in h if k.startswith(
+                         ("routing/realised_tpr/", "routing/hack_rate/"))})}},
         "base": base, "training": training, "deployed": deployed,
         "train_seconds": round(time.time() - t0, 1),
     }

@@ -44,9 +44,10 @@ from trl import GRPOTrainer
 
 import envs
 from route.config import RoutedGRPOConfig
-from route.detectors import Detector, make_detector, realised_rates, uniform
+from route.detectors import Detector, build_detector, call_detector, realised_rates, uniform
 from route.io import atomic_dir
 from route.masks import DEFAULT, FORGET, RETAIN
+from route.monitors import detector_parts, realised_by_part
 from route.optim import build_optimizer
 from route.targets import Target, build_target, checkpointing
 from route.vllm_sync import TargetWeightSync, check_vllm_config
@@ -101,8 +102,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             target = build_target(args, model)
         self.target = target
         self._install_checkpointing(args)
-        self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
-                                                  args.detector_seed, args.detector_modes)
+        self.detector = detector or build_detector(args, self.env)
         self._routing: dict[str, Any] | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
@@ -187,7 +187,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         rollout_ids = [f"{x.get('prompt_id', 'p')}|s{step}|r{offset + i}" for i, x in enumerate(inputs)]
         columns = {k: [x[k] for x in inputs] for k in inputs[0]}
         grades = self.env.grade(prompts, completions, **columns)
-        flags = self.detector(grades, rollout_ids)
+        context = {"prompts": prompts, "completions": completions, "columns": columns}
+        flags = call_detector(self.detector, grades, rollout_ids, **context)
+        parts = detector_parts(self.detector, grades, rollout_ids, **context)  # the monitor's conditions, if any
         modes = self.routing_modes(flags, rollout_ids)
         self._routing = {"flags": flags, "modes": modes, "candidates": self.score_candidates(flags),
                          "exploited": torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool)}
@@ -197,11 +199,16 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if self.args.intervention == "penalty":
             flagged = torch.tensor(all_flags, dtype=rewards_per_func.dtype, device=rewards_per_func.device)
             rewards_per_func[:, 0] -= self.args.penalty * flagged / float(self.reward_weights[0])
-        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()))
+        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()),
+                          gather_object(parts) if parts is not None else None)
         return rewards_per_func
 
-    def _log_routing(self, grades, flags, modes) -> None:
+    def _log_routing(self, grades, flags, modes, parts=None) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
+        for part, r in realised_by_part(grades, flags, parts).items() if parts is not None else ():
+            metrics[f"routing/hack_rate/{part}"].append(r["hack_rate"])
+            if r["n_exploited"]:
+                metrics[f"routing/realised_tpr/{part}"].append(r["tpr"])
         n = len(grades)
         r = realised_rates(grades, flags)
         metrics["routing/flag_rate"].append(r["flag_rate"])
