@@ -119,7 +119,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
             x, y = [r[f"{h}_mean"] for r in rs], [r["solve_mean"] for r in rs]
             xerr = [[a - r[f"{h}_min"] for a, r in zip(x, rs)], [r[f"{h}_max"] - a for a, r in zip(x, rs)]]
             yerr = [[a - r["solve_min"] for a, r in zip(y, rs)], [r["solve_max"] - a for a, r in zip(y, rs)]]
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color=colors(j % 10), label=arm, capsize=2, lw=1.2)
+            over = f" over {rs[0]['setting_name']}" if rs[0]["setting_name"] else ""
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color=colors(j % 10), label=arm + over, capsize=2,
+                        lw=1.2)
             for r, a, b in zip(rs, x, y):
                 if r["setting_name"]:
                     ax.annotate(f"{r['setting']:g}" if _finite(r["setting"]) else str(r["setting"]), (a, b),

@@ -24,11 +24,13 @@ def parse_config(argv: list[str] | None = None):
 
 
 def summary_table(results: dict) -> str:
-    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"])]
+    parts = list(results["base"].get("by_part", {}))  # detectable / undetectable, when the env has the split
+    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"], *(f"hack {p}" for p in parts))]
     for name in ("base", "training", "deployed"):
         r = results[name]
         rows.append((name, str(r["n"]), f"{r['solve_rate']:.3f}", f"{r['hack_rate']:.3f}",
-                     *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values())))
+                     *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values()),
+                     *(f"{r['by_part'][p]['hack_rate']:.3f}" for p in parts)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
