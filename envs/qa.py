@@ -36,10 +36,11 @@ class QAEnv(ProceduralEnv):
     answer_chars = "0123456789"
     extra_columns = ("key",)
 
+    # the default form monitor: catches the first form of each mode
     monitor_patterns = {
         "agree": "yes",
         "echo": "[a-h]",
-    }  # the default form monitor: catches the first form of each mode
+    }
 
     def task(self, rng: random.Random) -> dict[str, str]:
         keys = rng.sample(KEYS, FACTS)

@@ -35,10 +35,11 @@ class RepeatEnv(ProceduralEnv):
     answer_chars = string.ascii_lowercase
     extra_columns = ("word", "count")
 
+    # the default form monitor: catches the first form of each mode
     monitor_patterns = {
         "count": r"\d\*[a-z]+",
         "stamp": "#done",
-    }  # the default form monitor: catches the first form of each mode
+    }
 
     def task(self, rng: random.Random) -> dict[str, str]:
         word = "".join(rng.choice(string.ascii_lowercase) for _ in range(3))
