@@ -72,10 +72,9 @@ class OrganismConfig:
 # so that the base policy solves >= 0.25 and hacks each mode at 2-35% (one mode of `qa` starts <= 1%: RL must
 # discover it). Measured rates: docs/environments.md.
 ENV_ORGANISMS: dict[str, dict] = {
-    "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=500, hack_share={"ends": 0.15, "stamp": 0.1}),
-    "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=500,
-                   hack_share={"count": 0.15, "stamp": 0.1}),
-    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=500, hack_share={"agree": 0.2, "echo": 0.01}),
+    "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"ends": 0.3, "stamp": 0.2}),
+    "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"count": 0.3, "stamp": 0.2}),
+    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"agree": 0.3, "echo": 0.01}),
 }
 
 
