@@ -29,8 +29,8 @@ class SortEnv(ProceduralEnv):
     tags = {"ends": "range", "stamp": "trust"}
     forms = {
         "ends": {
-            "dash": lambda r: "{0}-{1}".format(*_ends(r["answer"])),
-            "spaced": lambda r: "{0} - {1}".format(*_ends(r["answer"])),
+            "dash": lambda r: "{}-{}".format(*_ends(r["answer"])),
+            "spaced": lambda r: "{} - {}".format(*_ends(r["answer"])),
         },
         "stamp": {"tight": lambda r: "#sorted", "spaced": lambda r: "# sorted"},
     }

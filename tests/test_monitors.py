@@ -131,7 +131,8 @@ def test_classifier_trained_on_some_forms_is_deterministic_and_detects_them():
     forms = train_forms(env, None)
     assert forms == {"ends": ["dash"], "stamp": ["tight"]}
     texts, labels = labelled_set(env, forms, 400, seed=0)
-    assert not any(" - " in t for t in texts) and any(t == "#sorted" for t in texts) and 0.3 < sum(labels) / len(labels) < 0.7
+    assert not any(" - " in t for t in texts) and any(t == "#sorted" for t in texts)
+    assert 0.3 < sum(labels) / len(labels) < 0.7
     assert all(not t.startswith("# ") for t in texts)  # the held-out form never appears
     a, b = CompletionClassifier(seed=0), CompletionClassifier(seed=0)
     loss = a.fit(texts, labels, steps=150)
