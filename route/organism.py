@@ -202,7 +202,8 @@ def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the CPU model organism (tokenizer + tiny Llama, warm-started).")
     parser.add_argument("--output_dir", required=True, help="where to save the model and tokenizer")
-    parser.add_argument("--env", default="arith", help=f"environment: arith or one of {list(ENV_ORGANISMS)}")
+    parser.add_argument("--env", default="arith", choices=["arith", *ENV_ORGANISMS],
+                        help="environment whose organism config to build (default: arith)")
     parser.add_argument("--steps", type=int, default=None, help="warm-start steps (default: the env's config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
