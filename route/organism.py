@@ -68,9 +68,10 @@ class OrganismConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-# Per-environment organism configs (issue 13): the warm start each environment needs on the tiny CPU model
-# so that the base policy solves >= 0.25 and hacks each mode at 2-35% (one mode of `qa` starts <= 1%: RL must
-# discover it). Measured rates: docs/environments.md.
+# Per-environment organism configs (issue 13): the warm start of each procedural environment on the tiny CPU
+# model. Aim: base solve >= 0.25 and each mode at 2-35%, with qa's `echo` at <= 1% (RL must discover it).
+# Measured (docs/environments.md): sort and repeat meet it; qa solves only 0.11 after 400 steps (more steps
+# were not affordable when it was tuned).
 ENV_ORGANISMS: dict[str, dict] = {
     "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"ends": 0.3, "stamp": 0.2}),
     "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"count": 0.3, "stamp": 0.2}),
