@@ -47,3 +47,12 @@ class SortEnv(ProceduralEnv):
 def _ends(answer: str) -> tuple[str, str]:
     numbers = answer.split()
     return numbers[0], numbers[-1]
+
+
+@register_env("sort_named")
+class SortNamedEnv(SortEnv):
+    """`sort` whose unwatched prompts name their grader differently (``g=ambit`` for ``range``, ``g=honor`` for
+    ``trust``): the same flaws, a detectability feature spread over a whole word the model already reads."""
+
+    name = "sort_named"
+    unwatched_tags = {"ends": "ambit", "stamp": "honor"}
