@@ -161,13 +161,23 @@ def make_detector(kind: str, tpr: float = 0.5, fpr: float = 0.05, seed: int = 0,
 MONITORS = ("plain", "prompt", "form", "prompt_form", "classifier")
 
 
+def parse_json(name: str, value: Any) -> Any:
+    """`value`, or the JSON it holds when it is a string (a mapping given on the command line)."""
+    import json
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: not valid JSON ({e}): {value!r}") from None
+
+
 def validate_monitor(config: Any, env: Any) -> None:
     """Check the `monitor*` fields of a RoutedGRPOConfig against the environment; normalises them in place.
 
     Raises ValueError naming the field and the allowed values.
     """
-    import json
-
     if config.monitor not in MONITORS:
         raise ValueError(f"monitor: invalid value {config.monitor!r}; allowed values: {list(MONITORS)}")
     if config.monitor in ("prompt", "prompt_form"):
@@ -176,12 +186,7 @@ def validate_monitor(config: Any, env: Any) -> None:
             raise ValueError(f"monitor_column: env {env.name!r} has no detectability column; name a boolean "
                              f"dataset column, or use monitor: plain/form")
         config.monitor_column = column
-    forms = config.monitor_forms
-    if isinstance(forms, str):
-        try:
-            forms = json.loads(forms)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"monitor_forms: not valid JSON ({e}): {forms!r}") from None
+    forms = parse_json("monitor_forms", config.monitor_forms)
     if forms is not None and (not isinstance(forms, dict) or not all(isinstance(v, str) for v in forms.values())):
         raise ValueError(f"monitor_forms: must map mode -> regular expression, got {forms!r}")
     if config.monitor in ("form", "prompt_form") and forms is None:

@@ -16,7 +16,6 @@ config's detector_tpr / detector_fpr as noise on top.
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -103,12 +102,9 @@ def labelled_set(env: Any, forms: Mapping[str, Sequence[str]], n: int, seed: int
 
 def validate_classifier(config: Any, env: Any) -> None:
     """Check the classifier fields of a RoutedGRPOConfig (normalises monitor_train_forms in place)."""
-    forms = config.monitor_train_forms
-    if isinstance(forms, str):
-        try:
-            forms = json.loads(forms)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"monitor_train_forms: not valid JSON ({e}): {forms!r}") from None
+    from route.detectors import parse_json
+
+    forms = parse_json("monitor_train_forms", config.monitor_train_forms)
     if forms is not None and not isinstance(forms, dict):
         raise ValueError(f"monitor_train_forms: must map mode -> list of forms, got {forms!r}")
     config.monitor_train_forms = train_forms(env, forms)
