@@ -34,9 +34,12 @@ STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
 def _policy_stats(r: dict[str, Any]) -> dict[str, float]:
     parts = r.get("by_part", {})
     nan = float("nan")
-    return {"solve": r["solve_rate"], "hack": r["hack_rate"],
-            "hack_detectable": parts.get("detectable", {}).get("hack_rate", nan),
-            "hack_undetectable": parts.get("undetectable", {}).get("hack_rate", nan)}
+    return {
+        "solve": r["solve_rate"],
+        "hack": r["hack_rate"],
+        "hack_detectable": parts.get("detectable", {}).get("hack_rate", nan),
+        "hack_undetectable": parts.get("undetectable", {}).get("hack_rate", nan),
+    }
 
 
 def arm_of(cfg: dict[str, Any]) -> str:
@@ -50,16 +53,40 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for res in results:
         cfg = res["config"]
         env, arm = cfg["env"], arm_of(cfg)
-        out.append({"env": env, "arm": "base", "setting_name": "", "setting": "", "seed": cfg.get("seed"),
-                    **_policy_stats(res["base"])})
+        out.append(
+            {
+                "env": env,
+                "arm": "base",
+                "setting_name": "",
+                "setting": "",
+                "seed": cfg.get("seed"),
+                **_policy_stats(res["base"]),
+            }
+        )
         if cfg["intervention"] == "route":
             for scale, policy in ((0.0, "deployed"), (1.0, "training")):
-                out.append({"env": env, "arm": arm, "setting_name": "quarantine scale", "setting": scale,
-                            "seed": cfg.get("seed"), **_policy_stats(res[policy])})
+                out.append(
+                    {
+                        "env": env,
+                        "arm": arm,
+                        "setting_name": "quarantine scale",
+                        "setting": scale,
+                        "seed": cfg.get("seed"),
+                        **_policy_stats(res[policy]),
+                    }
+                )
         else:
             name = SETTINGS.get(cfg["intervention"], "")
-            out.append({"env": env, "arm": arm, "setting_name": name, "setting": cfg.get(name, ""),
-                        "seed": cfg.get("seed"), **_policy_stats(res["deployed"])})
+            out.append(
+                {
+                    "env": env,
+                    "arm": arm,
+                    "setting_name": name,
+                    "setting": cfg.get(name, ""),
+                    "seed": cfg.get("seed"),
+                    **_policy_stats(res["deployed"]),
+                }
+            )
     return out
 
 
@@ -82,8 +109,15 @@ def summarise(pts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             row[f"{s}_max"] = max(vals) if vals else float("nan")
         rows.append(row)
     order = {"base": 0, "none": 1, "filter": 2, "penalty": 3, "route": 4}
-    return sorted(rows, key=lambda r: (r["env"], order.get(r["arm"].split()[0], 9), r["arm"],
-                                       float(r["setting"]) if _finite(r["setting"]) else -1.0))
+    return sorted(
+        rows,
+        key=lambda r: (
+            r["env"],
+            order.get(r["arm"].split()[0], 9),
+            r["arm"],
+            float(r["setting"]) if _finite(r["setting"]) else -1.0,
+        ),
+    )
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
@@ -104,10 +138,12 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(k, lab) for k, lab in PANELS
-              if any(_finite(r[f"{'hack' if k == 'all' else 'hack_' + k}_mean"]) for r in rows)]
-    fig, axes = plt.subplots(1, len(panels), squeeze=False, figsize=(0.8 + 4.4 * len(panels), 4.3),
-                             constrained_layout=True)
+    panels = [
+        (k, lab) for k, lab in PANELS if any(_finite(r[f"{'hack' if k == 'all' else 'hack_' + k}_mean"]) for r in rows)
+    ]
+    fig, axes = plt.subplots(
+        1, len(panels), squeeze=False, figsize=(0.8 + 4.4 * len(panels), 4.3), constrained_layout=True
+    )
     arms = list(dict.fromkeys(r["arm"] for r in rows if r["arm"] != "base"))
     colors = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes[0], panels):
@@ -120,16 +156,31 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
             xerr = [[a - r[f"{h}_min"] for a, r in zip(x, rs)], [r[f"{h}_max"] - a for a, r in zip(x, rs)]]
             yerr = [[a - r["solve_min"] for a, r in zip(y, rs)], [r["solve_max"] - a for a, r in zip(y, rs)]]
             over = f" over {rs[0]['setting_name']}" if rs[0]["setting_name"] else ""
-            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", color=colors(j % 10), label=arm + over, capsize=2,
-                        lw=1.2)
+            ax.errorbar(
+                x, y, xerr=xerr, yerr=yerr, marker="o", color=colors(j % 10), label=arm + over, capsize=2, lw=1.2
+            )
             for r, a, b in zip(rs, x, y):
                 if r["setting_name"]:
-                    ax.annotate(f"{r['setting']:g}" if _finite(r["setting"]) else str(r["setting"]), (a, b),
-                                xytext=(4, 3), textcoords="offset points", fontsize=7, color="0.3")
+                    ax.annotate(
+                        f"{r['setting']:g}" if _finite(r["setting"]) else str(r["setting"]),
+                        (a, b),
+                        xytext=(4, 3),
+                        textcoords="offset points",
+                        fontsize=7,
+                        color="0.3",
+                    )
         for r in rows:
             if r["arm"] == "base" and _finite(r[f"{h}_mean"]):
-                ax.scatter([r[f"{h}_mean"]], [r["solve_mean"]], marker="*", s=200, color="gold",
-                           edgecolor="black", zorder=5, label="base organism")
+                ax.scatter(
+                    [r[f"{h}_mean"]],
+                    [r["solve_mean"]],
+                    marker="*",
+                    s=200,
+                    color="gold",
+                    edgecolor="black",
+                    zorder=5,
+                    label="base organism",
+                )
         ax.set_xlabel(f"deployed hack rate ({label})")
         ax.set_ylabel("deployed solve rate")
         ax.set_title(label)
@@ -172,11 +223,15 @@ def load_results(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Per-environment Pareto figures and CSVs (deployed solve vs hack, "
-                                                 "split into the detectable and undetectable parts).")
+    parser = argparse.ArgumentParser(
+        description="Per-environment Pareto figures and CSVs (deployed solve vs hack, "
+        "split into the detectable and undetectable parts)."
+    )
     parser.add_argument("paths", nargs="+", help="results.json files or directories (e.g. a sweep directory)")
-    parser.add_argument("--output_dir", help="where to write <env>/pareto.{csv,png} (default: the first directory "
-                                             "given, else the current directory)")
+    parser.add_argument(
+        "--output_dir",
+        help="where to write <env>/pareto.{csv,png} (default: the first directory given, else the current directory)",
+    )
     args = parser.parse_args(argv)
     try:
         results = load_results(args.paths)

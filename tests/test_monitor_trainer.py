@@ -22,8 +22,15 @@ class Recorder:
 
 def test_detector_gets_prompts_completions_columns_and_parts_are_logged(tiny_organism, tmp_path):
     rec = Recorder()
-    t = make_trainer(tiny_organism, tmp_path, env="sort", env_kwargs={"hack_frac": 0.5}, detector=rec,
-                     intervention="penalty", max_steps=1)
+    t = make_trainer(
+        tiny_organism,
+        tmp_path,
+        env="sort",
+        env_kwargs={"hack_frac": 0.5},
+        detector=rec,
+        intervention="penalty",
+        max_steps=1,
+    )
     t.train()
     assert len(rec.calls) >= 1
     ctx = rec.calls[0]
@@ -41,5 +48,6 @@ def test_config_monitor_builds_the_prompt_conditional_detector(tiny_organism, tm
     t = make_trainer(tiny_organism, tmp_path, env="qa", monitor="prompt", detector_tpr=0.9, max_steps=1)
     assert isinstance(t.detector, PromptConditionalDetector) and t.detector.column == "detectable"
     t.train()
-    assert any("routing/hack_rate/detectable" in h or "routing/hack_rate/undetectable" in h
-               for h in t.state.log_history)
+    assert any(
+        "routing/hack_rate/detectable" in h or "routing/hack_rate/undetectable" in h for h in t.state.log_history
+    )

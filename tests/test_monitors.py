@@ -77,8 +77,9 @@ def test_prompt_conditional_sees_exploits_only_on_the_detectable_part():
     for p in ("detectable", "undetectable"):
         assert within_4sd(by_part[p]["fpr"], 0.05, by_part[p]["n_clean"])
     # a pure function of (seed, rollout id): each flag is the inner threshold on the same draw
-    expected = [uniform(3, rid) < (0.9 if g.exploited and r["detectable"] else 0.05)
-                for g, rid, r in zip(grades, ids, rows)]
+    expected = [
+        uniform(3, rid) < (0.9 if g.exploited and r["detectable"] else 0.05) for g, rid, r in zip(grades, ids, rows)
+    ]
     assert flags == expected
     assert call_detector(det, grades, ids, **ctx) == flags
 
@@ -150,8 +151,9 @@ def test_split_rates_report_parts_forms_and_monitor_tpr_by_form():
     out = split_rates(env, rows, ctx["prompts"], ctx["completions"], grades, FormDetector(env.monitor_patterns))
     det, und = out["by_part"]["detectable"], out["by_part"]["undetectable"]
     assert det["n"] + und["n"] == 800 and det["n"] > 300 and und["n"] > 300
-    assert det["hack_rate"] == pytest.approx(sum(g.exploited for g, r in zip(grades, rows) if r["detectable"])
-                                             / det["n"])
+    assert det["hack_rate"] == pytest.approx(
+        sum(g.exploited for g, r in zip(grades, rows) if r["detectable"]) / det["n"]
+    )
     shares = out["hack_rate_by_form"]["ends"]
     assert set(shares) == {"dash", "spaced"} and sum(shares.values()) == pytest.approx(1.0)
     tpr = out["monitor"]["tpr_by_form"]
@@ -160,16 +162,22 @@ def test_split_rates_report_parts_forms_and_monitor_tpr_by_form():
 
 
 # ---------------------------------------------------------------- the config block
-@pytest.mark.parametrize("overrides,message", [
-    (dict(monitor="oracle"), "monitor: invalid value 'oracle'; allowed values"),
-    (dict(env="arith", monitor="prompt"), "monitor_column: env 'arith' has no detectability column"),
-    (dict(env="arith", monitor="form"), "monitor_forms: env 'arith' has no default form patterns"),
-    (dict(env="sort", monitor="form", monitor_forms={"ends": "("}), "monitor_forms\\['ends'\\]: invalid regular"),
-    (dict(env="sort", monitor="form", monitor_forms={"bogus": "x"}), "monitor_forms: unknown modes \\['bogus'\\]"),
-    (dict(env="sort", monitor="form", monitor_forms="{nope"), "monitor_forms: not valid JSON"),
-    (dict(env="sort", monitor="classifier", monitor_train_forms={"ends": ["x"]}), "monitor_train_forms\\['ends'\\]"),
-    (dict(env="sort", monitor="classifier", monitor_train_n=0), "monitor_train_n: must be an int >= 1"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(monitor="oracle"), "monitor: invalid value 'oracle'; allowed values"),
+        (dict(env="arith", monitor="prompt"), "monitor_column: env 'arith' has no detectability column"),
+        (dict(env="arith", monitor="form"), "monitor_forms: env 'arith' has no default form patterns"),
+        (dict(env="sort", monitor="form", monitor_forms={"ends": "("}), "monitor_forms\\['ends'\\]: invalid regular"),
+        (dict(env="sort", monitor="form", monitor_forms={"bogus": "x"}), "monitor_forms: unknown modes \\['bogus'\\]"),
+        (dict(env="sort", monitor="form", monitor_forms="{nope"), "monitor_forms: not valid JSON"),
+        (
+            dict(env="sort", monitor="classifier", monitor_train_forms={"ends": ["x"]}),
+            "monitor_train_forms\\['ends'\\]",
+        ),
+        (dict(env="sort", monitor="classifier", monitor_train_n=0), "monitor_train_n: must be an int >= 1"),
+    ],
+)
 def test_monitor_fields_fail_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
         RoutedGRPOConfig(**CPU, **overrides)
@@ -183,9 +191,20 @@ def test_build_detector_follows_the_config():
     prompt = build_detector(cfg, env)
     assert cfg.monitor_column == "detectable"
     assert isinstance(prompt, PromptConditionalDetector) and prompt.inner.tpr == 0.9
-    form = build_detector(RoutedGRPOConfig(**CPU, env="sort", monitor="prompt_form",
-                                           monitor_forms='{"stamp": "#sorted"}'), env)
+    form = build_detector(
+        RoutedGRPOConfig(**CPU, env="sort", monitor="prompt_form", monitor_forms='{"stamp": "#sorted"}'), env
+    )
     assert isinstance(form, PromptConditionalDetector) and form.inner.patterns == {"stamp": "#sorted"}
-    clf = build_detector(RoutedGRPOConfig(**CPU, env="sort", monitor="classifier", detector_tpr=1.0,
-                                          detector_fpr=0.0, monitor_train_n=200, monitor_train_steps=100), env)
+    clf = build_detector(
+        RoutedGRPOConfig(
+            **CPU,
+            env="sort",
+            monitor="classifier",
+            detector_tpr=1.0,
+            detector_fpr=0.0,
+            monitor_train_n=200,
+            monitor_train_steps=100,
+        ),
+        env,
+    )
     assert clf.classifier.prob(["#sorted"])[0] > 0.5

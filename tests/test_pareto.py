@@ -19,9 +19,20 @@ def policy(solve, hack, det=None, und=None):
 
 def result(env, intervention, seed, deployed, training=None, **cfg):
     base = policy(0.5, 0.1, 0.1, 0.1) if env == "sort" else policy(0.5, 0.1)
-    return {"config": {"env": env, "intervention": intervention, "seed": seed, "monitor": "prompt",
-                       "penalty": 1.0, "detector_tpr": 0.9, **cfg},
-            "base": base, "deployed": deployed, "training": training or deployed}
+    return {
+        "config": {
+            "env": env,
+            "intervention": intervention,
+            "seed": seed,
+            "monitor": "prompt",
+            "penalty": 1.0,
+            "detector_tpr": 0.9,
+            **cfg,
+        },
+        "base": base,
+        "deployed": deployed,
+        "training": training or deployed,
+    }
 
 
 RESULTS = [
