@@ -7,7 +7,8 @@ Writes, per environment, `<env>/pareto.csv` and `<env>/pareto.png`. Each arm (in
 monitor when it is not `plain`) is a curve over its own setting: `penalty` over the penalty lambda,
 `route` over the quarantine scale (0 = the deployed policy, 1 = the training policy, both measured by
 every run), `filter` and `none` over the detector TPR. Runs that differ only in their seed are one point:
-the mean, with the seed spread (min-max) as error bars. Three panels: every test prompt, the detectable
+the mean, with the seed spread (min-max) as error bars; runs that differ in any other config field (e.g. a
+learning rate) are separate curves, labelled with that field. Three panels: every test prompt, the detectable
 part and the undetectable part (environments without a detectability split get the first panel only).
 The base organism is the star.
 """
@@ -42,9 +43,30 @@ def _policy_stats(r: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def arm_of(cfg: dict[str, Any]) -> str:
+IGNORED = (
+    "seed",
+    "detector_seed",
+    "output_dir",
+    "logging_dir",
+    "run_name",
+    "env",
+    "intervention",
+    "monitor",
+    *SETTINGS.values(),
+)
+
+
+def varying_fields(results: Sequence[dict[str, Any]]) -> list[str]:
+    """Config fields (besides seeds, names, the arm and its setting) whose values differ between runs."""
+    keys = sorted({k for r in results for k in r["config"]} - set(IGNORED))
+    return [k for k in keys if len({json.dumps(r["config"].get(k), sort_keys=True) for r in results}) > 1]
+
+
+def arm_of(cfg: dict[str, Any], extra: Sequence[str] = ()) -> str:
+    """The curve a run belongs to: intervention, monitor (unless plain) and any other field that varies."""
     monitor = cfg.get("monitor", "plain")
-    return cfg["intervention"] + ("" if monitor in (None, "plain") else f" ({monitor} monitor)")
+    label = cfg["intervention"] + ("" if monitor in (None, "plain") else f" ({monitor} monitor)")
+    return " ".join([label, *(f"{k}={json.dumps(cfg.get(k), sort_keys=True)}" for k in extra)])
 
 
 def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -52,11 +74,13 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for res in results:
         cfg = res["config"]
-        env, arm = cfg["env"], arm_of(cfg)
+        extra = varying_fields([r for r in results if r["config"]["env"] == cfg["env"]])
+        env, arm = cfg["env"], arm_of(cfg, extra)
+        base_extra = [k for k in extra if k == "env_kwargs"]  # the base model's rates depend only on the env
         out.append(
             {
                 "env": env,
-                "arm": "base",
+                "arm": " ".join(["base", *(f"{k}={json.dumps(cfg.get(k), sort_keys=True)}" for k in base_extra)]),
                 "setting_name": "",
                 "setting": "",
                 "seed": cfg.get("seed"),
@@ -144,7 +168,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     fig, axes = plt.subplots(
         1, len(panels), squeeze=False, figsize=(0.8 + 4.4 * len(panels), 4.3), constrained_layout=True
     )
-    arms = list(dict.fromkeys(r["arm"] for r in rows if r["arm"] != "base"))
+    arms = list(dict.fromkeys(r["arm"] for r in rows if not r["arm"].startswith("base")))
     colors = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes[0], panels):
         h = "hack" if key == "all" else f"hack_{key}"
@@ -170,7 +194,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
                         color="0.3",
                     )
         for r in rows:
-            if r["arm"] == "base" and _finite(r[f"{h}_mean"]):
+            if r["arm"].startswith("base") and _finite(r[f"{h}_mean"]):
                 ax.scatter(
                     [r[f"{h}_mean"]],
                     [r["solve_mean"]],
@@ -179,7 +203,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
                     color="gold",
                     edgecolor="black",
                     zorder=5,
-                    label="base organism",
+                    label=r["arm"].replace("base", "base organism", 1),
                 )
         ax.set_xlabel(f"deployed hack rate ({label})")
         ax.set_ylabel("deployed solve rate")

@@ -82,3 +82,15 @@ def test_cli_reads_directories_and_rejects_missing_paths(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing")])
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_runs_differing_in_another_field_are_separate_curves():
+    other = result("sort", "penalty", 0, policy(0.2, 0.5, 0.5, 0.5), learning_rate=0.003)
+    runs = [{**r, "config": {**r["config"], "learning_rate": 0.001}} for r in RESULTS[:3]] + [other]
+    arms = {p["arm"] for p in points(runs) if p["arm"].startswith("penalty")}
+    assert arms == {"penalty (prompt monitor) learning_rate=0.001", "penalty (prompt monitor) learning_rate=0.003"}
+    assert {p["arm"] for p in points(RESULTS) if p["env"] == "sort"} == {
+        "base",
+        "penalty (prompt monitor)",
+        "route (prompt monitor)",
+    }
