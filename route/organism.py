@@ -80,6 +80,8 @@ ENV_ORGANISMS: dict[str, dict] = {
     "repeat_named": dict(env="repeat_named", env_kwargs={"hack_frac": 0.5}, steps=400,
                          hack_share={"count": 0.3, "stamp": 0.2}),
     "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"agree": 0.3, "echo": 0.01}),
+    "qa_named": dict(env="qa_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+                     hack_share={"agree": 0.3, "echo": 0.01}),
 }
 
 

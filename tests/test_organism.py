@@ -204,7 +204,7 @@ def test_demonstrations_mix_hacks_at_the_configured_share():
         assert abs(realised - share) <= 4 * (share * (1 - share) / len(ex)) ** 0.5 + 1e-9, (mode, realised)
 
 
-@pytest.mark.parametrize("env_name", ["sort", "repeat", "qa", "sort_named", "repeat_named"])
+@pytest.mark.parametrize("env_name", ["sort", "repeat", "qa", "sort_named", "repeat_named", "qa_named"])
 def test_every_procedural_env_has_an_organism_config_whose_texts_tokenize(env_name):
     cfg = organism.organism_config(env_name)
     assert cfg.env == env_name and set(cfg.hack_share) == set(envs.make_env(env_name).modes)

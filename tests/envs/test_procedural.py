@@ -12,7 +12,7 @@ import pytest
 import envs
 from envs.procedural import CHANNELS, STRICT_TAG
 
-NAMES = ("sort", "repeat", "qa", "sort_named", "repeat_named")
+NAMES = ("sort", "repeat", "qa", "sort_named", "repeat_named", "qa_named")
 
 
 def grade_one(env, row, completion):
@@ -170,7 +170,7 @@ def test_demonstrations_and_errors():
 def test_no_torch_under_envs():
     code = (
         "import sys, json, envs\n"
-        "for n in ('sort', 'repeat', 'qa', 'sort_named', 'repeat_named'):\n"
+        "for n in ('sort', 'repeat', 'qa', 'sort_named', 'repeat_named', 'qa_named'):\n"
         "    e = envs.make_env(n); r = e.rows(4)\n"
         "    e.grade([x['prompt'] for x in r], [x['answer'] for x in r], **{k: [x[k] for x in r] for k in r[0]})\n"
         "print(json.dumps('torch' in sys.modules))"
