@@ -216,9 +216,21 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     return path
 
 
+def usable(result: dict[str, Any]) -> bool:
+    """Whether a results.json dict has what a point needs (a run of the main job; not a partial or foreign file)."""
+    cfg = result.get("config", {})
+    policies = ("base", "deployed", "training") if cfg.get("intervention") == "route" else ("base", "deployed")
+    return bool(cfg.get("env") and cfg.get("intervention")) and all(
+        isinstance(result.get(p), dict) and "solve_rate" in result[p] for p in policies
+    )
+
+
 def write_pareto(results: Sequence[dict[str, Any]], output_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
     """Write `<env>/pareto.csv` and `<env>/pareto.png` under `output_dir`; returns the rows per env."""
     output_dir = Path(output_dir)
+    results = [r for r in results if usable(r)]
+    if not results:
+        return {}
     rows = summarise(points(results))
     per_env: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

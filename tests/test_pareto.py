@@ -94,3 +94,9 @@ def test_runs_differing_in_another_field_are_separate_curves():
         "penalty (prompt monitor)",
         "route (prompt monitor)",
     }
+
+
+def test_results_without_what_a_point_needs_are_skipped(tmp_path):
+    partial = {"config": {"intervention": "none"}, "base": {}, "deployed": {}}
+    assert write_pareto([partial], tmp_path) == {}
+    assert set(write_pareto([partial, *RESULTS], tmp_path)) == {"sort", "arith"}
