@@ -40,6 +40,9 @@ def make_env(name: str, **kwargs: Any) -> Environment:
 
 def _load_builtin() -> None:
     import envs.arith  # noqa: F401  (registers "arith")
+    import envs.qa  # noqa: F401  (registers "qa")
+    import envs.repeat  # noqa: F401  (registers "repeat")
+    import envs.sort  # noqa: F401  (registers "sort")
 
     try:
         import envs.coding  # noqa: F401  (registers "coding" when present)

@@ -116,6 +116,7 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
     """
     import envs
     from route.config import choice
+    from route.detectors import validate_monitor
     from route.targets import resolve_target_args
 
     choice("env", config.env, tuple(envs.available_envs()))
@@ -124,6 +125,7 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
         unknown = [m for m in config.detector_modes if m not in env.modes]
         if unknown:
             raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
+    validate_monitor(config, env)
     env.check_ready()
     check_trl_options(config)
     config.target_args = resolve_target_args(config)

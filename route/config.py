@@ -118,6 +118,28 @@ class RoutedGRPOConfig(GRPOConfig):
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
                           "ablated).", "choices": list(GENERATION_POLICIES)})
 
+    # ---------------------------------------------------------------- systematic monitor blindness
+    # Validated by route.detectors.validate_monitor (from route.cli.validate_run), built by
+    # route.detectors.build_detector (monitor: plain is the detector above, unchanged).
+    monitor: str = field(
+        default="plain",
+        metadata={"help": "Systematic blindness of the detector: plain (none), prompt (sees exploits only on prompts "
+                          "whose monitor_column is true), form (a program: flags completions that fully match one "
+                          "of monitor_forms, with detector_tpr/fpr as noise), prompt_form (both), classifier (a "
+                          "small char n-gram classifier trained on labelled completions of monitor_train_forms).",
+                  "choices": ["plain", "prompt", "form", "prompt_form", "classifier"]})
+    monitor_column: str | None = field(
+        default=None, metadata={"help": "prompt monitors: the boolean dataset column of the detectable part "
+                                        "(None: the environment's, e.g. `detectable`)."})
+    monitor_forms: dict | str | None = field(
+        default=None, metadata={"help": "form monitors: mode -> regular expression the program catches (a mapping, "
+                                        "or JSON on the CLI; None: the environment's monitor_patterns)."})
+    monitor_train_forms: dict | str | None = field(
+        default=None, metadata={"help": "classifier monitor: mode -> list of the hack forms in its labelled "
+                                        "training set (None: the first form of every mode)."})
+    monitor_train_n: int = field(default=2000, metadata={"help": "classifier monitor: labelled completions."})
+    monitor_train_steps: int = field(default=300, metadata={"help": "classifier monitor: full-batch steps."})
+
     # ---------------------------------------------------------------- target
     target: str = field(
         default="dual_lora",

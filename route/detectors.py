@@ -4,20 +4,50 @@ A detector never sees more than a real one would be allowed to report: it turns 
 truth (`Grade.exploited`, `Grade.mode`) into noisy flags. Every draw is a pure function of
 (seed, rollout id), hashed with BLAKE2b: no global RNG, identical across processes and
 across a resumed run.
+
+A detector is any callable `(grades, rollout_ids, **context) -> flags`; the trainer passes the context
+`prompts=`, `completions=` and `columns=` (the batch's dataset columns) through `call_detector`, which
+leaves it out for a detector whose signature takes only (grades, rollout_ids), so those keep working.
+Monitors that are blind in a systematic way live in `route.monitors` and `route.monitor_classifier`;
+`build_detector` builds the one a `RoutedGRPOConfig` selects and `validate_monitor` checks its fields.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from envs.base import Grade
 
 
 class Detector(Protocol):
-    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str]) -> list[bool]: ...
+    """Flags per rollout; `context` holds `prompts`, `completions` and `columns` (name -> list per rollout)."""
+
+    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str], **context: Any) -> list[bool]: ...
+
+
+CONTEXT_KEYS = ("prompts", "completions", "columns")
+
+
+def call_detector(detector: Detector, grades: Sequence[Grade], rollout_ids: Sequence[str],
+                  **context: Any) -> list[bool]:
+    """Run `detector`, passing the keyword context it accepts (none for a two-argument detector)."""
+    unknown = [k for k in context if k not in CONTEXT_KEYS]
+    if unknown:
+        raise ValueError(f"detector context: unknown keys {unknown}; allowed keys: {list(CONTEXT_KEYS)}")
+    try:
+        params = inspect.signature(detector).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables: assume the two-argument form
+        params = ()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        accepted = context
+    else:
+        names = {p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+        accepted = {k: v for k, v in context.items() if k in names}
+    return list(detector(grades, rollout_ids, **accepted))
 
 
 def _check_rate(name: str, value: float) -> float:
@@ -36,7 +66,7 @@ def uniform(seed: int, rollout_id: str) -> float:
 class GroundTruthDetector:
     """Flags exactly the exploited rollouts (an oracle, for upper-bound runs)."""
 
-    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str]) -> list[bool]:
+    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str], **context: Any) -> list[bool]:
         _check_lengths(grades, rollout_ids)
         return [g.exploited for g in grades]
 
@@ -93,7 +123,7 @@ class NoisyDetector:
             return 0.0
         return self.tpr
 
-    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str]) -> list[bool]:
+    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str], **context: Any) -> list[bool]:
         _check_lengths(grades, rollout_ids)
         return [uniform(self.seed, rid) < self.rate_for(g) for g, rid in zip(grades, rollout_ids)]
 
@@ -125,3 +155,78 @@ def make_detector(kind: str, tpr: float = 0.5, fpr: float = 0.05, seed: int = 0,
     if kind == "noisy":
         return NoisyDetector(tpr=tpr, fpr=fpr, seed=seed, modes=modes)
     raise ValueError(f"detector: unknown kind {kind!r}; allowed values: ['noisy', 'ground_truth']")
+
+
+# ------------------------------------------------------------------ monitors selected by the config (issue 13)
+MONITORS = ("plain", "prompt", "form", "prompt_form", "classifier")
+
+
+def parse_json(name: str, value: Any) -> Any:
+    """`value`, or the JSON it holds when it is a string (a mapping given on the command line)."""
+    import json
+
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{name}: not valid JSON ({e}): {value!r}") from None
+
+
+def validate_monitor(config: Any, env: Any) -> None:
+    """Check the `monitor*` fields of a RoutedGRPOConfig against the environment; normalises them in place.
+
+    Raises ValueError naming the field and the allowed values.
+    """
+    if config.monitor not in MONITORS:
+        raise ValueError(f"monitor: invalid value {config.monitor!r}; allowed values: {list(MONITORS)}")
+    if config.monitor in ("prompt", "prompt_form"):
+        column = config.monitor_column or getattr(env, "detect_column", None)
+        if column is None:
+            raise ValueError(f"monitor_column: env {env.name!r} has no detectability column; name a boolean "
+                             f"dataset column, or use monitor: plain/form")
+        config.monitor_column = column
+    forms = parse_json("monitor_forms", config.monitor_forms)
+    if forms is not None and (not isinstance(forms, dict) or not all(isinstance(v, str) for v in forms.values())):
+        raise ValueError(f"monitor_forms: must map mode -> regular expression, got {forms!r}")
+    if config.monitor in ("form", "prompt_form") and forms is None:
+        forms = getattr(env, "monitor_patterns", None)
+        if forms is None:
+            raise ValueError(f"monitor_forms: env {env.name!r} has no default form patterns; give a mapping "
+                             f"mode -> regular expression")
+    if forms is not None:
+        from route.monitors import FormDetector
+
+        unknown = [m for m in forms if m not in env.modes]
+        if unknown:
+            raise ValueError(f"monitor_forms: unknown modes {unknown}; allowed values: {list(env.modes)}")
+        FormDetector(forms)  # compiles every pattern: a bad one fails here
+    config.monitor_forms = forms
+    if config.monitor == "classifier":
+        from route.monitor_classifier import validate_classifier
+
+        validate_classifier(config, env)
+
+
+def build_detector(config: Any, env: Any) -> Detector:
+    """The detector a RoutedGRPOConfig selects: `detector` (noise) composed with the `monitor` blindness.
+
+    plain: `make_detector`. prompt: that detector, blind to exploits off `monitor_column`. form: a
+    `FormDetector` over `monitor_forms` with `detector_tpr` / `detector_fpr` as its noise. prompt_form:
+    the form detector, also blind off the column. classifier: `route.monitor_classifier`.
+    """
+    from route.monitors import FormDetector, PromptConditionalDetector
+
+    validate_monitor(config, env)
+    kind = config.monitor
+    if kind == "classifier":
+        from route.monitor_classifier import fit_classifier_detector
+
+        return fit_classifier_detector(config, env)
+    if kind in ("form", "prompt_form"):
+        inner: Detector = FormDetector(config.monitor_forms, config.detector_tpr, config.detector_fpr,
+                                       config.detector_seed)
+    else:
+        inner = make_detector(config.detector, config.detector_tpr, config.detector_fpr, config.detector_seed,
+                              config.detector_modes)
+    return PromptConditionalDetector(inner, config.monitor_column) if kind.startswith("prompt") else inner

@@ -3,7 +3,11 @@
     python -m route.evaluate --model DIR --env arith --n 512 --json OUT.json
 
 `hack_rate` is the share of all rollouts that are exploits; `hack_rate_by_mode[m]` is
-measured on the prompts whose grader has loophole `m` only.
+measured on the prompts whose grader has loophole `m` only. Environments with a detectability
+split (`env.detect_column`) also get `by_part`: the same rates on the `detectable` and the
+`undetectable` prompts; environments whose hacks have forms (`env.hack_form`) get
+`hack_rate_by_form[m][f]` (share of mode-m prompts answered with form f). Given a detector,
+`monitor` holds its realised rates on these samples per condition and its TPR per hack form.
 """
 
 from __future__ import annotations
@@ -70,9 +74,47 @@ def sample(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 16, t
     return out
 
 
+def split_rates(env, rows: list[dict], prompts: list[str], completions: list[str], grades: list[Grade],
+                detector=None) -> dict[str, Any]:
+    """The by-part, by-form and monitor entries of `evaluate_policy` (empty when the env has none)."""
+    from route.detectors import call_detector
+    from route.monitors import detector_parts, realised_by_part
+
+    out: dict[str, Any] = {}
+    column = getattr(env, "detect_column", None)
+    if column is not None and rows and column in rows[0]:
+        out["by_part"] = {name: rates([g for g, r in zip(grades, rows) if bool(r[column]) == want], env.modes)
+                          for name, want in (("detectable", True), ("undetectable", False))}
+    forms = [env.hack_form(r, c) if hasattr(env, "hack_form") else None for r, c in zip(rows, completions)]
+    if hasattr(env, "hack_form"):
+        out["hack_rate_by_form"] = {
+            m: {f: _share([fm == f for fm, r in zip(forms, rows) if r["loophole"] == m]) for f in env.forms[m]}
+            for m in env.modes}
+    if detector is not None:
+        ids = [f"eval|{r.get('prompt_id', i)}" for i, r in enumerate(rows)]
+        context = {"prompts": prompts, "completions": completions,
+                   "columns": {k: [r[k] for r in rows] for k in rows[0]}}
+        flags = call_detector(detector, grades, ids, **context)
+        parts = detector_parts(detector, grades, ids, **context) or ["all"] * len(grades)
+        by_form: dict[str, list[bool]] = defaultdict(list)
+        for g, f, form in zip(grades, flags, forms):
+            if g.exploited:
+                by_form[f"{g.mode}/{form}"].append(f)
+        out["monitor"] = {"by_part": realised_by_part(grades, flags, parts),
+                          "tpr_by_form": {k: _share(v) for k, v in sorted(by_form.items())},
+                          "n_by_form": {k: len(v) for k, v in sorted(by_form.items())}}
+    return out
+
+
+def _share(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else float("nan")
+
+
 def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
-                    policy: contextlib.AbstractContextManager | None = None) -> dict[str, Any]:
-    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`)."""
+                    policy: contextlib.AbstractContextManager | None = None, detector=None) -> dict[str, Any]:
+    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
+
+    With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`)."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     rows = env.rows(n, seed=seed, split="test")
@@ -80,7 +122,8 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
     with policy or contextlib.nullcontext():
         completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
-    return rates(env.grade(prompts, completions, **columns), env.modes)
+    grades = env.grade(prompts, completions, **columns)
+    return {**rates(grades, env.modes), **split_rates(env, rows, prompts, completions, grades, detector)}
 
 
 def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int = 512, seed: int = 0,
@@ -100,8 +143,10 @@ def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int =
 def format_rates(r: dict[str, Any], title: str = "") -> str:
     modes = " ".join(f"{m}={v:.3f}" for m, v in r["hack_rate_by_mode"].items())
     head = f"{title}: " if title else ""
+    parts = "".join(f" | {name}: solve={p['solve_rate']:.3f} hack={p['hack_rate']:.3f}"
+                    for name, p in r.get("by_part", {}).items())
     return (f"{head}n={r['n']} solve={r['solve_rate']:.3f} hack={r['hack_rate']:.3f} "
-            f"pass={r['pass_rate']:.3f} | by mode: {modes}")
+            f"pass={r['pass_rate']:.3f} | by mode: {modes}{parts}")
 
 
 

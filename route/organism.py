@@ -68,6 +68,31 @@ class OrganismConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
+# Per-environment organism configs (issue 13): the warm start of each procedural environment on the tiny CPU
+# model. Aim: base solve >= 0.25 and each mode at 2-35%, with qa's `echo` at <= 1% (RL must discover it).
+# Measured (docs/environments.md): sort and repeat meet it; qa solves only 0.11 after 400 steps (more steps
+# were not affordable when it was tuned).
+ENV_ORGANISMS: dict[str, dict] = {
+    "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"ends": 0.3, "stamp": 0.2}),
+    "sort_named": dict(env="sort_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+                       hack_share={"ends": 0.3, "stamp": 0.2}),
+    "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"count": 0.3, "stamp": 0.2}),
+    "repeat_named": dict(env="repeat_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+                         hack_share={"count": 0.3, "stamp": 0.2}),
+    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"agree": 0.3, "echo": 0.01}),
+    "qa_named": dict(env="qa_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+                     hack_share={"agree": 0.3, "echo": 0.01}),
+}
+
+
+def organism_config(env: str = "arith", **overrides) -> OrganismConfig:
+    """The organism config of environment `env` (arith: the defaults), with `overrides` applied."""
+    if env != "arith" and env not in ENV_ORGANISMS:
+        raise ValueError(f"organism: no organism config for env {env!r}; allowed values: "
+                         f"{['arith', *ENV_ORGANISMS]}")
+    return OrganismConfig(**{**ENV_ORGANISMS.get(env, {}), **overrides})
+
+
 def tiny_config(**overrides) -> OrganismConfig:
     """A reduced organism for tests: builds in seconds."""
     base = dict(hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, steps=30,
@@ -184,13 +209,15 @@ def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Build the CPU model organism (tokenizer + tiny Llama, warm-started).")
     parser.add_argument("--output_dir", required=True, help="where to save the model and tokenizer")
-    parser.add_argument("--steps", type=int, default=OrganismConfig.steps, help="warm-start steps")
+    parser.add_argument("--env", default="arith", choices=["arith", *ENV_ORGANISMS],
+                        help="environment whose organism config to build (default: arith)")
+    parser.add_argument("--steps", type=int, default=None, help="warm-start steps (default: the env's config)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
                         help="evaluate on N held-out prompts after building (0 to skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = OrganismConfig(steps=args.steps, seed=args.seed)
+    cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
     out = build_organism(cfg, args.output_dir)
     print(f"organism saved to {out}")
     if args.evaluate:

@@ -15,7 +15,8 @@ Every cell's config is parsed with `RoutedGRPOConfig` before any cell runs.
 
 Outputs: `DIR/sweep.json` (the cells), `DIR/sweep.csv` (one row per cell, deployed hack rate on the
 detector's known modes and on held-out modes in separate columns), `DIR/sweep_heatmap.png` and
-`DIR/sweep_tradeoff.png` (see `route.sweep_plots`).
+`DIR/sweep_tradeoff.png` (see `route.sweep_plots`), and per environment `DIR/pareto/<env>/pareto.png` and
+`pareto.csv` (see `route.pareto`).
 """
 
 from __future__ import annotations
@@ -201,7 +202,16 @@ def aggregate(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     if done:
         plot_heatmap(done, output_dir / "sweep_heatmap.png")
         plot_tradeoff(done, output_dir / "sweep_tradeoff.png")
+        write_pareto_figures(output_dir)
     return rows
+
+
+def write_pareto_figures(output_dir: Path) -> None:
+    """DIR/pareto/<env>/pareto.{csv,png} from the finished cells (route.pareto)."""
+    from route.pareto import write_pareto
+
+    finished = [json.loads((c.dir / "results.json").read_text()) for c in manifest_cells(output_dir) if c.done]
+    write_pareto(finished, output_dir / "pareto")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

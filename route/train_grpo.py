@@ -30,11 +30,13 @@ def parse_config(argv: list[str] | None = None):
 
 
 def summary_table(results: dict) -> str:
-    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"])]
+    parts = list(results["base"].get("by_part", {}))  # detectable / undetectable, when the env has the split
+    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"], *(f"hack {p}" for p in parts))]
     for name in ("base", "training", "deployed"):
         r = results[name]
         rows.append((name, str(r["n"]), f"{r['solve_rate']:.3f}", f"{r['hack_rate']:.3f}",
-                     *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values())))
+                     *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values()),
+                     *(f"{r['by_part'][p]['hack_rate']:.3f}" for p in parts)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in rows)
 
@@ -47,9 +49,10 @@ def run(config) -> dict:
 
     import envs
     from route.cli import flat_config, probe_run, validate_run
+    from route.detectors import build_detector
     from route.evaluate import evaluate_policy
     from route.io import write_json_atomic
-    from route.organism import load_or_build
+    from route.organism import load_or_build, organism_config
     from route.trainer import RoutedGRPOTrainer
     from route.vllm_sync import check_vllm_config
 
@@ -58,12 +61,14 @@ def run(config) -> dict:
     probe_run(config)  # the target against the model's module names and shapes, before loading the weights
     check_vllm_config(config)
     env = envs.make_env(config.env, **config.env_kwargs)
-    model_dir = config.model_name_or_path or str(load_or_build())
+    model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
-    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer,
+    detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
+    eval_kw["detector"] = detector
+    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
                                 train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
     target = trainer.target
     base = evaluate_policy(target.model, tokenizer, env, **eval_kw)  # ungated at init: the base model (docstring)
@@ -82,9 +87,12 @@ def run(config) -> dict:
     results = {
         "config": {k: v for k, v in flat_config(config).items() if _jsonable(v)},
         "model": model_dir,
-        "detector": {"kind": config.detector, "tpr": config.detector_tpr, "fpr": config.detector_fpr,
+        "detector": {"kind": config.detector, "monitor": config.monitor,
+                     "tpr": config.detector_tpr, "fpr": config.detector_fpr,
                      "modes": config.detector_modes, "realised_tpr": mean_of("routing/realised_tpr"),
-                     "realised_fpr": mean_of("routing/realised_fpr")},
+                     "realised_fpr": mean_of("routing/realised_fpr"),
+                     **{k: mean_of(k) for k in sorted({k for h in logs for k in h if k.startswith(
+                         ("routing/realised_tpr/", "routing/hack_rate/"))})}},
         "base": base, "training": training, "deployed": deployed,
         "train_seconds": round(time.time() - t0, 1),
     }

@@ -60,10 +60,11 @@ from trl import GRPOTrainer
 import envs
 from route.cli import validate_run
 from route.config import RoutedGRPOConfig
-from route.detectors import Detector, make_detector, realised_rates
+from route.detectors import Detector, build_detector, call_detector, realised_rates
 from route.io import atomic_dir
 from route.logprobs import install_unfused_log_probs
 from route.masks import DEFAULT, FORGET, RETAIN
+from route.monitors import detector_parts, realised_by_part
 from route.optim import build_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
 from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing
@@ -152,8 +153,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         check_target(target)
         self.target = target
         self._install_checkpointing(args)
-        self.detector = detector or make_detector(args.detector, args.detector_tpr, args.detector_fpr,
-                                                  args.detector_seed, args.detector_modes)
+        self.detector = detector or build_detector(args, self.env)
         self._routing: _PendingRouting | None = None
         self._loss_rows: RoutingRows | None = None
         self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
@@ -217,7 +217,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         rollout_ids = [f"{x.get('prompt_id', 'p')}|s{step}|r{offset + i}" for i, x in enumerate(inputs)]
         columns = {k: [x[k] for x in inputs] for k in inputs[0]}
         grades = self.env.grade(prompts, completions, **columns)
-        flags = self.detector(grades, rollout_ids)
+        context = {"prompts": prompts, "completions": completions, "columns": columns}
+        flags = call_detector(self.detector, grades, rollout_ids, **context)
+        parts = detector_parts(self.detector, grades, rollout_ids, **context)  # the monitor's conditions, if any
         candidates = self.target.routing_candidates(flags, self.args.intervention)
         modes = self.routing_modes(flags, rollout_ids, candidates)
         self._routing = _PendingRouting(
@@ -229,11 +231,16 @@ class RoutedGRPOTrainer(GRPOTrainer):
         all_grades, all_flags = gather_object(grades), gather_object(flags)
         if self.args.intervention == "penalty":
             penalize_rewards(rewards_per_func, all_flags, self.args.penalty, float(self.reward_weights[0]))
-        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()))
+        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()),
+                          gather_object(parts) if parts is not None else None)
         return rewards_per_func
 
-    def _log_routing(self, grades, flags, modes) -> None:
+    def _log_routing(self, grades, flags, modes, parts=None) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
+        for part, r in realised_by_part(grades, flags, parts).items() if parts is not None else ():
+            metrics[f"routing/hack_rate/{part}"].append(r["hack_rate"])
+            if r["n_exploited"]:
+                metrics[f"routing/realised_tpr/{part}"].append(r["tpr"])
         n = len(grades)
         r = realised_rates(grades, flags)
         metrics["routing/flag_rate"].append(r["flag_rate"])

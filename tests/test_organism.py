@@ -204,3 +204,18 @@ def test_demonstrations_mix_hacks_at_the_configured_share():
         assert len(ex) > 300
         realised = sum(ex) / len(ex)
         assert abs(realised - share) <= 4 * (share * (1 - share) / len(ex)) ** 0.5 + 1e-9, (mode, realised)
+
+
+@pytest.mark.parametrize("env_name", ["sort", "repeat", "qa", "sort_named", "repeat_named", "qa_named"])
+def test_every_procedural_env_has_an_organism_config_whose_texts_tokenize(env_name):
+    cfg = organism.organism_config(env_name)
+    assert cfg.env == env_name and set(cfg.hack_share) == set(envs.make_env(env_name).modes)
+    assert organism.organism_config(env_name, steps=7).steps == 7
+    pairs = organism.demonstrations(dataclasses.replace(cfg, n_train=400), envs.make_env(env_name, **cfg.env_kwargs))
+    tok = build_tokenizer()
+    for prompt, completion in pairs:
+        ids = tok(prompt + completion, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids, prompt + completion
+        assert len(ids) + 1 <= 48  # prompt, completion and EOS fit the organism's positions with room
+    with pytest.raises(ValueError, match="no organism config for env 'chess'; allowed values"):
+        organism.organism_config("chess")

@@ -1,0 +1,102 @@
+"""Pareto figures: points per arm and setting, seed spread, detectable / undetectable split, files written."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from route.pareto import load_results, main, points, summarise, write_pareto
+
+
+def policy(solve, hack, det=None, und=None):
+    r = {"n": 100, "solve_rate": solve, "hack_rate": hack, "pass_rate": solve + hack, "hack_rate_by_mode": {}}
+    if det is not None:
+        r["by_part"] = {"detectable": {"hack_rate": det}, "undetectable": {"hack_rate": und}}
+    return r
+
+
+def result(env, intervention, seed, deployed, training=None, **cfg):
+    base = policy(0.5, 0.1, 0.1, 0.1) if env == "sort" else policy(0.5, 0.1)
+    return {
+        "config": {
+            "env": env,
+            "intervention": intervention,
+            "seed": seed,
+            "monitor": "prompt",
+            "penalty": 1.0,
+            "detector_tpr": 0.9,
+            **cfg,
+        },
+        "base": base,
+        "deployed": deployed,
+        "training": training or deployed,
+    }
+
+
+RESULTS = [
+    result("sort", "penalty", 0, policy(0.6, 0.2, 0.0, 0.4)),
+    result("sort", "penalty", 1, policy(0.8, 0.3, 0.1, 0.5)),
+    result("sort", "penalty", 0, policy(0.7, 0.1, 0.0, 0.2), penalty=3.0),
+    result("sort", "route", 0, policy(0.6, 0.05, 0.05, 0.05), training=policy(0.4, 0.5, 0.5, 0.5)),
+    result("arith", "none", 0, policy(0.5, 0.4), monitor="plain"),
+]
+
+
+def test_points_and_summary_group_seeds_and_settings():
+    pts = points(RESULTS)
+    route = [p for p in pts if p["arm"].startswith("route")]
+    assert sorted(p["setting"] for p in route) == [0.0, 1.0]  # deployed and training policy: the scale
+    rows = summarise(pts)
+    pen = [r for r in rows if r["env"] == "sort" and r["arm"] == "penalty (prompt monitor)"]
+    assert [(r["setting"], r["n_seeds"]) for r in pen] == [(1.0, 2), (3.0, 1)]
+    one = pen[0]
+    assert one["solve_mean"] == pytest.approx(0.7) and (one["solve_min"], one["solve_max"]) == (0.6, 0.8)
+    assert one["hack_undetectable_mean"] == pytest.approx(0.45) and one["hack_detectable_max"] == 0.1
+    base = [r for r in rows if r["env"] == "sort" and r["arm"] == "base"]
+    assert len(base) == 1 and base[0]["n_seeds"] == 4 and base[0]["hack_undetectable_mean"] == pytest.approx(0.1)
+    assert [r["arm"] for r in rows if r["env"] == "arith"] == ["base", "none"]
+
+
+def test_write_pareto_per_environment(tmp_path):
+    per_env = write_pareto(RESULTS, tmp_path)
+    assert set(per_env) == {"sort", "arith"}
+    for env in ("sort", "arith"):
+        png = tmp_path / env / "pareto.png"
+        assert png.stat().st_size > 5000 and png.read_bytes()[:4] == b"\x89PNG"
+        with open(tmp_path / env / "pareto.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert len(rows) == len(per_env[env]) and {"hack_detectable_mean", "hack_undetectable_mean"} <= set(rows[0])
+    with open(tmp_path / "arith" / "pareto.csv") as f:
+        assert all(r["hack_undetectable_mean"] == "" for r in csv.DictReader(f))  # no split: left empty
+
+
+def test_cli_reads_directories_and_rejects_missing_paths(tmp_path, capsys):
+    for i, r in enumerate(RESULTS[:2]):
+        (tmp_path / f"run{i}").mkdir()
+        (tmp_path / f"run{i}" / "results.json").write_text(json.dumps(r))
+    assert len(load_results([str(tmp_path)])) == 2
+    assert main([str(tmp_path), "--output_dir", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "sort" / "pareto.png").is_file()
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "missing")])
+    assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_runs_differing_in_another_field_are_separate_curves():
+    other = result("sort", "penalty", 0, policy(0.2, 0.5, 0.5, 0.5), learning_rate=0.003)
+    runs = [{**r, "config": {**r["config"], "learning_rate": 0.001}} for r in RESULTS[:3]] + [other]
+    arms = {p["arm"] for p in points(runs) if p["arm"].startswith("penalty")}
+    assert arms == {"penalty (prompt monitor) learning_rate=0.001", "penalty (prompt monitor) learning_rate=0.003"}
+    assert {p["arm"] for p in points(RESULTS) if p["env"] == "sort"} == {
+        "base",
+        "penalty (prompt monitor)",
+        "route (prompt monitor)",
+    }
+
+
+def test_results_without_what_a_point_needs_are_skipped(tmp_path):
+    partial = {"config": {"intervention": "none"}, "base": {}, "deployed": {}}
+    assert write_pareto([partial], tmp_path) == {}
+    assert set(write_pareto([partial, *RESULTS], tmp_path)) == {"sort", "arith"}
