@@ -86,6 +86,9 @@ class ProceduralEnv:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ data
+    def check_ready(self) -> None:
+        """Grading is pure Python: always ready."""
+
     def rows(self, n: int, seed: int = 0, split: str = "train") -> list[dict[str, Any]]:
         """`n` task rows as plain dicts: prompt, prompt_id, answer, loophole, detectable and the extra columns."""
         rng = row_rng(self.name, n, seed, split, SPLITS)

@@ -145,7 +145,7 @@ def summarise(pts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
-    from route.sweep import _write_text_atomic as write_text_atomic  # the sweep's atomic text writer
+    from route.io import write_text_atomic
 
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=list(rows[0]))

@@ -9,6 +9,7 @@ import pytest
 
 import envs
 from envs.base import Grade
+from route.cli import build_config
 from route.config import RoutedGRPOConfig
 from route.detectors import GroundTruthDetector, NoisyDetector, build_detector, call_detector, uniform
 from route.evaluate import split_rates
@@ -180,7 +181,7 @@ def test_split_rates_report_parts_forms_and_monitor_tpr_by_form():
 )
 def test_monitor_fields_fail_naming_the_field(overrides, message):
     with pytest.raises(ValueError, match=message):
-        RoutedGRPOConfig(**CPU, **overrides)
+        build_config(**CPU, **overrides)
 
 
 def test_build_detector_follows_the_config():
