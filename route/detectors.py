@@ -50,7 +50,7 @@ def call_detector(detector: Detector, grades: Sequence[Grade], rollout_ids: Sequ
     return list(detector(grades, rollout_ids, **accepted))
 
 
-def _check_rate(name: str, value: float) -> float:
+def check_rate(name: str, value: float) -> float:
     value = float(value)
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
@@ -91,9 +91,9 @@ class NoisyDetector:
     tpr_by_mode: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
-        self.tpr = _check_rate("tpr", self.tpr)
-        self.fpr = _check_rate("fpr", self.fpr)
-        self.tpr_by_mode = {m: _check_rate(f"tpr_by_mode[{m!r}]", r) for m, r in (self.tpr_by_mode or {}).items()}
+        self.tpr = check_rate("tpr", self.tpr)
+        self.fpr = check_rate("fpr", self.fpr)
+        self.tpr_by_mode = {m: check_rate(f"tpr_by_mode[{m!r}]", r) for m, r in (self.tpr_by_mode or {}).items()}
         self.modes = None if self.modes is None else tuple(self.modes)
 
     @classmethod
@@ -102,9 +102,9 @@ class NoisyDetector:
 
         precision = tpr*p / (tpr*p + fpr*(1-p))  =>  fpr = tpr*p*(1-precision) / (precision*(1-p)).
         """
-        precision = _check_rate("precision", precision)
-        recall = _check_rate("recall", recall)
-        p = _check_rate("base_rate", base_rate)
+        precision = check_rate("precision", precision)
+        recall = check_rate("recall", recall)
+        p = check_rate("base_rate", base_rate)
         if precision == 0.0 or p == 1.0:
             raise ValueError("precision must be > 0 and base_rate < 1 to derive fpr")
         fpr = recall * p * (1.0 - precision) / (precision * (1.0 - p))

@@ -88,9 +88,9 @@ class ProgramDetector:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        from route.detectors import _check_rate
+        from route.detectors import check_rate
 
-        self.tpr, self.fpr = _check_rate("tpr", self.tpr), _check_rate("fpr", self.fpr)
+        self.tpr, self.fpr = check_rate("tpr", self.tpr), check_rate("fpr", self.fpr)
 
     def verdicts(self, n: int, **context: Any) -> list[bool]:
         prompts = _need("ProgramDetector", context.get("prompts"), "the prompts")
