@@ -51,6 +51,17 @@ def as_list(value: Any) -> list[str] | None:
     return list(value)
 
 
+def as_int_list(name: str, value: Any, what: str = "integers") -> list[int] | None:
+    """`value` (None, a list, or a comma-separated string) as a list of ints; ValueError naming `name` otherwise."""
+    items = as_list(value)
+    if items is None:
+        return None
+    try:
+        return [int(i) for i in items]
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be {what}, got {value!r}") from None
+
+
 @dataclass
 class RoutedGRPOConfig(GRPOConfig):
     r"""

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.config import as_list, choice, rate
+from route.config import as_int_list, choice, rate
 from route.masks import SGTMMasks, apply_masks, available_strategies, detect_arch
 from route.masks.arch import layer_shape, layers_of, resolve_layers
 from route.masks.linear import MASKED_LINEARS
@@ -69,14 +69,7 @@ class SGTMArgs(TargetArgs):
         if isinstance(self.sgtm_forget_heads, bool) or not isinstance(self.sgtm_forget_heads, int) \
                 or self.sgtm_forget_heads < 0:
             raise ValueError(f"sgtm_forget_heads: must be an int >= 0, got {self.sgtm_forget_heads!r}")
-        layers = as_list(self.sgtm_masked_layers)
-        if layers is not None:
-            try:
-                layers = [int(i) for i in layers]
-            except (TypeError, ValueError):
-                raise ValueError(f"sgtm_masked_layers: must be layer indices, got {self.sgtm_masked_layers!r}"
-                                 ) from None
-        self.sgtm_masked_layers = layers
+        self.sgtm_masked_layers = as_int_list("sgtm_masked_layers", self.sgtm_masked_layers, "layer indices")
         if self.sgtm_forget_mlp_frac == 0 and self.sgtm_forget_heads == 0:
             raise ValueError("sgtm_forget_mlp_frac, sgtm_forget_heads: the sgtm quarantine is empty; reserve MLP "
                              "units (sgtm_forget_mlp_frac > 0) or heads (sgtm_forget_heads > 0)")

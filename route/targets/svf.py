@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.config import as_list, choice, rate
+from route.config import as_int_list, choice, rate
 from route.masks import DEFAULT, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
@@ -134,12 +134,8 @@ class SVFArgs(TargetArgs):
         rank = self.svf_rank
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"svf_rank: must be an int >= 1 or None (full rank), got {rank!r}")
-        axes = as_list(self.svf_reserve_axes)
+        axes = as_int_list("svf_reserve_axes", self.svf_reserve_axes, "axis indices")
         if axes is not None:
-            try:
-                axes = [int(a) for a in axes]
-            except (TypeError, ValueError):
-                raise ValueError(f"svf_reserve_axes: must be axis indices, got {self.svf_reserve_axes!r}") from None
             if not axes or min(axes) < 0 or len(set(axes)) != len(axes):
                 raise ValueError(f"svf_reserve_axes: must be distinct indices >= 0, got {self.svf_reserve_axes!r}")
         self.svf_reserve_axes = axes
