@@ -82,7 +82,8 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(grid, dict) or not grid:
         raise SweepError(f"sweep file {path}: grid must be a non-empty mapping of field -> list of values")
     for name, values in grid.items():
-        _check_field(f"{path}: grid", name, fields)
+        for part in tied(name):
+            _check_field(f"{path}: grid", part, fields)
         if not isinstance(values, list):
             raise SweepError(f"{path}: grid.{name} must be a list of values, got {type(values).__name__} "
                              f"{values!r}; write [{values!r}] for a single value")
@@ -91,8 +92,12 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
         keys = [json.dumps(v, sort_keys=True) for v in values]
         if len(set(keys)) != len(keys):
             raise SweepError(f"{path}: grid.{name} lists a value twice: {values}")
-        if name in base:
-            raise SweepError(f"{path}: field {name!r} is in both base and grid; keep it in one place")
+        both = [part for part in tied(name) if part in base]
+        if both:
+            raise SweepError(f"{path}: field {both[0]!r} is in both base and grid; keep it in one place")
+    parts = [part for name in grid for part in tied(name)]
+    if len(set(parts)) != len(parts):
+        raise SweepError(f"{path}: grid names a field twice (alone or in an a+b key): {parts}")
     base_config = spec.get("base_config", str(DEFAULT_BASE_CONFIG))
     defaults: dict[str, Any] = {}
     if base_config is not None:
@@ -109,6 +114,11 @@ def load_spec(path: str | os.PathLike) -> dict[str, Any]:
             "output_dir": spec.get("output_dir")}
 
 
+def tied(name: str) -> list[str]:
+    """The fields of a grid key: `seed+detector_seed` sets both fields to each value (paired seeds)."""
+    return name.split("+")
+
+
 def fmt_value(name: str, value: Any) -> str:
     if value is None:
         return "all" if name == "detector_modes" else "none"
@@ -121,7 +131,7 @@ def fmt_value(name: str, value: Any) -> str:
 
 def cell_name(overrides: dict[str, Any]) -> str:
     """A directory name from a cell's grid values: stable when values are added to the grid."""
-    name = "_".join(f"{ALIASES.get(k, k)}={fmt_value(k, v)}" for k, v in overrides.items())
+    name = "_".join(f"{'+'.join(ALIASES.get(p, p) for p in tied(k))}={fmt_value(k, v)}" for k, v in overrides.items())
     name = re.sub(r"[^A-Za-z0-9._=+-]", "-", name)
     if len(name) > 180:
         import hashlib
@@ -136,8 +146,8 @@ def expand(spec: dict[str, Any], output_dir: str | os.PathLike) -> list[Cell]:
     names = list(spec["grid"])
     cells, seen = [], set()
     for i, combo in enumerate(itertools.product(*(spec["grid"][n] for n in names))):
-        overrides = dict(zip(names, combo))
-        name = cell_name(overrides)
+        name = cell_name(dict(zip(names, combo)))
+        overrides = {part: value for key, value in zip(names, combo) for part in tied(key)}
         if name in seen:  # distinct values that format alike
             name = f"{name}-{i}"
         seen.add(name)

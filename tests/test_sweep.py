@@ -60,6 +60,16 @@ def test_mode_sets_in_the_grid(tmp_path):
         sweep.validate(sweep.expand(spec, tmp_path / "out"))
 
 
+def test_tied_grid_key_pairs_seeds_across_arms(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", {"intervention": ["none", "route"],
+                                                            "seed+detector_seed": [3, 4]}))
+    cells = sweep.expand(spec, tmp_path / "out")
+    assert [c.overrides for c in cells] == [
+        {"intervention": i, "seed": s, "detector_seed": s} for i in ("none", "route") for s in (3, 4)]
+    assert all(c.values["seed"] == c.values["detector_seed"] for c in cells) and len(cells) == 4
+    assert cells[0].name == "intervention=none_seed+detector_seed=3"
+
+
 def test_base_config_is_layered_under_base_and_grid(tmp_path):
     (tmp_path / "b.yaml").write_text("max_steps: 5\neval_n: 99\nintervention: filter\n")
     spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", {"seed": [0]}, base={"eval_n": 7},
@@ -77,6 +87,9 @@ def test_base_config_is_layered_under_base_and_grid(tmp_path):
     ({"seed": [0]}, {"seed": 1}, r"'seed' is in both base and grid"),
     ({"seed": [0]}, {"max_stepz": 1}, r"base: unknown field 'max_stepz'"),
     ({}, {}, r"grid must be a non-empty mapping"),
+    ({"seed+detector_sed": [0]}, {}, r"unknown field 'detector_sed'"),
+    ({"seed+detector_seed": [0]}, {"detector_seed": 1}, r"'detector_seed' is in both base and grid"),
+    ({"seed+detector_seed": [0], "seed": [1]}, {}, r"grid names a field twice"),
 ])
 def test_malformed_sweep_files(tmp_path, grid, base, match):
     with pytest.raises(SweepError, match=match):
