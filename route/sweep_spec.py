@@ -119,6 +119,15 @@ def tied(name: str) -> list[str]:
     return name.split("+")
 
 
+def tied_values(name: str, value: Any) -> dict[str, Any]:
+    """One grid value of key `name` as field -> value: a list with one item per field of an `a+b` key is
+    assigned item by item (`intervention+flag_control: [[route, random], ...]`), anything else goes to every field."""
+    parts = tied(name)
+    if len(parts) > 1 and isinstance(value, (list, tuple)) and len(value) == len(parts):
+        return dict(zip(parts, value))
+    return dict.fromkeys(parts, value)
+
+
 def fmt_value(name: str, value: Any) -> str:
     if value is None:
         return "all" if name == "detector_modes" else "none"
@@ -147,7 +156,7 @@ def expand(spec: dict[str, Any], output_dir: str | os.PathLike) -> list[Cell]:
     cells, seen = [], set()
     for i, combo in enumerate(itertools.product(*(spec["grid"][n] for n in names))):
         name = cell_name(dict(zip(names, combo)))
-        overrides = {part: value for key, value in zip(names, combo) for part in tied(key)}
+        overrides = {part: v for key, value in zip(names, combo) for part, v in tied_values(key, value).items()}
         if name in seen:  # distinct values that format alike
             name = f"{name}-{i}"
         seen.add(name)

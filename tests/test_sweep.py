@@ -68,6 +68,10 @@ def test_tied_grid_key_pairs_seeds_across_arms(tmp_path):
         {"intervention": i, "seed": s, "detector_seed": s} for i in ("none", "route") for s in (3, 4)]
     assert all(c.values["seed"] == c.values["detector_seed"] for c in cells) and len(cells) == 4
     assert cells[0].name == "intervention=none_seed+detector_seed=3"
+    arms_grid = {"intervention+detector_tpr": [["none", 0.5], ["route", 0.3]]}
+    arms = sweep.load_spec(write_spec(tmp_path / "a.yaml", arms_grid))
+    assert [c.overrides for c in sweep.expand(arms, tmp_path / "out2")] == [
+        {"intervention": "none", "detector_tpr": 0.5}, {"intervention": "route", "detector_tpr": 0.3}]
 
 
 def test_base_config_is_layered_under_base_and_grid(tmp_path):
