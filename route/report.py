@@ -75,7 +75,7 @@ def group_arms(results: list[dict]) -> dict[tuple, list[dict]]:
     return arms
 
 
-def _labels(arms: dict[tuple, list[dict]]) -> dict[tuple, str]:
+def arm_labels(arms: dict[tuple, list[dict]]) -> dict[tuple, str]:
     """`arm_label`, plus `field value` for every other field that differs between arms of the same label."""
     plain = {key: arm_label(rs[0]["config"]) for key, rs in arms.items()}
     out = {}
@@ -96,7 +96,7 @@ def _labels(arms: dict[tuple, list[dict]]) -> dict[tuple, str]:
 
 def table(results: list[dict]) -> str:
     arms = group_arms(results)
-    labels = _labels(arms)
+    labels = arm_labels(arms)
     modes = list(results[0]["base"]["hack_rate_by_mode"])
     head = ["arm", "seeds", "training solve", "training hack", "deployed solve", "deployed hack",
             *(f"deployed {m}" for m in modes)]

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import signal
 import subprocess
@@ -34,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
+from route.compare import known_and_held_out, policy_stats
 from route.io import write_csv, write_text_atomic
 from route.sweep_spec import (  # noqa: F401 - the sweep file's API, also used from here
     ALIASES,
@@ -143,11 +143,6 @@ def run_cells(cells: Sequence[Cell], workers: int = 1, threads: int | None = Non
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-def _mean(values: list[float]) -> float:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
 def arm_label(overrides: dict[str, Any], cfg: dict[str, Any]) -> str:
     """What a cell compares besides detector quality and seed: its intervention and other grid values."""
     parts = [f"{ALIASES.get(k, k)}={fmt_value(k, v)}" for k, v in overrides.items()
@@ -164,19 +159,18 @@ def cell_row(cell: Cell, results: dict[str, Any] | None) -> dict[str, Any]:
         return row
     cfg, det = results["config"], results.get("detector", {})
     modes = list(results["deployed"]["hack_rate_by_mode"])
-    known = cfg.get("detector_modes") or modes
-    held_out = [m for m in modes if m not in known]
+    known, held_out = known_and_held_out(results)
     row.update({"arm": arm_label(cell.overrides, cfg), "target": cfg.get("target"),
                 "intervention": cfg.get("intervention"),
                 "detector_tpr": cfg.get("detector_tpr"), "detector_fpr": cfg.get("detector_fpr"),
                 "known_modes": "+".join(known), "held_out_modes": "+".join(held_out), "seed": cfg.get("seed"),
                 "realised_tpr": det.get("realised_tpr"), "realised_fpr": det.get("realised_fpr")})
     for policy in ("base", "training", "deployed"):
-        r = results[policy]
-        row[f"{policy}_solve_rate"] = r["solve_rate"]
-        row[f"{policy}_hack_rate"] = r["hack_rate"]
-        row[f"{policy}_hack_known"] = _mean([r["hack_rate_by_mode"].get(m) for m in known])
-        row[f"{policy}_hack_held_out"] = _mean([r["hack_rate_by_mode"].get(m) for m in held_out])
+        stats = policy_stats(results, policy)
+        row[f"{policy}_solve_rate"] = stats["solve"]
+        row[f"{policy}_hack_rate"] = stats["hack"]
+        row[f"{policy}_hack_known"] = stats["hack_known"]
+        row[f"{policy}_hack_held_out"] = stats["hack_held_out"]
     for m in modes:
         row[f"deployed_hack_{m}"] = results["deployed"]["hack_rate_by_mode"][m]
     row["train_seconds"] = results.get("train_seconds")
