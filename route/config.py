@@ -13,6 +13,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from route.detectors import FLAG_CONTROLS
+
 # The interventions of the vocabulary; each target declares which it supports (`erase` needs one that can).
 INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
 DETECTORS = ("noisy", "ground_truth")
@@ -77,6 +79,7 @@ class RoutedGRPOConfig(GRPOConfig):
 
     intervention (`str`): none, filter, penalty, route, or erase (targets that support it). penalty (`float`).
     detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
+    flag_control (`str`): none, random (flags at the monitor's rate, blind to hacking) or never (no flags).
     unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
 
     > Quarantine target
@@ -117,6 +120,12 @@ class RoutedGRPOConfig(GRPOConfig):
         metadata={"help": "Loophole modes the detector knows (None = all); exploits of other modes are never "
                           "flagged (held out)."})
     detector_seed: int = field(default=0, metadata={"help": "Seed of the detector's per-rollout draws."})
+    flag_control: str = field(
+        default="none",
+        metadata={"help": "Control arm for the flags: none (the monitor's flags), random (each rollout flagged by a "
+                          "coin of (detector_seed, rollout id) at the monitor's realised flag share of the same batch: "
+                          "same rate, no information about hacking) or never (nothing flagged). The monitor's own "
+                          "rates are logged under routing/monitor/.", "choices": list(FLAG_CONTROLS)})
     unflagged_mode: str = field(
         default="default",
         metadata={"help": "Routing mode of unflagged rollouts: default (gradient everywhere) or retain (forward "
@@ -196,6 +205,7 @@ class RoutedGRPOConfig(GRPOConfig):
         self.target_modules = as_list(self.target_modules)
         choice("intervention", self.intervention, INTERVENTIONS)
         choice("detector", self.detector, DETECTORS)
+        choice("flag_control", self.flag_control, FLAG_CONTROLS)
         choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
         choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
         for name in ("env", "target"):

@@ -233,7 +233,19 @@ class RoutedGRPOTrainer(GRPOTrainer):
             penalize_rewards(rewards_per_func, all_flags, self.args.penalty, float(self.reward_weights[0]))
         self._log_routing(all_grades, all_flags, gather_object(modes.tolist()),
                           gather_object(parts) if parts is not None else None)
+        monitor_flags = getattr(self.detector, "monitor_flags", None)  # a flag control's real monitor
+        if monitor_flags is not None:
+            self._log_monitor(all_grades, gather_object(monitor_flags))
         return rewards_per_func
+
+    def _log_monitor(self, grades, monitor_flags) -> None:
+        """Under a flag control (`flag_control`), the real monitor's rates beside the control's `routing/*`."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        r = realised_rates(grades, monitor_flags)
+        metrics["routing/monitor/flag_rate"].append(r["flag_rate"])
+        for key, n in (("tpr", "n_exploited"), ("fpr", "n_clean")):
+            if r[n]:
+                metrics[f"routing/monitor/realised_{key}"].append(r[key])
 
     def _log_routing(self, grades, flags, modes, parts=None) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
