@@ -80,6 +80,7 @@ class RoutedGRPOConfig(GRPOConfig):
     intervention (`str`): none, filter, penalty, route, or erase (targets that support it). penalty (`float`).
     detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
     flag_control (`str`): none, random (flags at the monitor's rate, blind to hacking) or never (no flags).
+    absorption_metrics (`bool`): log where each kind of rollout's gradient lands (`route.absorption`).
     unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
 
     > Quarantine target
@@ -137,6 +138,12 @@ class RoutedGRPOConfig(GRPOConfig):
         default="full",
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
                           "ablated).", "choices": list(GENERATION_POLICIES)})
+
+    absorption_metrics: bool = field(
+        default=True,
+        metadata={"help": "Log absorption/*: per optimizer step, the share of the squared gradient norm of missed "
+                          "hacks, flagged hacks, clean rollouts and each loophole mode that lands in the quarantine "
+                          "(computed in the training backward; targets dual_lora and svf; docs/absorption.md)."})
 
     # ---------------------------------------------------------------- systematic monitor blindness
     # Validated by route.detectors.validate_monitor (from route.cli.validate_run), built by
