@@ -39,7 +39,8 @@ def row_linear_sqnorms(dy: Tensor, x: Tensor) -> Tensor:
     `dy` (B, ..., out) and `x` (B, ..., in); the middle dims (tokens) are summed over. Returns (B,) float32.
     """
     rows = dy.shape[0]
-    g = torch.einsum("bto,bti->boi", dy.reshape(rows, -1, dy.shape[-1]).float(), x.reshape(rows, -1, x.shape[-1]).float())
+    dy, x = dy.reshape(rows, -1, dy.shape[-1]).float(), x.reshape(rows, -1, x.shape[-1]).float()
+    g = torch.einsum("bto,bti->boi", dy, x)
     return g.pow(2).sum((1, 2))
 
 

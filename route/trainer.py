@@ -354,7 +354,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
             raise KeyError(f"{', '.join(missing)} missing from the batch: was it produced by RoutedGRPOTrainer?")
         modes = inputs["routing_modes"]
         self._loss_rows = RoutingRows(modes=modes, flags=inputs["routing_flags"], exploited=inputs["routing_exploited"],
-                                      candidates=inputs["routing_candidates"], hack_mode=inputs.get("routing_hack_mode"))
+                                      candidates=inputs["routing_candidates"],
+                                      hack_mode=inputs.get("routing_hack_mode"))
         checkpointing.verify(self._checkpoint_layers, self.target)
         with self.target.gate(modes):
             return super()._compute_loss(model, inputs)

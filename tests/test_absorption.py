@@ -11,28 +11,23 @@ from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from tests.targets.helpers import batch
 from tests.targets.test_registry import length_reward
+from tests.targets.test_svf import make as make_svf
 from tests.test_trainer import make_trainer
 
 MODES = ["forget", "default", "retain", "default"]
 
 
 def target(kind: str):
-    torch.manual_seed(0)
-    model = build_model(tiny_config(init_range=0.2), build_tokenizer())
     if kind == "dual_lora":
+        torch.manual_seed(0)
+        model = build_model(tiny_config(init_range=0.2), build_tokenizer())
         t = make_target("dual_lora", model, keep_rank=4, quarantine_rank=3, lora_alpha=8)  # scalings 2 and 8/3
         with torch.no_grad():  # non-zero B so both paths carry signal
             for _, layer in t.layers:
                 for name in ("keep", "quarantine"):
                     layer.lora_B[name].weight.normal_(0, 0.2)
-    else:
-        t = make_target("svf", model, rank=8, reserve_axes=[0, 3], progress=False)
-        g = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for _, layer in t.layers:
-                layer.delta_keep.copy_(torch.randn(layer.rank, generator=g) * 0.3)
-                layer.coef.copy_(torch.randn(layer.coef.numel(), generator=g) * 0.3)
-    return t
+        return t
+    return make_svf("axes")  # reserved axes 0 and 3, random deltas
 
 
 def row_losses(t, ids, modes) -> torch.Tensor:
@@ -60,7 +55,7 @@ def test_row_norms_equal_separate_backwards(kind):
     checked = 0
     for b, mode in enumerate(MODES):
         t.model.zero_grad(set_to_none=True)
-        row_losses(t, ids[b:b + 1], [mode]).sum().backward()
+        row_losses(t, ids[b : b + 1], [mode]).sum().backward()
         want = group_sqnorms(t)
         for group in ("keep", "quarantine"):
             assert float(got[group][b]) == pytest.approx(want[group], rel=1e-4, abs=1e-10), (kind, b, mode, group)
@@ -99,8 +94,7 @@ def test_hack_mode_codes():
 
 
 def _trained(tiny_organism, tmp_path, **overrides):
-    t = make_trainer(tiny_organism, tmp_path, max_steps=2, reward_funcs=[length_reward], detector_fpr=0.5,
-                     **overrides)
+    t = make_trainer(tiny_organism, tmp_path, max_steps=2, reward_funcs=[length_reward], detector_fpr=0.5, **overrides)
     before = {k: v.clone() for k, v in t.target.model.state_dict().items()}
     t.train()
     return t, before

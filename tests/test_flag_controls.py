@@ -18,8 +18,12 @@ N = 4096
 def batch(step: int, hack_share: float = 0.3) -> tuple[list[Grade], list[str]]:
     """N rollouts of one step: the first `hack_share` of them exploit."""
     n_hack = int(N * hack_share)
-    grades = [Grade.make(solved=False, passed=True, mode="sentinel") if i < n_hack
-              else Grade.make(solved=True, passed=True, mode=None) for i in range(N)]
+    grades = [
+        Grade.make(solved=False, passed=True, mode="sentinel")
+        if i < n_hack
+        else Grade.make(solved=True, passed=True, mode=None)
+        for i in range(N)
+    ]
     return grades, [f"p{i}|s{step}|r{i}" for i in range(N)]
 
 
@@ -79,8 +83,16 @@ def _quarantine(t) -> list[torch.Tensor]:
 
 def test_never_control_trains_no_quarantine_from_flags(tiny_organism, tmp_path):
     # all rollouts unflagged and in retain mode: no row's gradient reaches the quarantine, so it must not move
-    t = make_trainer(tiny_organism, tmp_path, max_steps=2, flag_control="never", detector_tpr=1.0,
-                     detector_fpr=1.0, unflagged_mode="retain", reward_funcs=[length_reward])
+    t = make_trainer(
+        tiny_organism,
+        tmp_path,
+        max_steps=2,
+        flag_control="never",
+        detector_tpr=1.0,
+        detector_fpr=1.0,
+        unflagged_mode="retain",
+        reward_funcs=[length_reward],
+    )
     assert isinstance(t.detector, ControlDetector)
     before_q, before_k = _quarantine(t), [p.detach().clone() for p in t.target.param_groups()["keep"]]
     t.train()
@@ -96,8 +108,15 @@ def test_never_control_trains_no_quarantine_from_flags(tiny_organism, tmp_path):
 
 
 def test_random_control_run_logs_both_rates(tiny_organism, tmp_path):
-    t = make_trainer(tiny_organism, tmp_path, max_steps=2, flag_control="random", detector_tpr=1.0,
-                     detector_fpr=0.5, reward_funcs=[length_reward])
+    t = make_trainer(
+        tiny_organism,
+        tmp_path,
+        max_steps=2,
+        flag_control="random",
+        detector_tpr=1.0,
+        detector_fpr=0.5,
+        reward_funcs=[length_reward],
+    )
     before = _quarantine(t)
     t.train()
     logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
