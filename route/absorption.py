@@ -33,15 +33,16 @@ from torch import Tensor
 GROUPS = ("keep", "quarantine")
 
 
-def row_linear_sqnorms(dy: Tensor, x: Tensor) -> Tensor:
+def row_linear_sqnorms(dy: Tensor, x: Tensor, per: str = "row") -> Tensor:
     """||sum_t dy_bt x_bt^T||_F^2 per row b: the squared norm of row b's gradient on the weight of y = W x.
 
-    `dy` (B, ..., out) and `x` (B, ..., in); the middle dims (tokens) are summed over. Returns (B,) float32.
+    `dy` (B, ..., out) and `x` (B, ..., in); the middle dims (tokens) are summed over. Returns (B,) float32; with
+    `per="out"` or `per="in"`, (B, out) or (B, in): each output row's (input column's) part of that norm.
     """
     rows = dy.shape[0]
     dy, x = dy.reshape(rows, -1, dy.shape[-1]).float(), x.reshape(rows, -1, x.shape[-1]).float()
-    g = torch.einsum("bto,bti->boi", dy, x)
-    return g.pow(2).sum((1, 2))
+    g = torch.bmm(dy.transpose(1, 2), x).pow_(2)  # (B, out, in)
+    return g.sum((1, 2)) if per == "row" else g.sum(2 if per == "out" else 1)
 
 
 class RowSqNorms:

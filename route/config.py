@@ -140,10 +140,11 @@ class RoutedGRPOConfig(GRPOConfig):
                           "ablated).", "choices": list(GENERATION_POLICIES)})
 
     absorption_metrics: bool = field(
-        default=True,
+        default=False,
         metadata={"help": "Log absorption/*: per optimizer step, the share of the squared gradient norm of missed "
                           "hacks, flagged hacks, clean rollouts and each loophole mode that lands in the quarantine "
-                          "(computed in the training backward; targets dual_lora and svf; docs/absorption.md)."})
+                          "(computed in the training backward; dual_lora and svf; off by default: about +11% step "
+                          "time at the default shapes; docs/absorption.md)."})
 
     # ---------------------------------------------------------------- systematic monitor blindness
     # Validated by route.detectors.validate_monitor (from route.cli.validate_run), built by

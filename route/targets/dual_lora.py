@@ -73,10 +73,11 @@ class _RoutedLoRA(torch.autograd.Function):
         gx = dh.matmul(a) if ctx.needs_input_grad[0] else None
         ga = dh.flatten(0, -2).T.matmul(x.flatten(0, -2))
         gb = dy.flatten(0, -2).T.matmul(h.flatten(0, -2))
-        if ctx.row_norms is not None:  # each row's share of ga and gb, per adapter (route.absorption)
-            for group, units, scale in ((KEEP, slice(None, rk), s_k), (QUARANTINE, slice(rk, None), s_q)):
-                ctx.row_norms.add(group, row_linear_sqnorms(dh[..., units], x)
-                                  + row_linear_sqnorms(dy, h[..., units]) * scale**2)
+        if ctx.row_norms is not None:  # each row's share of ga and gb per rank unit, summed per adapter
+            per_unit = row_linear_sqnorms(dh, x, per="out") + row_linear_sqnorms(dy, h, per="in") * torch.tensor(
+                [s_k**2] * rk + [s_q**2] * (h.shape[-1] - rk), device=h.device)
+            ctx.row_norms.add(KEEP, per_unit[:, :rk].sum(1))
+            ctx.row_norms.add(QUARANTINE, per_unit[:, rk:].sum(1))
         return (gx, ga[:rk], ga[rk:], _scaled(gb[:, :rk], s_k), _scaled(gb[:, rk:], s_q), None, None, None, None,
                 None)
 
