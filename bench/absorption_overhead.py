@@ -57,19 +57,41 @@ def main() -> None:
     model_dir = args.model or str(load_or_build())
     with tempfile.TemporaryDirectory() as tmp:
         config = build_config(
-            output_dir=tmp, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
-            per_device_train_batch_size=64, num_generations=8, max_completion_length=16, max_steps=args.steps,
-            logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, train_size=4096,
-            env_kwargs={"hack_frac": 0.5}, intervention="route", target=args.target, detector_tpr=0.5,
-            detector_fpr=0.05, absorption_metrics=True)
+            output_dir=tmp,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            learning_rate=1e-3,
+            beta=0.0,
+            per_device_train_batch_size=64,
+            num_generations=8,
+            max_completion_length=16,
+            max_steps=args.steps,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+            train_size=4096,
+            env_kwargs={"hack_frac": 0.5},
+            intervention="route",
+            target=args.target,
+            detector_tpr=0.5,
+            detector_fpr=0.05,
+            absorption_metrics=True,
+        )
         env = envs.make_env(config.env, **config.env_kwargs)
-        trainer = RoutedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config, env=env,
-                                    processing_class=AutoTokenizer.from_pretrained(model_dir),
-                                    train_dataset=env.dataset(config.train_size, seed=0, split="train"))
+        trainer = RoutedGRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_dir),
+            args=config,
+            env=env,
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            train_dataset=env.dataset(config.train_size, seed=0, split="train"),
+        )
         timer = Alternate(trainer)
         trainer.add_callback(timer)
         trainer.train()
-    timed = list(zip(timer.on, timer.times))[args.warmup:]
+    timed = list(zip(timer.on, timer.times))[args.warmup :]
     on = statistics.median(t for o, t in timed if o)
     off = statistics.median(t for o, t in timed if not o)
     n = len(timed) // 2
