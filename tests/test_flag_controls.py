@@ -77,24 +77,27 @@ def test_flag_control_is_validated():
         ControlDetector(NoisyDetector(0.5, 0.1), "none")
 
 
-def _quarantine(t) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in t.target.param_groups()["quarantine"]]
+def _params(t, group: str = "quarantine") -> list[torch.Tensor]:
+    return [p.detach().clone() for p in t.target.param_groups()[group]]
+
+
+def _control_trainer(tiny_organism, tmp_path, control: str, **overrides):
+    return make_trainer(
+        tiny_organism,
+        tmp_path,
+        max_steps=2,
+        flag_control=control,
+        detector_tpr=1.0,
+        reward_funcs=[length_reward],
+        **overrides,
+    )
 
 
 def test_never_control_trains_no_quarantine_from_flags(tiny_organism, tmp_path):
     # all rollouts unflagged and in retain mode: no row's gradient reaches the quarantine, so it must not move
-    t = make_trainer(
-        tiny_organism,
-        tmp_path,
-        max_steps=2,
-        flag_control="never",
-        detector_tpr=1.0,
-        detector_fpr=1.0,
-        unflagged_mode="retain",
-        reward_funcs=[length_reward],
-    )
+    t = _control_trainer(tiny_organism, tmp_path, "never", detector_fpr=1.0, unflagged_mode="retain")
     assert isinstance(t.detector, ControlDetector)
-    before_q, before_k = _quarantine(t), [p.detach().clone() for p in t.target.param_groups()["keep"]]
+    before_q, before_k = _params(t), _params(t, "keep")
     t.train()
     logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
     assert len(logged) == 2
@@ -102,22 +105,14 @@ def test_never_control_trains_no_quarantine_from_flags(tiny_organism, tmp_path):
         assert h["routing/flag_rate"] == 0.0 and h["routing/frac_forget"] == 0.0
         assert h["routing/monitor/flag_rate"] == 1.0  # the monitor flagged everything; the control used none
     assert len(before_q) > 0
-    assert all(torch.equal(a, b) for a, b in zip(before_q, _quarantine(t), strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(before_q, _params(t), strict=True))
     after_k = t.target.param_groups()["keep"]
     assert any(not torch.equal(a, b) for a, b in zip(before_k, after_k, strict=True))
 
 
 def test_random_control_run_logs_both_rates(tiny_organism, tmp_path):
-    t = make_trainer(
-        tiny_organism,
-        tmp_path,
-        max_steps=2,
-        flag_control="random",
-        detector_tpr=1.0,
-        detector_fpr=0.5,
-        reward_funcs=[length_reward],
-    )
-    before = _quarantine(t)
+    t = _control_trainer(tiny_organism, tmp_path, "random", detector_fpr=0.5)
+    before = _params(t)
     t.train()
     logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
     assert len(logged) == 2
@@ -125,7 +120,7 @@ def test_random_control_run_logs_both_rates(tiny_organism, tmp_path):
         assert 0.0 <= h["routing/flag_rate"] <= 1.0
         assert 0.0 <= h["routing/monitor/flag_rate"] <= 1.0
     assert sum(h["routing/frac_forget"] for h in logged) > 0  # random flags were routed
-    assert any(not torch.equal(a, b) for a, b in zip(before, _quarantine(t), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before, _params(t), strict=True))
 
 
 def test_default_config_has_no_control():
