@@ -184,7 +184,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             return None
         if not self.target.record_row_grads(True):
             warnings.warn(f"absorption_metrics: the {self.target.name!r} target does not record per-row gradient "
-                          "norms; no absorption/* metrics are logged (supported: dual_lora, svf)", stacklevel=3)
+                          "norms; no absorption/* metrics are logged (see docs/absorption.md)", stacklevel=3)
             return None
         return AbsorptionMeter(self.env.modes, args.detector_modes)
 
