@@ -13,6 +13,8 @@ from typing import Any
 
 from trl import GRPOConfig
 
+from route.detectors import FLAG_CONTROLS
+
 # The interventions of the vocabulary; each target declares which it supports (`erase` needs one that can).
 INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
 DETECTORS = ("noisy", "ground_truth")
@@ -77,6 +79,8 @@ class RoutedGRPOConfig(GRPOConfig):
 
     intervention (`str`): none, filter, penalty, route, or erase (targets that support it). penalty (`float`).
     detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
+    flag_control (`str`): none, random (flags at the monitor's rate, blind to hacking) or never (no flags).
+    absorption_metrics (`bool`): log where each kind of rollout's gradient lands (`route.absorption`).
     unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
 
     > Quarantine target
@@ -117,6 +121,12 @@ class RoutedGRPOConfig(GRPOConfig):
         metadata={"help": "Loophole modes the detector knows (None = all); exploits of other modes are never "
                           "flagged (held out)."})
     detector_seed: int = field(default=0, metadata={"help": "Seed of the detector's per-rollout draws."})
+    flag_control: str = field(
+        default="none",
+        metadata={"help": "Control arm for the flags: none (the monitor's flags), random (each rollout flagged by a "
+                          "coin of (detector_seed, rollout id) at the monitor's realised flag share of the same batch: "
+                          "same rate, no information about hacking) or never (nothing flagged). The monitor's own "
+                          "rates are logged under routing/monitor/.", "choices": list(FLAG_CONTROLS)})
     unflagged_mode: str = field(
         default="default",
         metadata={"help": "Routing mode of unflagged rollouts: default (gradient everywhere) or retain (forward "
@@ -128,6 +138,13 @@ class RoutedGRPOConfig(GRPOConfig):
         default="full",
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
                           "ablated).", "choices": list(GENERATION_POLICIES)})
+
+    absorption_metrics: bool = field(
+        default=False,
+        metadata={"help": "Log absorption/*: per optimizer step, the share of the squared gradient norm of missed "
+                          "hacks, flagged hacks, clean rollouts and each loophole mode that lands in the quarantine "
+                          "(computed in the training backward, by targets that support it; off by default: about "
+                          "+11% step time at the default shapes; docs/absorption.md)."})
 
     # ---------------------------------------------------------------- systematic monitor blindness
     # Validated by route.detectors.validate_monitor (from route.cli.validate_run), built by
@@ -196,6 +213,7 @@ class RoutedGRPOConfig(GRPOConfig):
         self.target_modules = as_list(self.target_modules)
         choice("intervention", self.intervention, INTERVENTIONS)
         choice("detector", self.detector, DETECTORS)
+        choice("flag_control", self.flag_control, FLAG_CONTROLS)
         choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
         choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
         for name in ("env", "target"):

@@ -10,6 +10,11 @@ A detector is any callable `(grades, rollout_ids, **context) -> flags`; the trai
 leaves it out for a detector whose signature takes only (grades, rollout_ids), so those keep working.
 Monitors that are blind in a systematic way live in `route.monitors` and `route.monitor_classifier`;
 `build_detector` builds the one a `RoutedGRPOConfig` selects and `validate_monitor` checks its fields.
+
+Flag controls (`flag_control`, `ControlDetector`) wrap that monitor to separate a routing effect from shrinkage:
+`random` flags each rollout with the monitor's realised flag share on the same detector call, by a coin that
+depends only on (detector_seed, rollout id) and is drawn from its own salted stream (independent of the monitor's
+coin and of exploitation); `never` flags nothing. The monitor still runs, and its flags are kept for logging.
 """
 
 from __future__ import annotations
@@ -209,15 +214,22 @@ def validate_monitor(config: Any, env: Any) -> None:
 
 
 def build_detector(config: Any, env: Any) -> Detector:
-    """The detector a RoutedGRPOConfig selects: `detector` (noise) composed with the `monitor` blindness.
+    """The detector a RoutedGRPOConfig selects: `detector` (noise) composed with the `monitor` blindness, wrapped
+    in a `ControlDetector` when `flag_control` is random or never.
 
     plain: `make_detector`. prompt: that detector, blind to exploits off `monitor_column`. form: a
     `FormDetector` over `monitor_forms` with `detector_tpr` / `detector_fpr` as its noise. prompt_form:
     the form detector, also blind off the column. classifier: `route.monitor_classifier`.
     """
+    validate_monitor(config, env)
+    monitor = _build_monitor(config, env)
+    control = getattr(config, "flag_control", "none")
+    return monitor if control == "none" else ControlDetector(monitor, control, config.detector_seed)
+
+
+def _build_monitor(config: Any, env: Any) -> Detector:
     from route.monitors import FormDetector, PromptConditionalDetector
 
-    validate_monitor(config, env)
     kind = config.monitor
     if kind == "classifier":
         from route.monitor_classifier import fit_classifier_detector
@@ -230,3 +242,40 @@ def build_detector(config: Any, env: Any) -> Detector:
         inner = make_detector(config.detector, config.detector_tpr, config.detector_fpr, config.detector_seed,
                               config.detector_modes)
     return PromptConditionalDetector(inner, config.monitor_column) if kind.startswith("prompt") else inner
+
+
+# ------------------------------------------------------------------ flag controls (issue 22)
+FLAG_CONTROLS = ("none", "random", "never")
+
+
+class ControlDetector:
+    """A control arm's flags in place of `monitor`'s, with the monitor's own flags kept for logging.
+
+    `random`: on each call, r = the monitor's flagged share of these rollouts, and rollout i is flagged iff
+    `uniform(seed, "flag_control|" + id) < r`: the same flag rate per call (per generation batch and process), with
+    flags that carry no information about exploitation. `never`: nothing is flagged.
+
+    Args:
+        monitor: the real detector (any `Detector`).
+        control: "random" or "never".
+        seed: the coin's seed (the run's `detector_seed`; the salt keeps it apart from the monitor's draws).
+    """
+
+    def __init__(self, monitor: Detector, control: str, seed: int = 0):
+        if control not in FLAG_CONTROLS[1:]:
+            raise ValueError(f"flag_control: invalid value {control!r}; allowed values: {list(FLAG_CONTROLS[1:])}")
+        self.monitor, self.control, self.seed = monitor, control, seed
+        self.monitor_flags: list[bool] | None = None  # the monitor's flags on the last call
+
+    @property
+    def parts(self):
+        """The monitor's condition labels (`route.monitors.detector_parts`), if it has any."""
+        return getattr(self.monitor, "parts", None)
+
+    def __call__(self, grades: Sequence[Grade], rollout_ids: Sequence[str], **context: Any) -> list[bool]:
+        _check_lengths(grades, rollout_ids)
+        self.monitor_flags = [bool(f) for f in call_detector(self.monitor, grades, rollout_ids, **context)]
+        if self.control == "never" or not rollout_ids:
+            return [False] * len(rollout_ids)
+        share = sum(self.monitor_flags) / len(rollout_ids)
+        return [uniform(self.seed, f"flag_control|{rid}") < share for rid in rollout_ids]

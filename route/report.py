@@ -41,7 +41,7 @@ def _cell(values: list[float]) -> str:
 
 # Routing settings that change what an arm is, with their defaults: a run that departs from one is labelled with it.
 ARM_SETTINGS = {"unflagged_mode": "default", "generation_policy": "full", "route_score": "none",
-                "erase_one_sided": False, "quarantine_lr_ratio": 1.0}
+                "erase_one_sided": False, "quarantine_lr_ratio": 1.0, "flag_control": "none"}
 
 
 def arm_label(config: dict) -> str:

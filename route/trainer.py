@@ -25,6 +25,9 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
 - `training_step`: after each micro-batch's backward the target's `after_backward` hook sees that micro-batch's
   routing columns; after the last micro-batch of an optimizer step (before clipping) its `before_optimizer_step` hook
   runs and its metrics are logged (svf's score routing and `erase` live there, `route.targets.svf_routing`).
+  With `absorption_metrics`, the target's per-row gradient norms of each backward (`pop_row_grads`) feed
+  `route.absorption.AbsorptionMeter`, whose `absorption/*` shares are logged once per optimizer step; the batch
+  carries a fifth column for it, `routing_hack_mode` (ground truth, logging only).
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
   gradient does not move.
 - `beta > 0`: the KL reference is the base model. TRL adds a "ref" copy of a `default` adapter when given a
@@ -50,6 +53,7 @@ consumed (step 3 twice), a micro-batch without routing columns.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from dataclasses import dataclass
 
@@ -58,6 +62,7 @@ from transformers import TrainerCallback
 from trl import GRPOTrainer
 
 import envs
+from route.absorption import AbsorptionMeter, hack_mode_codes
 from route.cli import validate_run
 from route.config import RoutedGRPOConfig
 from route.detectors import Detector, build_detector, call_detector, realised_rates
@@ -82,6 +87,7 @@ class _PendingRouting:
     flags: torch.Tensor
     exploited: torch.Tensor
     candidates: torch.Tensor
+    hack_mode: torch.Tensor  # ground truth loophole mode index per rollout (-1: none), for the absorption metrics
 
 
 class _GradNormLogger(TrainerCallback):
@@ -170,6 +176,17 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.add_callback(_GradNormLogger(self))
         checkpointing.check_trainer(args, self.accelerator)  # what TRL and accelerate decided from the args
         self.target.check_accelerator(self.accelerator)
+        self._absorption = self._absorption_meter(args)
+
+    def _absorption_meter(self, args: RoutedGRPOConfig) -> AbsorptionMeter | None:
+        """The absorption metrics' meter (`route.absorption`), when on and the target records per-row norms."""
+        if not args.absorption_metrics:
+            return None
+        if not self.target.record_row_grads(True):
+            warnings.warn(f"absorption_metrics: the {self.target.name!r} target does not record per-row gradient "
+                          "norms; no absorption/* metrics are logged (see docs/absorption.md)", stacklevel=3)
+            return None
+        return AbsorptionMeter(self.env.modes, args.detector_modes)
 
     def _install_checkpointing(self, args: RoutedGRPOConfig) -> None:
         """Every gradient-checkpointing enable on the model re-applies the gate in the recompute (or is refused)."""
@@ -225,7 +242,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._routing = _PendingRouting(
             modes=modes, flags=torch.tensor([bool(f) for f in flags], dtype=torch.bool),
             exploited=torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool),
-            candidates=torch.zeros(len(flags), dtype=torch.bool) if candidates is None else candidates.bool())
+            candidates=torch.zeros(len(flags), dtype=torch.bool) if candidates is None else candidates.bool(),
+            hack_mode=hack_mode_codes(grades, self.env.modes))
 
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         all_grades, all_flags = gather_object(grades), gather_object(flags)
@@ -233,7 +251,19 @@ class RoutedGRPOTrainer(GRPOTrainer):
             penalize_rewards(rewards_per_func, all_flags, self.args.penalty, float(self.reward_weights[0]))
         self._log_routing(all_grades, all_flags, gather_object(modes.tolist()),
                           gather_object(parts) if parts is not None else None)
+        monitor_flags = getattr(self.detector, "monitor_flags", None)  # a flag control's real monitor
+        if monitor_flags is not None:
+            self._log_monitor(all_grades, gather_object(monitor_flags))
         return rewards_per_func
+
+    def _log_monitor(self, grades, monitor_flags) -> None:
+        """Under a flag control (`flag_control`), the real monitor's rates beside the control's `routing/*`."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        r = realised_rates(grades, monitor_flags)
+        metrics["routing/monitor/flag_rate"].append(r["flag_rate"])
+        for key, n in (("tpr", "n_exploited"), ("fpr", "n_clean")):
+            if r[n]:
+                metrics[f"routing/monitor/realised_{key}"].append(r[key])
 
     def _log_routing(self, grades, flags, modes, parts=None) -> None:
         metrics = self._metrics["train" if self.model.training else "eval"]
@@ -289,7 +319,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         modes = routing.modes.to(device)
         output.update({"routing_modes": modes, "routing_flags": routing.flags.to(device),
                        "routing_exploited": routing.exploited.to(device),
-                       "routing_candidates": routing.candidates.to(device)})
+                       "routing_candidates": routing.candidates.to(device),
+                       "routing_hack_mode": routing.hack_mode.to(device)})
         if self.args.intervention == "filter":
             output["advantages"] = filter_advantages(output["advantages"], routing.flags)
         # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows).
@@ -323,7 +354,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
             raise KeyError(f"{', '.join(missing)} missing from the batch: was it produced by RoutedGRPOTrainer?")
         modes = inputs["routing_modes"]
         self._loss_rows = RoutingRows(modes=modes, flags=inputs["routing_flags"], exploited=inputs["routing_exploited"],
-                                      candidates=inputs["routing_candidates"])
+                                      candidates=inputs["routing_candidates"],
+                                      hack_mode=inputs.get("routing_hack_mode"))
         checkpointing.verify(self._checkpoint_layers, self.target)
         with self.target.gate(modes):
             return super()._compute_loss(model, inputs)
@@ -332,11 +364,18 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._loss_rows = None
         loss = super().training_step(model, inputs, num_items_in_batch)
         if self._loss_rows is not None:
-            self.target.after_backward(self._loss_rows)
+            rows = self._loss_rows
+            norms = self.target.pop_row_grads() if self._absorption is not None else None
+            if norms is not None:  # before the target's hook, which may act on the same backward's rows
+                self._absorption.add(norms, rows.flags, rows.exploited, rows.hack_mode)
+            self.target.after_backward(rows)
             self._loss_rows = None
         if self.accelerator.sync_gradients:
             many = self.accelerator.num_processes > 1
             reduce = (lambda t, op: self.accelerator.reduce(t, reduction=op)) if many else None
+            if self._absorption is not None:
+                for key, value in self._absorption.metrics(reduce, self.accelerator.device).items():
+                    self._metrics["train"][key].append(value)
             for key, value in self.target.before_optimizer_step(reduce).items():
                 self._metrics["train"][key].append(value)
         return loss

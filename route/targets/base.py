@@ -11,7 +11,8 @@ A target is a class with
     `recompute_context` set those attributes inside a context and restore the previous values on exit (nesting);
   - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once); the deployed state
     dict, the deployed plain transformers model and `save_deployed` are built from it here;
-  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`.
+  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`,
+    and the per-row gradient norms of the absorption metrics (`record_row_grads`, `pop_row_grads`: unsupported).
 
 Registering (`@register_target("name")` in `route.targets`) is all a new target needs: the config, the trainer and
 the command line never name a target.
@@ -56,6 +57,7 @@ class RoutingRows:
     flags: Tensor  # the monitor's flags (bool)
     exploited: Tensor  # ground truth, for logging only (bool)
     candidates: Tensor  # rows the target may route itself after the backward (bool)
+    hack_mode: Tensor | None = None  # ground truth loophole mode index (-1: none), for logging only
 
 
 Reduce = Callable[[Tensor, str], Tensor]  # (tensor, "mean" | "sum") across data-parallel processes
@@ -184,6 +186,16 @@ class TargetBase:
 
     def check_accelerator(self, accelerator: Any) -> None:
         """Refuse a distributed setup the target cannot train under (ValueError naming the field)."""
+
+    # ------------------------------------------------------------------ absorption metrics (route.absorption)
+    def record_row_grads(self, on: bool) -> bool:
+        """Start (or stop) recording each row's squared gradient norm on the kept and quarantine parameters in every
+        gated training backward; returns whether this target can (default: it cannot)."""
+        return False
+
+    def pop_row_grads(self) -> dict[str, Tensor] | None:
+        """{"keep": (B,), "quarantine": (B,)} squared norms recorded since the last pop (None: nothing recorded)."""
+        return None
 
 
 __all__ = ["CORE_INTERVENTIONS", "Reduce", "RoutingRows", "TargetArgs", "TargetBase"]

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor, nn
 
+from route.absorption import RowSqNorms, row_linear_sqnorms
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
 from route.targets.base import TargetArgs, TargetBase
@@ -41,6 +42,7 @@ class _GateSlot:
     """The gate every fused layer of one target reads (None: the plain model); set inside the target's contexts."""
 
     route_gate: RowGate | None = None
+    row_norms: RowSqNorms | None = None  # absorption metrics: per-row gradient norms of each gated backward
 
 
 class _RoutedLoRA(torch.autograd.Function):
@@ -53,12 +55,12 @@ class _RoutedLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, a_k: Tensor, a_q: Tensor, b_k: Tensor, b_q: Tensor, s_k: float, s_q: float,
-                value: Tensor | None, grad: Tensor | None) -> Tensor:
+                value: Tensor | None, grad: Tensor | None, row_norms: RowSqNorms | None = None) -> Tensor:
         a = torch.cat([a_k, a_q])
         b = torch.cat([_scaled(b_k, s_k), _scaled(b_q, s_q)], dim=1)
         h = F.linear(x, a)
         ctx.save_for_backward(x, a, b, h, grad)
-        ctx.rank_k, ctx.scales = a_k.shape[0], (s_k, s_q)
+        ctx.rank_k, ctx.scales, ctx.row_norms = a_k.shape[0], (s_k, s_q), row_norms
         return F.linear(h if value is None else h * value, b)
 
     @staticmethod
@@ -71,7 +73,13 @@ class _RoutedLoRA(torch.autograd.Function):
         gx = dh.matmul(a) if ctx.needs_input_grad[0] else None
         ga = dh.flatten(0, -2).T.matmul(x.flatten(0, -2))
         gb = dy.flatten(0, -2).T.matmul(h.flatten(0, -2))
-        return gx, ga[:rk], ga[rk:], _scaled(gb[:, :rk], s_k), _scaled(gb[:, rk:], s_q), None, None, None, None
+        if ctx.row_norms is not None:  # each row's share of ga and gb per rank unit, summed per adapter
+            per_unit = row_linear_sqnorms(dh, x, per="out") + row_linear_sqnorms(dy, h, per="in") * torch.tensor(
+                [s_k**2] * rk + [s_q**2] * (h.shape[-1] - rk), device=h.device)
+            ctx.row_norms.add(KEEP, per_unit[:, :rk].sum(1))
+            ctx.row_norms.add(QUARANTINE, per_unit[:, rk:].sum(1))
+        return (gx, ga[:rk], ga[rk:], _scaled(gb[:, :rk], s_k), _scaled(gb[:, rk:], s_q), None, None, None, None,
+                None)
 
 
 class FusedDualLoraLinear(LoraLinear):
@@ -95,8 +103,9 @@ class FusedDualLoraLinear(LoraLinear):
             return (result + F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))).to(result.dtype)
         value, grad = (None, None) if gate is None else gate.unit_masks(
             a_k.shape[0], a_k.shape[0] + self.r[QUARANTINE], like=x)
+        row_norms = self.route_slot.row_norms if gate is not None and torch.is_grad_enabled() else None
         y = _RoutedLoRA.apply(x, a_k, self.lora_A[QUARANTINE].weight, b_k, self.lora_B[QUARANTINE].weight,
-                              float(self.scaling[KEEP]), float(self.scaling[QUARANTINE]), value, grad)
+                              float(self.scaling[KEEP]), float(self.scaling[QUARANTINE]), value, grad, row_norms)
         return (result + y).to(result.dtype)
 
 
@@ -194,6 +203,16 @@ class DualLoRATarget(TargetBase):
                 a_q.zero_()
             for p in (a_q, layer.lora_B[QUARANTINE].weight):
                 p.requires_grad_(trainable)
+
+    # ------------------------------------------------------------------ absorption metrics
+    def record_row_grads(self, on: bool) -> bool:
+        """Record each row's squared gradient norm on the kept and quarantine adapters (A and B) in every gated
+        backward, from the rank-space activations and gradients the fused backward already holds."""
+        self._slot.row_norms = RowSqNorms() if on else None
+        return True
+
+    def pop_row_grads(self) -> dict[str, Tensor] | None:
+        return None if self._slot.row_norms is None else self._slot.row_norms.pop()
 
     # ------------------------------------------------------------------ parameters
     def param_groups(self) -> dict[str, list[nn.Parameter]]:

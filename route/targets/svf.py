@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 
 from route.config import as_int_list, choice, rate
-from route.masks import DEFAULT, RowGate, encode_modes
+from route.masks import DEFAULT, FORGET, RETAIN, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
 from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
@@ -192,6 +192,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
     interventions = (*CORE_INTERVENTIONS, "erase")
     gate_attrs = ("svf_gate", "svf_recorder")
     strategy = STRATEGY
+    _absorb = False  # absorption metrics on: record per-row delta gradients (route.absorption)
 
     def __init__(self, model: nn.Module, rank: int | None = None, target_modules: Sequence[str] | None = None,
                  reserve_axes: list[int] | None = None, hack_subspace: str | dict | None = None,
@@ -263,7 +264,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
 
     def _gate_state(self, gate: RowGate, holder_index: int, grad: bool) -> tuple:
         """(gate, recorder): with scoring on, a gated forward under autograd records each row's delta gradient."""
-        record = grad and self.score_threshold is not None and not gate.is_ablated
+        record = grad and self._records_rows and not gate.is_ablated
         return gate, self._recorder.hook(holder_index) if record else None
 
     def _recompute_state(self, state: tuple) -> tuple:
@@ -279,7 +280,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         `score_rows()` (the `after_backward` hook).
         """
         codes = encode_modes(modes)
-        if self.score_threshold is not None and torch.is_grad_enabled():
+        if self._records_rows and torch.is_grad_enabled():
             self._recorder.pop()
             self._record_modes = codes.cpu()
         return super().gate(codes)
@@ -293,6 +294,38 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         gate = RowGate.from_modes(torch.tensor([DEFAULT]), strategy=STRATEGY)  # all default: any batch size
         with self._install([(gate, recorder.hook(i)) for i in range(len(self.layers))]):
             yield recorder
+
+    @property
+    def _records_rows(self) -> bool:
+        return self.score_threshold is not None or self._absorb
+
+    # ------------------------------------------------------------------ absorption metrics
+    def record_row_grads(self, on: bool) -> bool:
+        """Record each row's delta gradient g_b in every gated backward (the recorder score routing uses); its
+        kept norm is ||g_b||^2 (rows that are not forget) and its quarantine norm ||V g_b||^2 (rows that are not
+        retain; dL_b/dc = g_b V^T)."""
+        self._absorb = on
+        return True
+
+    @torch.no_grad()
+    def pop_row_grads(self) -> dict[str, Tensor] | None:
+        """The last backward's per-row norms; with score routing on, read before `score_rows` (the routing it then
+        applies to some default rows is not reflected)."""
+        if not self._absorb or not self._recorder.records or self._record_modes is None:
+            return None
+        records, modes = dict(self._recorder.records), self._record_modes
+        if self.score_threshold is None:
+            self._recorder.pop()
+            self._record_modes = None
+        keep = quar = 0.0
+        for i, g in records.items():
+            keep = keep + g.pow(2).sum(1)
+            basis = self.layers[i][1].basis
+            if basis is not None:
+                quar = quar + (g @ basis.T.to(g)).pow(2).sum(1)
+        keep = keep * (modes.to(keep.device) != FORGET)
+        quar = torch.zeros_like(keep) if isinstance(quar, float) else quar * (modes.to(keep.device) != RETAIN)
+        return {"keep": keep.cpu(), "quarantine": quar.cpu()}
 
     @torch.no_grad()
     def ablate(self, trainable: bool = False) -> None:

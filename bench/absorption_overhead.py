@@ -1,0 +1,105 @@
+"""Step time of RoutedGRPOTrainer with the absorption metrics off and on, in the same run.
+
+    python bench/absorption_overhead.py [--model DIR] [--steps 60] [--target dual_lora] [--threads 1]
+
+One trainer at the default experiment's shapes (configs/default.yaml: arith, batch 64, 8 generations, 16 new tokens,
+dual_lora r=8+8, route, noisy detector 0.5 / 0.05) on the cached organism. The metrics are switched on and off on
+alternate optimizer steps (the meter and the target's per-row recording together), so machine drift and the policy's
+changing completion lengths hit both; the first `--warmup` steps are dropped and the medians compared. A step is one
+optimizer step including generation, scoring, the gated loss and its backward. Prints `ratio: X.XXX` (on / off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.routing_overhead import StepTimer  # noqa: E402
+
+
+class Alternate(StepTimer):
+    """Times each step and switches the absorption metrics on for even steps, off for odd ones."""
+
+    def __init__(self, trainer):
+        super().__init__()
+        self.trainer, self.meter, self.on = trainer, trainer._absorption, []
+
+    def on_step_begin(self, args, state, control, **kw):
+        on = state.global_step % 2 == 0
+        self.trainer._absorption = self.meter if on else None
+        self.trainer.target.record_row_grads(on)
+        self.on.append(on)
+        super().on_step_begin(args, state, control, **kw)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the cached organism, built if missing)")
+    parser.add_argument("--steps", type=int, default=60, help="optimizer steps (half with the metrics on)")
+    parser.add_argument("--warmup", type=int, default=6, help="steps dropped at the start")
+    parser.add_argument("--target", default="dual_lora", help="quarantine target (dual_lora or svf)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    args = parser.parse_args()
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import envs
+    from route.cli import build_config
+    from route.organism import load_or_build
+    from route.trainer import RoutedGRPOTrainer
+
+    torch.set_num_threads(args.threads)
+    model_dir = args.model or str(load_or_build())
+    with tempfile.TemporaryDirectory() as tmp:
+        config = build_config(
+            output_dir=tmp,
+            use_cpu=True,
+            bf16=False,
+            gradient_checkpointing=False,
+            learning_rate=1e-3,
+            beta=0.0,
+            per_device_train_batch_size=64,
+            num_generations=8,
+            max_completion_length=16,
+            max_steps=args.steps,
+            logging_steps=1000,
+            save_strategy="no",
+            report_to="none",
+            disable_tqdm=True,
+            seed=0,
+            train_size=4096,
+            env_kwargs={"hack_frac": 0.5},
+            intervention="route",
+            target=args.target,
+            detector_tpr=0.5,
+            detector_fpr=0.05,
+            absorption_metrics=True,
+        )
+        env = envs.make_env(config.env, **config.env_kwargs)
+        trainer = RoutedGRPOTrainer(
+            model=AutoModelForCausalLM.from_pretrained(model_dir),
+            args=config,
+            env=env,
+            processing_class=AutoTokenizer.from_pretrained(model_dir),
+            train_dataset=env.dataset(config.train_size, seed=0, split="train"),
+        )
+        timer = Alternate(trainer)
+        trainer.add_callback(timer)
+        trainer.train()
+    timed = list(zip(timer.on, timer.times))[args.warmup :]
+    on = statistics.median(t for o, t in timed if o)
+    off = statistics.median(t for o, t in timed if not o)
+    n = len(timed) // 2
+    print(f"model: {model_dir}  target: {args.target}  threads: {args.threads}")
+    print(f"absorption_metrics off: median step {off * 1e3:.1f} ms over {len(timed) - n} steps")
+    print(f"absorption_metrics on:  median step {on * 1e3:.1f} ms over {n} steps")
+    print(f"ratio: {on / off:.3f}")
+
+
+if __name__ == "__main__":
+    main()
