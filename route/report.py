@@ -54,11 +54,13 @@ def arm_label(config: dict) -> str:
 # Fields that vary between seeds of one arm, or only say where a run was written: ignored when grouping.
 SEED_FIELDS = ("seed", "detector_seed", "data_seed")
 LOCATION_FIELDS = ("output_dir", "logging_dir", "run_name")
+# Fields that change what a run logs or shows, not what it trains: runs that differ only in them are one arm.
+LOGGING_FIELDS = ("absorption_metrics", "disable_tqdm", "logging_steps", "report_to")
 
 
 def arm_key(config: dict) -> tuple:
     """What makes two runs the same arm: every config field except the seeds and the output location."""
-    skip = set(SEED_FIELDS) | set(LOCATION_FIELDS)
+    skip = set(SEED_FIELDS) | set(LOCATION_FIELDS) | set(LOGGING_FIELDS)
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
 
 

@@ -52,8 +52,9 @@ def test_runs_that_differ_in_one_field_are_separate_arms(field, a, b):
     assert all(f"{field} " in r.split(" | ")[0] for r in rows), rows  # the label says what differs
 
 
-def test_seeds_and_output_dir_do_not_split_an_arm():
-    rs = [result("route", 0.5, 0.2, seed=s, detector_seed=s, output_dir=f"runs/{s}") for s in range(3)]
+def test_seeds_output_dir_and_logging_do_not_split_an_arm():
+    rs = [result("route", 0.5, 0.2, seed=s, detector_seed=s, output_dir=f"runs/{s}", absorption_metrics=s == 1,
+                 disable_tqdm=s == 2) for s in range(3)]
     rows = _arm_rows(table(rs))
     assert len(rows) == 1 and rows[0].split(" | ")[1] == "3"
 
