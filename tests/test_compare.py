@@ -67,7 +67,8 @@ def test_cli_writes_table_json_and_curves(tmp_path, capsys):
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     compare.main([str(tmp_path), "--output_dir", str(tmp_path / "out"), "--n_boot", "200"])
     out = capsys.readouterr().out
-    assert "flag_control random" in out and "flag_control none" in out
+    assert "| route (dual_lora, tpr 0.5, fpr 0.05, flag_control random) |" in out
+    assert "| route (dual_lora, tpr 0.5, fpr 0.05) |" in out
     assert (tmp_path / "out" / "compare.md").read_text().startswith("**deployed**")
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert len(saved["arms"]) == 2
