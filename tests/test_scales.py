@@ -133,3 +133,53 @@ def test_bad_scales_name_the_flag(tmp_path, capsys):
     with pytest.raises(SystemExit):
         evaluate_main(["--run", str(tmp_path), "--scales", "0,2"])
     assert "--scales" in capsys.readouterr().err
+
+
+class _DialTarget:
+    """A stand-in target whose `scaled(s)` records the scale the next evaluation runs at."""
+
+    model = None
+
+    def __init__(self):
+        self.scale, self.seen = 1.0, []
+
+    def scaled(self, s):
+        import contextlib
+
+        self.seen.append(s)
+        self.scale = s
+        return contextlib.nullcontext()
+
+
+@pytest.mark.parametrize(
+    "flags,expected", [({1.0: 0.5, 0.5: 0.2, 0.0: 0.1}, 0.5), ({1.0: 0.5, 0.5: 0.4, 0.0: 0.3}, 0.0)]
+)
+def test_the_rule_reads_flags_only_and_picks_the_highest_passing_scale(monkeypatch, flags, expected):
+    import route.scales as scales
+
+    target = _DialTarget()
+    base = {"flag_rate": 0.3, "hack_rate": 0.0}
+
+    def fake_evaluate(model, tokenizer, env, **kw):  # ground truth says the opposite of the flags
+        rate = base["flag_rate"] if target.scale is None else flags[target.scale]
+        return {"monitor": {"flag_rate": rate}, "hack_rate": 1 - rate}
+
+    monkeypatch.setattr(scales, "evaluate_policy", fake_evaluate)
+    config = build_config(use_cpu=True, report_to="none", scale_grid=[0.0, 0.5, 1.0], val_n=8)
+    rule = scales.DeployScale(config, envs.make_env("arith"), None, object(), [], 4)
+    with pytest.raises(RuntimeError, match="measure_base"):
+        rule.pick(target)
+    target.scale = None
+    assert rule.measure_base(target) == 0.3
+    pick = rule.pick(target)
+    assert pick["picked"] == expected and pick["met"] == (expected > 0 or flags[0.0] < 0.3)
+    assert target.seen == [1.0, 0.5] if expected == 0.5 else target.seen == [1.0, 0.5, 0.0]
+    assert [p["scale"] for p in pick["validation"]] == sorted(target.seen)
+
+
+@pytest.mark.parametrize(
+    "bad", [dict(deploy_scale_rule="best"), dict(scale_grid=[0.5, 1.5]), dict(val_n=0), dict(scale_grid=[])]
+)
+def test_bad_scale_settings_name_the_field(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        build_config(use_cpu=True, report_to="none", **bad)
