@@ -1,6 +1,5 @@
 """The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route.evaluate --run`."""
 
-import hashlib
 import json
 
 import pytest
@@ -11,36 +10,19 @@ from envs.arith import ArithEnv
 from route.cli import build_config
 from route.evaluate import main as evaluate_main
 from route.scales import real_monitor, validation_rows
+from tests.test_resume import RUN as RESUME_RUN
+from tests.test_resume import varied_reward
 
+# the resume test's tiny run, shorter, with two held-out modes and a three-point grid
 RUN = dict(
-    use_cpu=True,
-    bf16=False,
-    gradient_checkpointing=False,
-    learning_rate=5e-2,
-    beta=0.0,
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=2,
-    logging_steps=1,
+    RESUME_RUN,
     save_strategy="no",
-    report_to="none",
-    disable_tqdm=True,
-    train_size=32,
-    keep_rank=2,
-    quarantine_rank=2,
+    max_steps=2,
     eval_n=24,
     val_n=16,
     scale_grid=[0.0, 0.5, 1.0],
-    detector_fpr=0.5,
     detector_modes=["sentinel", "format"],
-    seed=3,
 )
-
-
-def varied_reward(self, prompts, completions, **columns):
-    """Rewards that differ within a group, so that every step trains (the organism rarely passes in 6 tokens)."""
-    return [hashlib.sha256(str(c).encode()).digest()[0] / 255 for c in completions]
 
 
 def test_validation_prompts_are_disjoint_from_the_test_prompts_in_every_env():
