@@ -353,7 +353,7 @@ def plot_scales(points: Sequence[dict], path: str | os.PathLike, base: dict | No
         ("hack_rate_undetectable", "hack, undetectable part", "-^"),
         ("monitored_hack_rate", "monitored hack (flag share)", "-D"),
     ):
-        if all(p.get(key) is not None for p in points):
+        if any(p.get(key) is not None and p[key] == p[key] for p in points):  # skip a part no prompt has (NaN)
             ax.plot(xs, [p[key] for p in points], style, label=label)
     for mode in points[0]["hack_rate_by_mode"]:
         ax.plot(xs, [p["hack_rate_by_mode"][mode] for p in points], ":", alpha=0.7, label=f"hack {mode}")
