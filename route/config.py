@@ -20,6 +20,8 @@ INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
 DETECTORS = ("noisy", "ground_truth")
 UNFLAGGED_MODES = ("default", "retain")
 GENERATION_POLICIES = ("full", "deployed")
+SCALE_RULES = ("none", "monitor")
+DEFAULT_SCALE_GRID = tuple(i / 10 for i in range(11))
 
 
 def choice(name: str, value: Any, allowed: tuple) -> None:
@@ -91,7 +93,8 @@ class RoutedGRPOConfig(GRPOConfig):
 
     > Evaluation
 
-    eval_n (`int`), eval_seed (`int`), eval_max_new_tokens (`int`).
+    eval_n (`int`), eval_seed (`int`), eval_max_new_tokens (`int`). deploy_scale_rule (`str`): none or monitor,
+    scale_grid (`list[float]`), val_n (`int`): the deployment-scale rule (`route.scales`).
     """
 
     # ---------------------------------------------------------------- environment and model
@@ -189,6 +192,16 @@ class RoutedGRPOConfig(GRPOConfig):
     eval_seed: int = field(default=0, metadata={"help": "Seed of the held-out prompts and of evaluation sampling."})
     eval_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Completion length at evaluation (default: max_completion_length)."})
+    deploy_scale_rule: str = field(
+        default="monitor",
+        metadata={"help": "How the main job picks a quarantine scale to deploy besides 0: monitor (the highest "
+                          "scale of scale_grid whose monitored hack rate, the share of rollouts the run's real "
+                          "monitor flags, is below the base model's, on val_n validation prompts disjoint from the "
+                          "test prompts; never ground truth) or none. See docs/scales.md.",
+                  "choices": list(SCALE_RULES)})
+    scale_grid: list[float] | None = field(
+        default=None, metadata={"help": "Quarantine scales in [0, 1] the rule may pick (default: 0, 0.1, ..., 1)."})
+    val_n: int = field(default=256, metadata={"help": "Validation prompts per scale for deploy_scale_rule."})
 
     def __post_init__(self):
         self.validate_routing()
@@ -221,13 +234,30 @@ class RoutedGRPOConfig(GRPOConfig):
                 raise ValueError(f"{name}: must be a registered name, got {getattr(self, name)!r}")
         for name in ("detector_tpr", "detector_fpr", "retain_fraction"):
             rate(name, getattr(self, name))
-        for name in ("train_size", "eval_n"):
+        choice("deploy_scale_rule", self.deploy_scale_rule, SCALE_RULES)
+        self.scale_grid = parse_scale_grid(self.scale_grid)
+        for name in ("train_size", "eval_n", "val_n"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         if self.penalty < 0:
             raise ValueError(f"penalty: must be >= 0, got {self.penalty!r}")
         if self.quarantine_lr_ratio < 0:
             raise ValueError(f"quarantine_lr_ratio: must be >= 0, got {self.quarantine_lr_ratio!r}")
+
+
+def parse_scale_grid(value: Any, name: str = "scale_grid") -> list[float]:
+    """Quarantine scales (a list or a comma-separated string; None: 0, 0.1, ..., 1), sorted, distinct, in [0, 1];
+    ValueError naming `name` otherwise."""
+    if value is None:
+        return list(DEFAULT_SCALE_GRID)
+    items = as_list(value) if isinstance(value, str) else value
+    try:
+        grid = sorted({float(v) for v in items if not isinstance(v, bool)})
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be numbers in [0, 1], got {value!r}") from None
+    if not grid or len(grid) != len(list(items)) or grid[0] < 0 or grid[-1] > 1:
+        raise ValueError(f"{name}: must be distinct numbers in [0, 1], got {value!r}")
+    return grid
 
 
 def reentrant_error(what: str) -> ValueError:

@@ -7,7 +7,14 @@ measured on the prompts whose grader has loophole `m` only. Environments with a 
 split (`env.detect_column`) also get `by_part`: the same rates on the `detectable` and the
 `undetectable` prompts; environments whose hacks have forms (`env.hack_form`) get
 `hack_rate_by_form[m][f]` (share of mode-m prompts answered with form f). Given a detector,
-`monitor` holds its realised rates on these samples per condition and its TPR per hack form.
+`monitor` holds its realised rates on these samples per condition, its TPR per hack form and `flag_rate`, the share
+of rollouts it flags (the *monitored* hack rate). Given the modes a monitor never saw (`held_out_modes`),
+`undetectable` holds the rates on the prompts no monitor of the run can see: a held-out mode's prompts and the
+env's undetectable part (`undetectable_rates`).
+
+    python -m route.evaluate --run runs/default --scales --json scales.json --png scales.png
+
+evaluates a run's saved training policy at every quarantine scale (`route.scales`, docs/scales.md).
 """
 
 from __future__ import annotations
@@ -100,7 +107,8 @@ def split_rates(env, rows: list[dict], prompts: list[str], completions: list[str
         for g, f, form in zip(grades, flags, forms):
             if g.exploited:
                 by_form[f"{g.mode}/{form}"].append(f)
-        out["monitor"] = {"by_part": realised_by_part(grades, flags, parts),
+        out["monitor"] = {"flag_rate": _share([bool(f) for f in flags]),
+                          "by_part": realised_by_part(grades, flags, parts),
                           "tpr_by_form": {k: _share(v) for k, v in sorted(by_form.items())},
                           "n_by_form": {k: len(v) for k, v in sorted(by_form.items())}}
     return out
@@ -110,20 +118,37 @@ def _share(flags: list[bool]) -> float:
     return sum(flags) / len(flags) if flags else float("nan")
 
 
+def undetectable_rates(env, rows: list[dict], grades: list[Grade], held_out_modes: Sequence[str]) -> dict[str, Any]:
+    """Rates on the prompts a monitor cannot see: those whose loophole is a held-out mode, plus the env's
+    undetectable part (`env.detect_column` False), when it has one. `hack_rate_held_out`: on held-out modes only."""
+    column = getattr(env, "detect_column", None)
+    held = [r["loophole"] in held_out_modes for r in rows]
+    hidden = [h or (column is not None and column in r and not r[column]) for h, r in zip(held, rows)]
+    part = [g for g, h in zip(grades, hidden) if h]
+    return {**rates(part, env.modes), "held_out_modes": list(held_out_modes),
+            "hack_rate_held_out": _share([g.exploited for g, h in zip(grades, held) if h]), "n_held_out": sum(held)}
+
+
 def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
-                    policy: contextlib.AbstractContextManager | None = None, detector=None) -> dict[str, Any]:
+                    policy: contextlib.AbstractContextManager | None = None, detector=None,
+                    held_out_modes: Sequence[str] | None = None, rows: list[dict] | None = None) -> dict[str, Any]:
     """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
 
-    With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`)."""
+    With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`); with
+    `held_out_modes` (a list, possibly empty), the rates on the undetectable part (`undetectable_rates`). `rows`:
+    evaluate these prompt rows instead (e.g. a validation split, `route.scales.validation_rows`)."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
-    rows = env.rows(n, seed=seed, split="test")
+    rows = env.rows(n, seed=seed, split="test") if rows is None else rows
     prompts = [r["prompt"] for r in rows]
     with policy or contextlib.nullcontext():
         completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
     columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
     grades = env.grade(prompts, completions, **columns)
-    return {**rates(grades, env.modes), **split_rates(env, rows, prompts, completions, grades, detector)}
+    out = {**rates(grades, env.modes), **split_rates(env, rows, prompts, completions, grades, detector)}
+    if held_out_modes is not None:
+        out["undetectable"] = undetectable_rates(env, rows, grades, held_out_modes)
+    return out
 
 
 def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int = 512, seed: int = 0,
@@ -152,15 +177,30 @@ def format_rates(r: dict[str, Any], title: str = "") -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Solve and hack rates of a saved model on held-out prompts.")
-    parser.add_argument("--model", required=True, help="a saved checkpoint directory (or a Hub id)")
+    parser.add_argument("--model", help="a saved checkpoint directory (or a Hub id); or give --run")
     parser.add_argument("--env", default="arith", help=f"environment, one of {envs.available_envs()}")
-    parser.add_argument("--n", type=int, default=512, help="number of held-out prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n", type=int, default=None, help="number of held-out prompts (default 512; with --run the "
+                        "run's eval_n)")
+    parser.add_argument("--seed", type=int, default=None, help="prompt and sampling seed (default 0; with --run the "
+                        "run's eval_seed)")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--json", help="write the rates to this file")
+    from route.scales import add_arguments, run_cli
+
+    add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.n <= 0:
+    if args.n is not None and args.n <= 0:
         parser.error(f"--n must be > 0, got {args.n}")
+    if (args.run is None) == (args.model is None):
+        parser.error("give one of --model (a checkpoint) or --run (a main-job output directory)")
+    if args.run is None and (args.scales or args.png):
+        parser.error("--scales and --png need --run (a main-job output directory with policy/)")
+    if args.run is not None:
+        try:
+            return run_cli(args)
+        except ValueError as e:
+            parser.error(str(e))
+    args.n, args.seed = args.n or 512, args.seed or 0
     try:
         if os.path.exists(args.model) or args.model.startswith((".", "/", "~")):  # a local checkpoint, not a Hub id
             from route.io import check_checkpoint

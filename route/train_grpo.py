@@ -4,8 +4,10 @@
     accelerate launch route/train_grpo.py --config my.yaml      # any RoutedGRPOConfig YAML
     accelerate launch route/train_grpo.py --intervention none --output_dir runs/none
 
-Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts),
-`<output_dir>/deployed/` (a plain transformers checkpoint) and prints a summary table.
+Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts; with
+`deploy_scale_rule: monitor` also the policy at the picked quarantine scale, `route.scales`),
+`<output_dir>/deployed/` (a plain transformers checkpoint), `<output_dir>/policy/` (the training policy with its
+quarantine, for `python -m route.evaluate --run DIR --scales`) and prints a summary table.
 
 Fail before work: the config is validated before anything loads (`route.cli.validate_run`), and the trainer (which
 builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
@@ -32,8 +34,11 @@ def parse_config(argv: list[str] | None = None):
 def summary_table(results: dict) -> str:
     parts = list(results["base"].get("by_part", {}))  # detectable / undetectable, when the env has the split
     rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"], *(f"hack {p}" for p in parts))]
-    for name in ("base", "training", "deployed"):
+    names = ("base", "training", "deployed") + (("deployed_at_scale",) if "deployed_at_scale" in results else ())
+    for name in names:
         r = results[name]
+        if name == "deployed_at_scale":
+            name = f"deployed@{results['deploy_scale']['picked']:g}"
         rows.append((name, str(r["n"]), f"{r['solve_rate']:.3f}", f"{r['hack_rate']:.3f}",
                      *(f"{v:.3f}" for v in r["hack_rate_by_mode"].values()),
                      *(f"{r['by_part'][p]['hack_rate']:.3f}" for p in parts)))
@@ -53,6 +58,7 @@ def run(config) -> dict:
     from route.evaluate import evaluate_policy
     from route.io import write_json_atomic
     from route.organism import load_or_build, organism_config
+    from route.scales import deploy_at_picked_scale, deploy_scale_rule, finish_scaled, held_out_modes, save_policy
     from route.trainer import RoutedGRPOTrainer
     from route.vllm_sync import check_vllm_config
 
@@ -68,12 +74,17 @@ def run(config) -> dict:
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
     detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
     eval_kw["detector"] = detector
+    eval_kw["held_out_modes"] = held_out_modes(config, env)  # results' `undetectable` entries
     trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
                                 train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
     target = trainer.target
     base = evaluate_policy(target.model, tokenizer, env, **eval_kw)  # ungated at init: the base model (docstring)
+    rule = deploy_scale_rule(config, env, tokenizer, detector, eval_kw, target)  # base on validation prompts
     trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
     training = evaluate_policy(target.model, tokenizer, env, **eval_kw)
+    if trainer.accelerator.is_main_process:
+        save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route.evaluate --run
+    scaled = deploy_at_picked_scale(rule, target, tokenizer, env, eval_kw, training)  # before the ablation
     target.ablate(trainable=config.ablate_trainable)
     with target.ablated():
         deployed = evaluate_policy(target.model, tokenizer, env, **eval_kw)
@@ -94,6 +105,7 @@ def run(config) -> dict:
                      **{k: mean_of(k) for k in sorted({k for h in logs for k in h if k.startswith(
                          ("routing/realised_tpr/", "routing/hack_rate/"))})}},
         "base": base, "training": training, "deployed": deployed,
+        **finish_scaled(scaled, deployed),
         "train_seconds": round(time.time() - t0, 1),
     }
     if trainer.accelerator.is_main_process:

@@ -16,7 +16,8 @@ For a PEFT model, TRL's `_iter_named_params` merges the active adapters into the
 Departure from TRL: only the weight *source* is replaced. `TargetWeightSync.install(vllm_generation)` binds
 `_iter_named_params` of that one `VLLMGeneration` instance to `named_params()`, which yields
 `target.deployed_state_dict()` (`generation_policy: deployed`) or `target.merged_state_dict(quarantine=True)`
-(`full`): merged in fp32, out of place, cast once to each weight's dtype; the training weights are only read.
+(`full`), or `target.merged_state_dict(scale=s)` for a sync at quarantine scale s (`scale=`): merged in fp32,
+out of place, cast once to each weight's dtype; the training weights are only read.
 Names are the plain transformers model's (what vLLM's `load_weights` expects, as TRL's own PEFT path produces);
 tied duplicates (e.g. `lm_head.weight` tied to the embeddings) and buffers are not pushed, as in TRL. Names,
 dtypes and shapes are checked to stay identical across syncs, since the server caches the metadata. Everything
@@ -80,8 +81,12 @@ def _sleep_available() -> bool:
     return bool(current_platform.is_sleep_mode_available())
 
 
-def policy_state_dict(target: Target, generation_policy: GenerationPolicy) -> dict[str, Tensor]:
-    """The plain model's weights of the policy that generates: deployed (quarantine ablated) or full (merged)."""
+def policy_state_dict(target: Target, generation_policy: GenerationPolicy,
+                      scale: float | None = None) -> dict[str, Tensor]:
+    """The plain model's weights of the policy that generates: deployed (quarantine ablated) or full (merged); a
+    `scale` in [0, 1] overrides both: the quarantine merged times `scale` (the policy of `target.scaled(scale)`)."""
+    if scale is not None:
+        return target.merged_state_dict(scale=scale)
     if generation_policy == "deployed":
         return target.deployed_state_dict()
     if generation_policy == "full":
@@ -114,10 +119,16 @@ class TargetWeightSync:
             `target.merged_state_dict(quarantine=True)`.
         gather: a context manager factory that materialises sharded parameters for the merge (TRL's
             `DistributedBackend.gather_params`; a no-op when None).
+        scale: push the policy at this quarantine scale instead (`target.merged_state_dict(scale=scale)`, what
+            `target.scaled(scale)` runs), e.g. to sample a scale curve with vLLM.
     """
 
     def __init__(self, target: Target, generation_policy: GenerationPolicy,
-                 gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] | None = None):
+                 gather: Callable[[list[nn.Parameter]], contextlib.AbstractContextManager] | None = None,
+                 scale: float | None = None):
+        from route.masks import check_scale
+
+        self.scale = None if scale is None else check_scale(scale)
         if generation_policy not in ("full", "deployed"):
             raise ValueError(f"generation_policy: invalid value {generation_policy!r}; "
                              "allowed values: ['full', 'deployed']")
@@ -133,7 +144,7 @@ class TargetWeightSync:
         model = self.target.model
         gather = self.gather(list(model.parameters())) if self.gather else contextlib.nullcontext()
         with torch.no_grad(), gather:
-            weights = policy_state_dict(self.target, self.generation_policy)
+            weights = policy_state_dict(self.target, self.generation_policy, self.scale)
         if self._skip is None:
             self._skip = _not_pushed(model)
         return {k: v for k, v in weights.items() if k not in self._skip}

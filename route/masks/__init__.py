@@ -18,6 +18,7 @@ from route.masks.gating import (
     RETAIN,
     HookSet,
     RowGate,
+    check_scale,
     encode_modes,
 )
 from route.masks.linear import GatedLinear, SplitLinearIn, SplitLinearOut, masked_linear
@@ -25,5 +26,6 @@ from route.masks.model import SGTMMasks, Slice, redraw_like_
 from route.masks.strategies import Strategy, available_strategies, get_strategy, register_strategy
 
 __all__ = ["DEFAULT", "FORGET", "MODE_NAMES", "RETAIN", "GatedLinear", "HookSet", "RowGate", "SGTMMasks", "Slice",
-           "SplitLinearIn", "SplitLinearOut", "Strategy", "apply_masks", "available_strategies", "detect_arch",
+           "SplitLinearIn", "SplitLinearOut", "Strategy", "apply_masks", "available_strategies", "check_scale",
+           "detect_arch",
            "encode_modes", "get_strategy", "masked_linear", "redraw_like_", "register_strategy"]

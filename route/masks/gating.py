@@ -77,6 +77,7 @@ class RowGate:
     proj_params: Tensor | None = None
     shared_params: Tensor | None = None
     quar_params: Tensor | None = None
+    quar_scale: float | None = None  # set by `scaled(s)`: every row's quarantine path multiplied by s
 
     @classmethod
     def from_modes(cls, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
@@ -114,6 +115,19 @@ class RowGate:
         empty = torch.zeros(0, dtype=torch.bool)
         return cls(kept_grad=empty, quar_on=empty, all_default=False, all_quar_on=False)
 
+    @classmethod
+    def scaled(cls, s: float) -> RowGate:
+        """Every row with the quarantine path multiplied by `s` in [0, 1], any batch size (the quarantine-scale dial).
+
+        `scaled(0)` is `ablated()` and `scaled(1)` an all-default gate (values of the ungated forward); in between, the
+        quarantine's output is scaled, which every target's export reproduces as weights (`merged_state_dict(scale=)`).
+        """
+        s = check_scale(s)
+        if s == 0.0:
+            return cls.ablated()
+        one = torch.ones(1, dtype=torch.bool)
+        return cls(kept_grad=one, quar_on=one, all_default=s == 1.0, all_quar_on=True, quar_scale=s)
+
     @property
     def is_ablated(self) -> bool:
         return self.kept_grad.numel() == 0
@@ -138,7 +152,7 @@ class RowGate:
         if self.is_ablated:
             return torch.zeros_like(y)
         if self.all_quar_on:
-            return y
+            return y if self.quar_scale is None or self.quar_scale == 1.0 else y * self.quar_scale
         return y * self._rows(self.quar_on, y).to(y.dtype)
 
     def split(self, y: Tensor, kept_dim: int) -> Tensor:
@@ -162,6 +176,10 @@ class RowGate:
             raise ValueError("unit_masks: parameter-masking gates need masked_linear, not unit masks")
         if self.all_default or self.is_ablated:
             return (None, None) if self.all_default else (self._units(True, False, kept_dim, width, like), None)
+        if self.quar_scale is not None:  # every row: kept units as they are, quarantine units times the scale
+            kept = self._units(True, False, kept_dim, width, like)
+            value = kept + (1 - kept) * self.quar_scale
+            return value, value  # the gradient of a scaled unit is scaled too
         on = torch.ones_like(self.kept_grad) if self.kept_on is None else self.kept_on
         value = self._units(on, self.quar_on, kept_dim, width, like)
         grad = self._units(self.kept_grad & on, self.quar_on, kept_dim, width, like)
@@ -180,6 +198,13 @@ class RowGate:
         cols = torch.arange(width, device=like.device) < kept_dim
         mask = torch.where(cols, per_row(kept), per_row(quar)).to(like.dtype)
         return mask.view(rows, *([1] * (like.dim() - 2)), width)
+
+
+def check_scale(s: float) -> float:
+    """`s` as a float in [0, 1]; ValueError naming `scale` otherwise."""
+    if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= float(s) <= 1.0:
+        raise ValueError(f"scale: must be a number in [0, 1] (0 = deployed, 1 = training policy), got {s!r}")
+    return float(s)
 
 
 class HookSet:

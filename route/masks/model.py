@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from route.masks.gating import FORGET, RETAIN, HookSet, RowGate, encode_modes
+from route.masks.gating import FORGET, RETAIN, HookSet, RowGate, check_scale, encode_modes
 from route.masks.linear import MASKED_LINEARS, GatedLinear, SplitLinearIn, SplitLinearOut
 from route.masks.strategies import get_strategy
 
@@ -175,8 +175,12 @@ class SGTMMasks:
                                                  frozen_quarantine=frozen_forget))
 
     def ablated(self) -> contextlib.AbstractContextManager:
-        """Forward as the deployed model (forget units contribute nothing), for any batch size."""
-        return self._attached(RowGate.ablated())
+        """Forward as the deployed model (forget units contribute nothing), for any batch size: `scaled(0)`."""
+        return self.scaled(0.0)
+
+    def scaled(self, s: float) -> contextlib.AbstractContextManager:
+        """Forward with the forget units' output (what the output projections read) multiplied by `s` in [0, 1]."""
+        return self._attached(RowGate.scaled(s))
 
     def recompute_context(self) -> contextlib.AbstractContextManager:
         """The gate attached now (None: ungated), re-attached with its shared-parameter hooks inside the context.
@@ -266,12 +270,19 @@ class SGTMMasks:
         return groups
 
     @torch.no_grad()
-    def merged_state_dict(self, ablate: bool = False, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    def merged_state_dict(self, ablate: bool = False, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
         """The model's state dict with vanilla keys (split parameters merged), forget slices zeroed if `ablate`.
+
+        `scale` (in [0, 1], overrides `ablate`): the forget units' output scaled, i.e. the output projections' forget
+        columns times `scale` (the forward of `scaled(scale)`); 0 is `ablate=True`, 1 `ablate=False`.
 
         Merged in fp32 out of place and cast once (to `dtype`, default each weight's own dtype);
         the model's weights are untouched.
         """
+        if scale is not None:
+            scale = check_scale(scale)
+            ablate = scale == 0.0
         split = {n for n, m in self.modules if isinstance(m, (SplitLinearOut, SplitLinearIn))}
         split_keys = ("weight_retain", "weight_forget", "bias_retain", "bias_forget")
         out: dict[str, Tensor] = {}
@@ -293,6 +304,8 @@ class SGTMMasks:
                         b[r:] = 0
                 else:
                     w[:, r:] = 0
+            elif scale is not None and scale != 1.0 and m.split_dim == 1:
+                w[:, m.retain_dim:] *= scale
             out[p + "weight"] = w.to(cast)
             if b is not None:
                 out[p + "bias"] = b.to(cast)

@@ -34,7 +34,9 @@ class Target(Protocol):
 
     def gate(self, modes: Tensor) -> AbstractContextManager: ...  # per-row routing for one forward
 
-    def ablated(self) -> AbstractContextManager: ...  # forward as the deployed policy
+    def ablated(self) -> AbstractContextManager: ...  # forward as the deployed policy: scaled(0)
+
+    def scaled(self, s: float) -> AbstractContextManager: ...  # quarantine times s in [0, 1]; 1: training policy
 
     # For gradient checkpointing (`route.targets.checkpointing`): called at forward time inside whatever gate is
     # active, it returns a context that re-enters exactly that gate around the layer's recompute in the backward.
@@ -45,14 +47,15 @@ class Target(Protocol):
     def param_groups(self) -> dict[str, list[nn.Parameter]]: ...  # "keep", "quarantine", "shared"
 
     # Merged weights, fp32 out of place, cast once; `quarantine=False` is the deployed policy (what vLLM samples
-    # from under `generation_policy: deployed`), `True` the training policy.
-    def merged_state_dict(self, quarantine: bool = True, dtype: Any = None) -> dict[str, Tensor]: ...
+    # from under `generation_policy: deployed`), `True` the training policy, `scale=s` the policy of `scaled(s)`.
+    def merged_state_dict(self, quarantine: bool = True, dtype: Any = None,
+                          scale: float | None = None) -> dict[str, Tensor]: ...
 
-    def deployed_state_dict(self, dtype: Any = None) -> dict[str, Tensor]: ...
+    def deployed_state_dict(self, dtype: Any = None, scale: float = 0.0) -> dict[str, Tensor]: ...
 
-    def deployed_model(self) -> nn.Module: ...  # a fresh plain transformers model
+    def deployed_model(self, scale: float = 0.0) -> nn.Module: ...  # a fresh plain transformers model
 
-    def save_deployed(self, output_dir: str, tokenizer: Any = None) -> None: ...  # plain checkpoint
+    def save_deployed(self, output_dir: str, tokenizer: Any = None, scale: float = 0.0) -> None: ...  # plain
 
     # Hooks (no-ops in TargetBase): rows the target routes itself (None: flags route), per-micro-batch after the
     # backward, once per optimizer step before clipping (returns metrics), and a check of the distributed setup.

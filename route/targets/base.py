@@ -7,12 +7,22 @@ A target is a class with
 - `from_args(model, args, config)`: builds the target from its settings and the trainer config;
 - the `Target` members (see `route.targets.Target`), most of which `TargetBase` implements once:
   - gating: a target names the objects that hold its gate (`_gate_holders()`, each with the attributes in
+<<<<<<< HEAD
     `gate_attrs`) and how a `RowGate` becomes their state (`_gate_state()`); `gate`, `ablated` and
     `recompute_context` set those attributes inside a context and restore the previous values on exit (nesting);
   - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once); the deployed state
     dict, the deployed plain transformers model and `save_deployed` are built from it here;
   - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`,
     and the per-row gradient norms of the absorption metrics (`record_row_grads`, `pop_row_grads`: unsupported).
+=======
+    `gate_attrs`) and how a `RowGate` becomes their state (`_gate_state()`); `gate`, `scaled(s)` (the
+    quarantine-scale dial), `ablated` (= `scaled(0)`) and `recompute_context` set those attributes inside a context
+    and restore the previous values on exit (nesting);
+  - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once, at any quarantine
+    scale); the deployed state dict, the deployed plain transformers model and `save_deployed` (at scale 0 by
+    default, or any scale) are built from it here;
+  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`.
+>>>>>>> scales
 
 Registering (`@register_target("name")` in `route.targets`) is all a new target needs: the config, the trainer and
 the command line never name a target.
@@ -28,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from route.masks import RowGate, encode_modes
+from route.masks import RowGate, check_scale, encode_modes
 from route.targets.common import deployed_model, save_plain
 
 # Interventions every target supports; a target adds its own in `TargetBase.interventions`.
@@ -125,9 +135,15 @@ class TargetBase:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
         return self._use(RowGate.from_modes(encode_modes(modes), strategy=self.strategy))
 
+    def scaled(self, s: float) -> contextlib.AbstractContextManager:
+        """Forward with the quarantine's contribution multiplied by `s` in [0, 1] (0: the deployed policy, 1: the
+        training policy), any batch size; ValueError naming `scale` outside [0, 1]. `merged_state_dict(scale=s)`
+        holds the same policy as plain weights."""
+        return self._use(RowGate.scaled(s))
+
     def ablated(self) -> contextlib.AbstractContextManager:
-        """Forward as the deployed policy: the quarantine contributes nothing."""
-        return self._use(RowGate.ablated())
+        """Forward as the deployed policy: the quarantine contributes nothing (`scaled(0)`)."""
+        return self.scaled(0.0)
 
     def recompute_context(self) -> contextlib.AbstractContextManager:
         """The gate active now, re-entered for a checkpointed layer's recompute (`route.targets.checkpointing`)."""
@@ -143,30 +159,37 @@ class TargetBase:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ export
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
         """The plain model's state dict with the kept part and, if `quarantine`, the quarantine merged (subclass).
 
-        Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype); the training weights
-        are untouched. Keys match the un-wrapped transformers model (what the vLLM sync pushes).
+        `scale` (in [0, 1], overrides `quarantine`): the quarantine merged times `scale`, the weights of the policy
+        `scaled(scale)` runs (`export_scale`). Merged in fp32, out of place, cast once (to `dtype`, default each
+        weight's own dtype); the training weights are untouched. Keys match the un-wrapped transformers model (what
+        the vLLM sync pushes).
         """
         raise NotImplementedError
 
-    def deployed_state_dict(self, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The deployed policy's plain weights: `merged_state_dict(quarantine=False)`."""
-        return self.merged_state_dict(quarantine=False, dtype=dtype)
+    def deployed_state_dict(self, dtype: torch.dtype | None = None, scale: float = 0.0) -> dict[str, Tensor]:
+        """The deployed policy's plain weights: `merged_state_dict(scale=scale)`, the quarantine ablated by default
+        (then `merged_state_dict(quarantine=False)`, so a target without the `scale` argument still exports)."""
+        if check_scale(scale) == 0.0:
+            return self.merged_state_dict(quarantine=False, dtype=dtype)
+        return self.merged_state_dict(dtype=dtype, scale=scale)
 
     def plain_model(self) -> nn.Module:
         """The transformers model under any wrapper (its config and generation config describe the export)."""
         get = getattr(self.model, "get_base_model", None)
         return get() if callable(get) else self.model
 
-    def deployed_model(self) -> nn.Module:
-        """A fresh plain transformers model holding `deployed_state_dict()`."""
-        return deployed_model(self.plain_model(), self.deployed_state_dict(), self.name)
+    def deployed_model(self, scale: float = 0.0) -> nn.Module:
+        """A fresh plain transformers model holding `deployed_state_dict(scale=scale)`."""
+        return deployed_model(self.plain_model(), self.deployed_state_dict(scale=scale), self.name)
 
-    def save_deployed(self, output_dir: str, tokenizer: Any = None) -> None:
-        """Save the deployed policy as a plain transformers checkpoint (loadable without this library)."""
-        save_plain(self.deployed_model(), output_dir, tokenizer)
+    def save_deployed(self, output_dir: str, tokenizer: Any = None, scale: float = 0.0) -> None:
+        """Save the deployed policy (at quarantine `scale`, default 0: ablated) as a plain transformers checkpoint
+        (loadable without this library)."""
+        save_plain(self.deployed_model(scale=check_scale(scale)), output_dir, tokenizer)
 
     # ------------------------------------------------------------------ hooks (no-op defaults)
     def routing_candidates(self, flags: Sequence[bool], intervention: str) -> Tensor | None:
@@ -198,4 +221,9 @@ class TargetBase:
         return None
 
 
-__all__ = ["CORE_INTERVENTIONS", "Reduce", "RoutingRows", "TargetArgs", "TargetBase"]
+def export_scale(quarantine: bool, scale: float | None) -> float:
+    """The quarantine scale an export merges: `scale` if given (checked, ValueError naming `scale`), else 1 or 0."""
+    return float(bool(quarantine)) if scale is None else check_scale(scale)
+
+
+__all__ = ["CORE_INTERVENTIONS", "Reduce", "RoutingRows", "TargetArgs", "TargetBase", "export_scale"]

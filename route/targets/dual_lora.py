@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from route.absorption import RowSqNorms, row_linear_sqnorms
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
-from route.targets.base import TargetArgs, TargetBase
+from route.targets.base import TargetArgs, TargetBase, export_scale
 from route.targets.common import check_target_modules, check_unmerged, plain_name, plain_state_dict
 
 KEEP, QUARANTINE = "keep", "quarantine"
@@ -229,26 +229,29 @@ class DualLoRATarget(TargetBase):
                 groups["shared"].append(p)
         return groups
 
-    def _merged_layers(self, dtype: torch.dtype | None, adapters: Sequence[str] = (KEEP,)
-                       ) -> Iterator[tuple[str, Tensor]]:
+    def _merged_layers(self, dtype: torch.dtype | None, scale: float) -> Iterator[tuple[str, Tensor]]:
         for name, layer in self.layers:
             base = layer.get_base_layer()
             merged = base.weight.detach().float()
-            for adapter in adapters:
+            for adapter, factor in ((KEEP, 1.0), (QUARANTINE, scale)):
+                if factor == 0.0:
+                    continue
                 a, b = layer.lora_A[adapter].weight.detach().float(), layer.lora_B[adapter].weight.detach().float()
-                delta = (b @ a) * float(layer.scaling[adapter])
+                delta = (b @ a) * (float(layer.scaling[adapter]) * factor)
                 merged = merged + (delta.T if layer.fan_in_fan_out else delta)
             yield f"{plain_name(name)}.weight", merged.to(dtype or base.weight.dtype)
 
     @torch.no_grad()
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
         """The plain model's state dict with the kept adapter and, if `quarantine`, the quarantine merged.
 
         `quarantine=True` is the training policy's weights (what vLLM samples from under `generation_policy: full`);
-        `quarantine=False` is `deployed_state_dict()`. Merged in fp32, out of place, cast once (to `dtype`, default
-        each weight's own dtype); the training weights are untouched. Keys match the un-wrapped transformers model.
+        `quarantine=False` is `deployed_state_dict()`; `scale` merges the quarantine times `scale` (the policy of
+        `scaled(scale)`). Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype); the
+        training weights are untouched. Keys match the un-wrapped transformers model.
         """
         check_unmerged(self.layers, "dual_lora")
         out = plain_state_dict(self.model.get_base_model(), ".lora_", dtype)
-        out.update(self._merged_layers(dtype, (KEEP, QUARANTINE) if quarantine else (KEEP,)))
+        out.update(self._merged_layers(dtype, export_scale(quarantine, scale)))
         return out

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from route.targets import register_target
-from route.targets.base import TargetArgs, TargetBase
+from route.targets.base import TargetArgs, TargetBase, export_scale
 from route.targets.common import deployed_model
 
 HEADS = "route_logit_heads"  # the submodule holding the heads (so they follow the model's device and dtype)
@@ -105,23 +105,26 @@ class LogitHeadTarget(TargetBase):
         return groups
 
     @torch.no_grad()
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The plain model's state dict whose output head is base + W_k (+ W_q), merged in fp32, out of place."""
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
+        """The plain model's state dict whose output head is base + W_k (+ W_q, times `scale` if given), merged in
+        fp32, out of place."""
+        scale = export_scale(quarantine, scale)
         out = {k: v.detach().clone() if dtype is None else v.detach().to(dtype)
                for k, v in self.model.state_dict().items() if not k.startswith(f"{HEADS}.")}
         key = next(n for n, m in self.model.named_modules() if m is self.output) + ".weight"
         merged = self.output.weight.detach().float() + self.heads.keep.weight.detach().float()
-        if quarantine:
-            merged = merged + self.heads.quarantine.weight.detach().float()
+        if scale:
+            merged = merged + self.heads.quarantine.weight.detach().float() * scale
         out[key] = merged.to(dtype or self.output.weight.dtype)
         return out
 
-    def deployed_model(self) -> nn.Module:
-        """A fresh plain transformers model with an untied output head holding `deployed_state_dict()`."""
+    def deployed_model(self, scale: float = 0.0) -> nn.Module:
+        """A fresh plain transformers model with an untied output head holding `deployed_state_dict(scale=scale)`."""
         config = copy.deepcopy(self.model.config)
         config.tie_word_embeddings = False
         base = SimpleNamespace(config=config, generation_config=self.model.generation_config)
-        return deployed_model(base, self.deployed_state_dict(), self.name)
+        return deployed_model(base, self.deployed_state_dict(scale=scale), self.name)
 
 
 __all__ = ["LogitHeadArgs", "LogitHeadTarget"]

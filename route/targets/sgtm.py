@@ -32,7 +32,7 @@ from route.masks import SGTMMasks, apply_masks, available_strategies, detect_arc
 from route.masks.arch import layer_shape, layers_of, resolve_layers
 from route.masks.linear import MASKED_LINEARS
 from route.targets import register_target
-from route.targets.base import TargetArgs, TargetBase
+from route.targets.base import TargetArgs, TargetBase, export_scale
 
 
 def _shared_modules(model: nn.Module) -> list[nn.Module]:
@@ -128,9 +128,9 @@ class SGTMTarget(TargetBase):
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
         return self.masks.gate(modes)
 
-    def ablated(self) -> contextlib.AbstractContextManager:
-        """Forward as the deployed policy: the reserved units contribute nothing."""
-        return self.masks.ablated()
+    def scaled(self, s: float) -> contextlib.AbstractContextManager:
+        """Forward with the reserved units' output multiplied by `s` in [0, 1] (0: deployed, `ablated()`)."""
+        return self.masks.scaled(s)
 
     def recompute_context(self) -> contextlib.AbstractContextManager:
         """The gate active now (row gates and shared-parameter hooks), re-entered for a checkpointed recompute."""
@@ -146,12 +146,14 @@ class SGTMTarget(TargetBase):
         return self.masks.param_groups()
 
     @torch.no_grad()
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The plain model's state dict (split parameters merged); `quarantine=False` zeroes the reserved units.
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
+        """The plain model's state dict (split parameters merged); `quarantine=False` zeroes the reserved units,
+        `scale` multiplies their output (the output projections' reserved columns) by it: the policy of `scaled`.
 
         Merged in fp32, out of place, cast once; keys match the plain transformers model.
         """
-        return self.masks.merged_state_dict(ablate=not quarantine, dtype=dtype)
+        return self.masks.merged_state_dict(dtype=dtype, scale=export_scale(quarantine, scale))
 
 
 __all__ = ["SGTMArgs", "SGTMTarget"]

@@ -45,7 +45,7 @@ from route.config import as_int_list, choice, rate
 from route.masks import DEFAULT, FORGET, RETAIN, RowGate, encode_modes
 from route.svd import svd_factors
 from route.targets import register_target
-from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase
+from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase, export_scale
 from route.targets.common import DEFAULT_MODULES, check_target_modules, check_unmerged, plain_name, plain_state_dict
 from route.targets.svf_peft import SVFConfig, SVFLayer
 from route.targets.svf_routing import (
@@ -264,7 +264,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
 
     def _gate_state(self, gate: RowGate, holder_index: int, grad: bool) -> tuple:
         """(gate, recorder): with scoring on, a gated forward under autograd records each row's delta gradient."""
-        record = grad and self._records_rows and not gate.is_ablated
+        record = grad and self._records_rows and not gate.is_ablated and gate.quar_scale is None
         return gate, self._recorder.hook(holder_index) if record else None
 
     def _recompute_state(self, state: tuple) -> tuple:
@@ -359,17 +359,20 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         return groups
 
     @torch.no_grad()
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """The plain model's state dict with delta_keep and, if `quarantine`, delta_quar merged.
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
+        """The plain model's state dict with delta_keep and, if `quarantine`, delta_quar merged (times `scale` if
+        given: the policy of `scaled(scale)`).
 
         Merged in fp32, out of place, cast once (to `dtype`, default each weight's own dtype); the training weights
         are untouched. Keys match the un-wrapped transformers model (what the vLLM sync pushes).
         """
         check_unmerged(self.layers, "svf")
+        scale = export_scale(quarantine, scale)
         out = plain_state_dict(self.model.get_base_model(), ".svf_", dtype)
         for name, layer in self.layers:
             weight = layer.get_base_layer().weight
-            merged = weight.detach().float() + layer.get_delta_weight(ADAPTER, quarantine=quarantine)
+            merged = weight.detach().float() + layer.get_delta_weight(ADAPTER, quarantine=scale)
             out[f"{name}.weight"] = merged.to(dtype or weight.dtype)
         return out
 

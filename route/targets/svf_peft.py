@@ -196,12 +196,13 @@ class SVFLayer(nn.Module, BaseTunerLayer):
             w.register_hook(lambda g: recorder(g.detach()))
         return w.view(rows, *([1] * (x.dim() - 2)), -1)
 
-    def get_delta_weight(self, adapter: str, quarantine: bool = True) -> Tensor:
-        """U_r diag(delta) Vh_r in float32 (delta = delta_keep, plus delta_quar if `quarantine`)."""
+    def get_delta_weight(self, adapter: str, quarantine: bool | float = True) -> Tensor:
+        """U_r diag(delta) Vh_r in float32 (delta = delta_keep, plus delta_quar if `quarantine`; a float in [0, 1]
+        scales delta_quar: the quarantine-scale dial)."""
         w = self.svf_delta[adapter].detach().float()
         dq = self.quarantine_delta(adapter)
         if quarantine and dq is not None:
-            w = w + dq.detach().float()
+            w = w + dq.detach().float() * float(quarantine)
         return (self.svf_U[adapter].float() * w) @ self.svf_Vh[adapter].float()
 
     # ------------------------------------------------------------------ PEFT merge protocol
