@@ -7,22 +7,14 @@ A target is a class with
 - `from_args(model, args, config)`: builds the target from its settings and the trainer config;
 - the `Target` members (see `route.targets.Target`), most of which `TargetBase` implements once:
   - gating: a target names the objects that hold its gate (`_gate_holders()`, each with the attributes in
-<<<<<<< HEAD
-    `gate_attrs`) and how a `RowGate` becomes their state (`_gate_state()`); `gate`, `ablated` and
-    `recompute_context` set those attributes inside a context and restore the previous values on exit (nesting);
-  - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once); the deployed state
-    dict, the deployed plain transformers model and `save_deployed` are built from it here;
-  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`,
-    and the per-row gradient norms of the absorption metrics (`record_row_grads`, `pop_row_grads`: unsupported).
-=======
     `gate_attrs`) and how a `RowGate` becomes their state (`_gate_state()`); `gate`, `scaled(s)` (the
     quarantine-scale dial), `ablated` (= `scaled(0)`) and `recompute_context` set those attributes inside a context
     and restore the previous values on exit (nesting);
   - export: the target merges its weights (`merged_state_dict`, fp32, out of place, cast once, at any quarantine
     scale); the deployed state dict, the deployed plain transformers model and `save_deployed` (at scale 0 by
     default, or any scale) are built from it here;
-  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`.
->>>>>>> scales
+  - hooks with no-op defaults: `routing_candidates`, `after_backward`, `before_optimizer_step`, `check_accelerator`,
+    and the per-row gradient norms of the absorption metrics (`record_row_grads`, `pop_row_grads`: unsupported).
 
 Registering (`@register_target("name")` in `route.targets`) is all a new target needs: the config, the trainer and
 the command line never name a target.
