@@ -163,7 +163,7 @@ def test_resume_skips_finished_cells_and_retries_failed(stub_main_job, tmp_path)
     assert not (cells[0].dir / "started").exists(), "a finished cell must not run again"
     assert all((c.dir / "started").exists() for c in cells[1:])
     assert [c.done for c in cells] == [True, True, False, True]
-    assert "cell.yaml" in os.listdir(cells[2].dir) and (cells[2].dir / "train.log").exists()
+    assert "cell.yaml" in os.listdir(cells[2].dir) and (cells[2].dir / sweep.CONSOLE_LOG).exists()
     for c in cells[1:]:
         (c.dir / "started").unlink()
     assert [c.index for c in sweep.run_cells(cells, workers=2, progress=False)] == [2]
