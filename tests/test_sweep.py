@@ -279,6 +279,7 @@ def test_end_to_end_two_cell_sweep(tiny_organism, tmp_path):
         cell = out / "cells" / r["cell"]
         assert (cell / "deployed" / "config.json").exists()
         assert yaml.safe_load((cell / "cell.yaml").read_text())["max_steps"] == 1
+        assert "train: step 1/1 (100%)" in (cell / "train.log").read_text(), "the cell's progress in its train.log"
     assert (out / "sweep_heatmap.png").exists() and (out / "sweep_tradeoff.png").exists()
     mtimes = {p: p.stat().st_mtime for p in out.glob("cells/*/results.json")}
     assert sweep.main(["--config", str(spec), "--output_dir", str(out), "--in_process"]) == 0
