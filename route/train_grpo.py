@@ -50,8 +50,10 @@ def run(config) -> dict:
     Also writes `<output_dir>/train.log` and `metrics.jsonl` (`route.logs`). results.json's `seconds` splits the
     wall time into setup, organism (build or load), evaluation, training and deploy (ablation, saving), plus the
     total; `train_seconds` is training alone."""
+    from route.cli import validate_run
     from route.logs import run_log
 
+    validate_run(config)  # fail before loading or writing anything
     with run_log(config.output_dir, append=bool(config.resume_from_checkpoint)):
         return _run(config)
 
@@ -61,7 +63,7 @@ def _run(config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.cli import flat_config, probe_run, validate_run
+    from route.cli import flat_config, probe_run
     from route.detectors import build_detector
     from route.evaluate import evaluate_policy, format_rates
     from route.io import write_json_atomic
@@ -73,7 +75,6 @@ def _run(config) -> dict:
     phases = Phases()
     log.info("run: %s / %s -> %s", config.intervention, config.target, config.output_dir)
     with phases("setup"):
-        validate_run(config)  # fail before loading anything
         probe_run(config)  # the target against the model's module names and shapes, before loading the weights
         check_vllm_config(config)
         env = envs.make_env(config.env, **config.env_kwargs)

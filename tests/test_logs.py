@@ -19,10 +19,26 @@ from route.logs import (
     run_log,
 )
 
-TINY = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
-            per_device_train_batch_size=8, num_generations=4, max_completion_length=6, max_steps=3, logging_steps=1,
-            save_strategy="no", report_to="none", disable_tqdm=False, train_size=32, keep_rank=2, quarantine_rank=2,
-            eval_n=16, detector_fpr=0.5)
+TINY = dict(
+    use_cpu=True,
+    bf16=False,
+    gradient_checkpointing=False,
+    learning_rate=1e-3,
+    beta=0.0,
+    per_device_train_batch_size=8,
+    num_generations=4,
+    max_completion_length=6,
+    max_steps=3,
+    logging_steps=1,
+    save_strategy="no",
+    report_to="none",
+    disable_tqdm=False,
+    train_size=32,
+    keep_rank=2,
+    quarantine_rank=2,
+    eval_n=16,
+    detector_fpr=0.5,
+)
 
 
 def _state(step: int, max_steps: int = 10) -> TrainerState:
@@ -40,16 +56,32 @@ def test_a_tiny_run_writes_metrics_log_timings_and_a_labelled_table(tiny_organis
     assert [r["step"] for r in steps] == [1, 2, 3], "one line per logging step"
     assert len(rows) == len(steps) + 1 and "train_runtime" in rows[-1], "then the end-of-training summary"
     for r in steps:
-        for key in ("routing/flag_rate", "routing/realised_fpr", "routing/frac_forget", "env/hack_rate",
-                    "grad_norm/keep", "grad_norm/quarantine", "loss", "epoch", "time", "elapsed_s"):
+        for key in (
+            "routing/flag_rate",
+            "routing/realised_fpr",
+            "routing/frac_forget",
+            "env/hack_rate",
+            "grad_norm/keep",
+            "grad_norm/quarantine",
+            "loss",
+            "epoch",
+            "time",
+            "elapsed_s",
+        ):
             assert key in r, (r["step"], key)
     assert steps[0]["time"] <= steps[-1]["time"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == len(rows), "every line is valid JSON"
 
     text = (out / "train.log").read_text()
     assert "\r" not in text, "no carriage-return bar garbage"
-    for line in ("train: step 3/3 (100%)", "train log: step 1/3 |", "routing/flag_rate=", "eval base (",
-                 "eval deployed (", "train summary: step 3/3"):
+    for line in (
+        "train: step 3/3 (100%)",
+        "train log: step 1/3 |",
+        "routing/flag_rate=",
+        "eval base (",
+        "eval deployed (",
+        "train summary: step 3/3",
+    ):
         assert line in text, line
     assert train_grpo.summary_table(results) in text
 
@@ -96,8 +128,8 @@ def test_run_log_file_only_lines_progress_and_failures(tmp_path, capsys):
         pass
     text = (tmp_path / "train.log").read_text()
     assert "shown everywhere" in text and "file only" in text
-    assert [line.split("train: ")[1].split(" (")[0] for line in text.splitlines() if "(" in line and "train: " in line] \
-        == ["step 2/5", "step 4/5", "step 5/5"], "every 2 steps and the last"
+    shown = [line.split("train: ")[1].split(" (")[0] for line in text.splitlines() if "%)" in line]
+    assert shown == ["step 2/5", "step 4/5", "step 5/5"], "every 2 steps and the last"
     assert "run failed: KeyError" in text and "Traceback" in text
     console = capsys.readouterr().out
     assert "shown everywhere" in console and "file only" not in console and "train: step" not in console
