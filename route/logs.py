@@ -107,7 +107,7 @@ class StepLines(TrainerCallback):
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
-            kind = "summary" if any(k in logs for k in SUMMARY_KEYS) else "log"
+            kind = "summary" if any(k in logs for k in SUMMARY_KEYS) else "metrics"
             text = " ".join(f"{k}={_fmt(v)}" for k, v in logs.items())
             log.info("train %s: step %d/%d | %s", kind, state.global_step, state.max_steps, text, extra=FILE_ONLY)
 

@@ -76,7 +76,7 @@ def test_a_tiny_run_writes_metrics_log_timings_and_a_labelled_table(tiny_organis
     assert "\r" not in text, "no carriage-return bar garbage"
     for line in (
         "train: step 3/3 (100%)",
-        "train log: step 1/3 |",
+        "train metrics: step 1/3 |",
         "routing/flag_rate=",
         "eval base (",
         "eval deployed (",
