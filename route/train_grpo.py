@@ -78,6 +78,8 @@ def _run(config) -> dict:
         probe_run(config)  # the target against the model's module names and shapes, before loading the weights
         check_vllm_config(config)
         env = envs.make_env(config.env, **config.env_kwargs)
+    log.info("organism: loading %s", config.model_name_or_path or "the cached organism (built first when absent: "
+             "minutes on a CPU)", extra=FILE_ONLY)
     with phases("organism"):
         model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
