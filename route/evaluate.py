@@ -136,7 +136,7 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
 
 
 def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int = 512, seed: int = 0,
-                 env_kwargs: dict | None = None, max_new_tokens: int = 16, progress: bool = False) -> dict[str, Any]:
+                 env_kwargs: dict | None = None, max_new_tokens: int = 16, progress: bool = True) -> dict[str, Any]:
     """Load a saved checkpoint (plain transformers) and evaluate it (`progress`: a bar while sampling)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> None:
             from route.io import check_checkpoint
 
             args.model = str(check_checkpoint(args.model))
-        result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                              progress=True)
+        result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     except ValueError as e:
         parser.error(str(e))
     print(format_rates(result, title=str(args.model)))

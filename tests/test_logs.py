@@ -150,3 +150,16 @@ def test_phases_add_up_to_the_total():
         time.sleep(0.05)
     s = phases.summary()
     assert 0.1 <= s["a"] < 0.3 and s["b"] <= 0.1 and abs(s["a"] + s["b"] - s["total"]) <= 0.1
+
+
+def test_evaluation_progress_bar_is_per_batch_and_optional(tiny_organism, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from envs.arith import ArithEnv
+    from route.evaluate import evaluate_dir, evaluate_policy
+
+    evaluate_dir(tiny_organism, "arith", n=8, max_new_tokens=4)  # the CLI's loader: a bar by default
+    assert "eval:   0%|          | 0/8 [" in capsys.readouterr().err, "a bar over the 8 prompts"
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_organism), AutoTokenizer.from_pretrained(tiny_organism)
+    evaluate_policy(model, tok, ArithEnv(), n=8, max_new_tokens=4)
+    assert "eval" not in capsys.readouterr().err, "quiet unless asked"

@@ -26,13 +26,13 @@ def test_table_groups_seeds_and_labels_non_default_settings(tmp_path, capsys):
                           "route (dual_lora, tpr 0.5, fpr 0.05, unflagged_mode retain, generation_policy deployed)"]
     assert "| 2 | 0.600 (0.500-0.700) | 0.300 (0.200-0.400) |" in rows["route (dual_lora, tpr 0.5, fpr 0.05)"]
     assert arm_label(rs[0]["config"] | {"unflagged_mode": "default"}) == "route (dual_lora, tpr 0.5, fpr 0.05)"
-    head = [c.strip() for c in text.splitlines()[0].strip("| ").split(" | ")]
-    assert head[-1] == "deployed hack:sentinel", "a per-mode column says it is a hack rate and on which mode"
     for i, r in enumerate(rs):
         (tmp_path / f"r{i}").mkdir()
         (tmp_path / f"r{i}" / "results.json").write_text(json.dumps(r))
     main([str(tmp_path / f"r{i}") for i in range(len(rs))])
     assert capsys.readouterr().out.strip() == text
+    head = [c.strip() for c in text.splitlines()[0].strip("| ").split(" | ")]
+    assert head[-1] == "deployed hack:sentinel", "a per-mode column says it is a hack rate and on which mode"
 
 
 def _arm_rows(text):
