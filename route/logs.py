@@ -10,7 +10,8 @@
   and to `<output_dir>/train.log` (plain lines, no carriage returns). Records logged with `extra=FILE_ONLY` go to
   the file only: `ProgressLines` writes the training progress there every ~5% of the steps, and `StepLines` every
   logged step as `key=value` text, so `tail -f train.log` follows a run that has no terminal (a sweep cell).
-- `Phases` adds up wall-clock seconds per phase (organism, setup, evaluation, training, saving) and the total.
+- `Phases` adds up wall-clock seconds per phase (the main job: setup, organism, evaluation, training, deploy) and
+  the total.
 """
 
 from __future__ import annotations
