@@ -3,6 +3,7 @@ run's lines without bar garbage), results.json's seconds per phase, the labelled
 
 import json
 import logging
+import os
 import time
 
 from transformers import TrainerState
@@ -163,3 +164,32 @@ def test_evaluation_progress_bar_is_per_batch_and_optional(tiny_organism, capsys
     model, tok = AutoModelForCausalLM.from_pretrained(tiny_organism), AutoTokenizer.from_pretrained(tiny_organism)
     evaluate_policy(model, tok, ArithEnv(), n=8, max_new_tokens=4)
     assert "eval" not in capsys.readouterr().err, "quiet unless asked"
+
+
+def test_the_shipped_accelerate_config_launches_without_warnings(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "job.py"
+    script.write_text("import os; print('ran', os.environ['OMP_NUM_THREADS'])\n")
+    config = Path(__file__).resolve().parent.parent / "configs" / "accelerate_single.yaml"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # a fresh shell
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.accelerate_cli",
+            "launch",
+            "--config_file",
+            str(config),
+            str(script),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ran 1", "one process, one thread"
+    assert "warning" not in done.stderr.lower() and "not passed" not in done.stderr, done.stderr
