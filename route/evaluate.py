@@ -59,15 +59,20 @@ def _prompt_text(tokenizer, prompt: Any) -> str:
 
 @torch.no_grad()
 def sample(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 16, temperature: float = 1.0,
-           seed: int = 0, batch_size: int = 256) -> list[str]:
-    """Sample one completion per prompt (temperature sampling, no top-k/top-p), reproducibly."""
+           seed: int = 0, batch_size: int = 256, progress: bool = False, desc: str = "sample") -> list[str]:
+    """Sample one completion per prompt (temperature sampling, no top-k/top-p), reproducibly.
+
+    `progress`: a tqdm bar over the prompts named `desc`, advanced per batch (closed when sampling ends)."""
+    from tqdm.auto import tqdm
+
     was_training = model.training
     model.eval()
     out: list[str] = []
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     device = next(model.parameters()).device
     # the caller's RNG (CPU and the model's GPU) is left as it was: evaluating never changes a training run
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress, leave=False)
+    with bar, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for i in range(0, len(prompts), batch_size):
             texts = [_prompt_text(tokenizer, p) for p in prompts[i: i + batch_size]]
@@ -76,6 +81,7 @@ def sample(model, tokenizer, prompts: Sequence[Any], max_new_tokens: int = 16, t
                                  max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                                  eos_token_id=tokenizer.eos_token_id)
             out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            bar.update(len(texts))
     model.train(was_training)
     tokenizer.padding_side = side
     return out
@@ -130,6 +136,7 @@ def undetectable_rates(env, rows: list[dict], grades: list[Grade], held_out_mode
 
 
 def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
+<<<<<<< HEAD
                     policy: contextlib.AbstractContextManager | None = None, detector=None,
                     held_out_modes: Sequence[str] | None = None, rows: list[dict] | None = None) -> dict[str, Any]:
     """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
@@ -137,12 +144,21 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
     With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`); with
     `held_out_modes` (a list, possibly empty), the rates on the undetectable part (`undetectable_rates`). `rows`:
     evaluate these prompt rows instead (e.g. a validation split, `route.scales.validation_rows`)."""
+=======
+                    policy: contextlib.AbstractContextManager | None = None, detector=None, progress: bool = False,
+                    desc: str = "eval") -> dict[str, Any]:
+    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
+
+    With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`).
+    `progress`: a tqdm bar named `desc` over the prompts while they are sampled (per batch)."""
+>>>>>>> logs
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     rows = env.rows(n, seed=seed, split="test") if rows is None else rows
     prompts = [r["prompt"] for r in rows]
     with policy or contextlib.nullcontext():
-        completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed)
+        completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+                             desc=desc)
     columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
     grades = env.grade(prompts, completions, **columns)
     out = {**rates(grades, env.modes), **split_rates(env, rows, prompts, completions, grades, detector)}
@@ -152,8 +168,8 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
 
 
 def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int = 512, seed: int = 0,
-                 env_kwargs: dict | None = None, max_new_tokens: int = 16) -> dict[str, Any]:
-    """Load a saved checkpoint (plain transformers) and evaluate it."""
+                 env_kwargs: dict | None = None, max_new_tokens: int = 16, progress: bool = True) -> dict[str, Any]:
+    """Load a saved checkpoint (plain transformers) and evaluate it (`progress`: a bar while sampling)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if n < 1:
@@ -162,7 +178,7 @@ def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int =
     env.check_ready()
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return evaluate_policy(model, tokenizer, env, n=n, seed=seed, max_new_tokens=max_new_tokens)
+    return evaluate_policy(model, tokenizer, env, n=n, seed=seed, max_new_tokens=max_new_tokens, progress=progress)
 
 
 def format_rates(r: dict[str, Any], title: str = "") -> str:

@@ -8,7 +8,8 @@ equal, so runs that differ in a learning rate, a detector mode or a rank are sep
 that tell them apart. `eval_seed` is not a seed here: it picks the held-out prompts, so runs with different
 evaluation sets are never averaged. Runs grouped into one arm must share one base row (same model, same held-out
 prompts), else the table is refused. For each policy (training, deployed) the table shows mean solve and hack rates
-with their min-max spread across seeds, and the per-mode deployed hack rates; one base row per distinct base.
+with their min-max spread across seeds, and the per-mode deployed hack rates (column `deployed hack:<mode>`: the hack
+rate on the prompts whose grader has that loophole); one base row per distinct base.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def table(results: list[dict]) -> str:
     labels = arm_labels(arms)
     modes = list(results[0]["base"]["hack_rate_by_mode"])
     head = ["arm", "seeds", "training solve", "training hack", "deployed solve", "deployed hack",
-            *(f"deployed {m}" for m in modes)]
+            *(f"deployed hack:{m}" for m in modes)]  # the hack rate on that loophole's own prompts
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     bases = list(dict.fromkeys(json.dumps(rs[0]["base"], sort_keys=True) for rs in arms.values()))
     for i, text in enumerate(bases):

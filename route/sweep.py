@@ -9,7 +9,9 @@ A sweep file has `base_config:` (a RoutedGRPOConfig YAML layered first; default 
 `null` for none), `base:` (fields shared by all cells) and `grid:` (field -> list of values). Cells are
 the product of the grid in file order, the last field varying fastest; a cell's index is its position.
 Each cell is one run of the main job (`python -m route.train_grpo --config cell.yaml`, in its own
-process) in `DIR/cells/<name>/`. A cell is finished when its `results.json` exists (the main job
+process) in `DIR/cells/<name>/`, which gets the run's files (`train.log`: progress and every logged step, so
+`tail -f` follows the cell; `metrics.jsonl`; `results.json`; `deployed/`) and `console.log` (the process's raw
+output: bars, warnings, a traceback). A cell is finished when its `results.json` exists (the main job
 writes it atomically, last), so an interrupted sweep loses no finished cell and a rerun skips them.
 Every cell's config is parsed with `RoutedGRPOConfig` before any cell runs.
 
@@ -51,6 +53,7 @@ from route.sweep_spec import (  # noqa: F401 - the sweep file's API, also used f
 from route.threads import THREAD_VARS
 
 CELL_MODULE = "route.train_grpo"  # the main job; each cell runs `python -m CELL_MODULE --config cell.yaml`
+CONSOLE_LOG = "console.log"  # a cell process's stdout and stderr; the main job itself writes train.log
 
 # ---------------------------------------------------------------------------------------------- running
 _LIVE: set[subprocess.Popen] = set()  # the cell processes this sweep started and that still run
@@ -59,7 +62,10 @@ _STOP = threading.Event()  # set on interrupt: no new cell starts
 
 
 def run_cell(cell: Cell, threads: int | None = None, in_process: bool = False) -> int:
-    """Run one cell through the main job; returns its exit code (0 on success). Output goes to train.log."""
+    """Run one cell through the main job; returns its exit code (0 on success).
+
+    The main job writes the cell's `train.log` (progress lines, every logged step; `tail -f` it) and
+    `metrics.jsonl`; the process's raw console output (bars, warnings, a traceback) goes to `console.log`."""
     cfg = cell.dir / "cell.yaml"
     write_text_atomic(cfg, dump_yaml(cell.values))
     if in_process:
@@ -70,7 +76,7 @@ def run_cell(cell: Cell, threads: int | None = None, in_process: bool = False) -
     env = dict(os.environ)
     if threads:
         env.update({v: str(threads) for v in THREAD_VARS})
-    with open(cell.dir / "train.log", "w") as log:
+    with open(cell.dir / CONSOLE_LOG, "w") as log:
         with _LIVE_LOCK:
             if _STOP.is_set():
                 return -1
@@ -93,7 +99,7 @@ def _stop_all() -> None:
 
 def run_cells(cells: Sequence[Cell], workers: int = 1, threads: int | None = None, in_process: bool = False,
               progress: bool = True) -> list[Cell]:
-    """Run the unfinished cells, `workers` at a time; returns the cells that failed (their train.log says why).
+    """Run the unfinished cells, `workers` at a time; returns the cells that failed (their console.log says why).
 
     On an interrupt (Ctrl-C, SIGTERM) no new cell starts and running cells are terminated; finished cells
     keep their results.json, so a rerun continues where this one stopped.
@@ -173,7 +179,8 @@ def cell_row(cell: Cell, results: dict[str, Any] | None) -> dict[str, Any]:
         row[f"{policy}_hack_held_out"] = stats["hack_held_out"]
     for m in modes:
         row[f"deployed_hack_{m}"] = results["deployed"]["hack_rate_by_mode"][m]
-    row["train_seconds"] = results.get("train_seconds")
+    row["train_seconds"] = results.get("train_seconds")  # training alone; total_seconds: the whole run
+    row["total_seconds"] = results.get("total_seconds")
     return row
 
 
@@ -264,7 +271,7 @@ def _main(args: argparse.Namespace) -> int:
     chosen = [cells[i] for i in args.cell] if args.cell else cells
     failed = run_cells(chosen, workers=args.workers, threads=args.threads, in_process=args.in_process)
     for c in failed:
-        print(f"cell {c.index} ({c.name}) failed; see {c.dir / 'train.log'}", file=sys.stderr)
+        print(f"cell {c.index} ({c.name}) failed; see {c.dir / CONSOLE_LOG}", file=sys.stderr)
     rows = aggregate(output_dir)
     print(f"{sum(r['status'] == 'done' for r in rows)}/{len(rows)} cells done -> {output_dir}/sweep.csv")
     return 1 if failed else 0

@@ -4,10 +4,12 @@
     accelerate launch route/train_grpo.py --config my.yaml      # any RoutedGRPOConfig YAML
     accelerate launch route/train_grpo.py --intervention none --output_dir runs/none
 
-Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts; with
+Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts, seconds per phase; with
 `deploy_scale_rule: monitor` also the policy at the picked quarantine scale, `route.scales`),
 `<output_dir>/deployed/` (a plain transformers checkpoint), `<output_dir>/policy/` (the training policy with its
-quarantine, for `python -m route.evaluate --run DIR --scales`) and prints a summary table.
+quarantine, for `python -m route.evaluate --run DIR --scales`), `<output_dir>/metrics.jsonl` (every logged step's
+metrics) and `<output_dir>/train.log` (the run's log: phases, progress, every logged step, the table), and prints a
+summary table whose per-mode columns (`hack:<mode>`) are hack rates on that loophole's own prompts.
 
 Fail before work: the config is validated before anything loads (`route.cli.validate_run`), and the trainer (which
 builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
@@ -18,7 +20,7 @@ row is the same as on the plain model without a second copy of the model in memo
 
 from __future__ import annotations
 
-import time
+import contextlib
 from pathlib import Path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -33,7 +35,8 @@ def parse_config(argv: list[str] | None = None):
 
 def summary_table(results: dict) -> str:
     parts = list(results["base"].get("by_part", {}))  # detectable / undetectable, when the env has the split
-    rows = [("policy", "n", "solve", "hack", *results["base"]["hack_rate_by_mode"], *(f"hack {p}" for p in parts))]
+    modes = results["base"]["hack_rate_by_mode"]  # per-mode columns: the hack rate on that loophole's own prompts
+    rows = [("policy", "n", "solve", "hack", *(f"hack:{m}" for m in modes), *(f"hack:{p}" for p in parts))]
     names = ("base", "training", "deployed") + (("deployed_at_scale",) if "deployed_at_scale" in results else ())
     for name in names:
         r = results[name]
@@ -47,54 +50,91 @@ def summary_table(results: dict) -> str:
 
 
 def run(config) -> dict:
-    """Train, evaluate base / training / deployed policies, save the deployed model and results.json."""
+    """Train, evaluate base / training / deployed policies, save the deployed model and results.json.
 
+    Also writes `<output_dir>/train.log` and `metrics.jsonl` (`route.logs`). results.json's `seconds` splits the
+    wall time into setup, organism (build or load), evaluation, training and deploy (ablation, saving), plus the
+    total; `train_seconds` is training alone."""
+    from route.cli import validate_run
+    from route.logs import run_log
+
+    validate_run(config)  # fail before loading or writing anything
+    with run_log(config.output_dir, append=bool(config.resume_from_checkpoint)):
+        return _run(config)
+
+
+def _run(config) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.cli import flat_config, probe_run, validate_run
+    from route.cli import flat_config, probe_run
     from route.detectors import build_detector
-    from route.evaluate import evaluate_policy
+    from route.evaluate import evaluate_policy, format_rates
     from route.io import write_json_atomic
+    from route.logs import FILE_ONLY, MetricsFile, Phases, ProgressLines, StepLines, is_main_process, log
     from route.organism import load_or_build, organism_config
     from route.scales import deploy_at_picked_scale, deploy_scale_rule, finish_scaled, held_out_modes, save_policy
     from route.trainer import RoutedGRPOTrainer
     from route.vllm_sync import check_vllm_config
 
-    t0 = time.time()
-    validate_run(config)  # fail before loading anything
-    probe_run(config)  # the target against the model's module names and shapes, before loading the weights
-    check_vllm_config(config)
-    env = envs.make_env(config.env, **config.env_kwargs)
-    model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
+    phases = Phases()
+    log.info("run: %s / %s -> %s", config.intervention, config.target, config.output_dir)
+    with phases("setup"):
+        probe_run(config)  # the target against the model's module names and shapes, before loading the weights
+        check_vllm_config(config)
+        env = envs.make_env(config.env, **config.env_kwargs)
+    log.info("organism: loading %s", config.model_name_or_path or "the cached organism (built first when absent: "
+             "minutes on a CPU)", extra=FILE_ONLY)
+    with phases("organism"):
+        model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
+    log.info("organism: %s (%.1f s)", model_dir, phases.seconds["organism"])
+    progress = not config.disable_tqdm and is_main_process()
     eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
-    detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
-    eval_kw["detector"] = detector
-    eval_kw["held_out_modes"] = held_out_modes(config, env)  # results' `undetectable` entries
-    trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
-                                train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
+    with phases("setup"):
+        detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
+        eval_kw["detector"] = detector
+        eval_kw["held_out_modes"] = held_out_modes(config, env)  # results' `undetectable` entries
+        trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
+                                    train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
+        for callback in (MetricsFile(config.output_dir), StepLines(), ProgressLines()):
+            trainer.add_callback(callback)
     target = trainer.target
-    base = evaluate_policy(target.model, tokenizer, env, **eval_kw)  # ungated at init: the base model (docstring)
-    rule = deploy_scale_rule(config, env, tokenizer, detector, eval_kw, target)  # base on validation prompts
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    training = evaluate_policy(target.model, tokenizer, env, **eval_kw)
-    if trainer.accelerator.is_main_process:
-        save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route.evaluate --run
-    scaled = deploy_at_picked_scale(rule, target, tokenizer, env, eval_kw, training)  # before the ablation
-    target.ablate(trainable=config.ablate_trainable)
-    with target.ablated():
-        deployed = evaluate_policy(target.model, tokenizer, env, **eval_kw)
-    trainer.save_deployed()
+
+    def evaluate(name: str, context=None) -> dict:
+        """One policy (inside `context`) on the held-out prompts, timed as evaluation, with a bar and a log line."""
+        start = phases.seconds.get("evaluation", 0.0)
+        with phases("evaluation"), context or contextlib.nullcontext():
+            rates = evaluate_policy(target.model, tokenizer, env, **eval_kw, progress=progress, desc=f"eval {name}")
+        log.info("eval %s (%.1f s): %s", name, phases.seconds["evaluation"] - start, format_rates(rates))
+        return rates
+
+    base = evaluate("base")  # ungated at init: the base model (docstring)
+    with phases("evaluation"):
+        rule = deploy_scale_rule(config, env, tokenizer, detector, eval_kw, target)  # base on validation prompts
+    with phases("training"):
+        trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    training = evaluate("training")
+    with phases("deploy"):
+        if trainer.accelerator.is_main_process:
+            save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route.evaluate --run
+    with phases("evaluation"):
+        scaled = deploy_at_picked_scale(rule, target, tokenizer, env, eval_kw, training)  # before the ablation
+    with phases("deploy"):
+        target.ablate(trainable=config.ablate_trainable)
+    deployed = evaluate("deployed", target.ablated())
+    with phases("deploy"):
+        trainer.save_deployed()
 
     logs = [h for h in trainer.state.log_history if "routing/realised_tpr" in h or "routing/flag_rate" in h]
     def mean_of(key):
         vals = [h[key] for h in logs if key in h and h[key] == h[key]]
         return sum(vals) / len(vals) if vals else None
 
+    seconds = phases.summary()
     results = {
         "config": {k: v for k, v in flat_config(config).items() if _jsonable(v)},
         "model": model_dir,
@@ -106,10 +146,12 @@ def run(config) -> dict:
                          ("routing/realised_tpr/", "routing/hack_rate/"))})}},
         "base": base, "training": training, "deployed": deployed,
         **finish_scaled(scaled, deployed),
-        "train_seconds": round(time.time() - t0, 1),
+        "seconds": seconds, "train_seconds": seconds.get("training", 0.0), "total_seconds": seconds["total"],
     }
     if trainer.accelerator.is_main_process:
         write_json_atomic(Path(config.output_dir) / "results.json", results)
+    log.info("done: %s (%s)\n%s", Path(config.output_dir) / "results.json",
+             ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()), summary_table(results), extra=FILE_ONLY)
     return results
 
 

@@ -33,6 +33,8 @@ def test_table_groups_seeds_and_labels_non_default_settings(tmp_path, capsys):
         (tmp_path / f"r{i}" / "results.json").write_text(json.dumps(r))
     main([str(tmp_path / f"r{i}") for i in range(len(rs))])
     assert capsys.readouterr().out.strip() == text
+    head = [c.strip() for c in text.splitlines()[0].strip("| ").split(" | ")]
+    assert head[-1] == "deployed hack:sentinel", "a per-mode column says it is a hack rate and on which mode"
 
 
 def _arm_rows(text):

@@ -13,6 +13,7 @@ import route.train_grpo as train_grpo
 import route.trainer
 from envs.arith import ArithEnv
 from route.cli import build_config
+from route.logs import read_metrics
 
 RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=2e-2, beta=0.0,
            per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=2,
@@ -44,7 +45,8 @@ def _tensors(directory):
 
 def _comparable(results):
     out = json.loads(json.dumps(results))
-    out.pop("train_seconds")
+    for k in ("train_seconds", "total_seconds", "seconds"):
+        out.pop(k)
     for k in ("output_dir", "logging_dir", "resume_from_checkpoint"):
         out["config"].pop(k, None)
     return out
@@ -80,6 +82,9 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(target, t
         for f in a:
             assert a[f].keys() == b[f].keys()
             assert all(torch.equal(a[f][k], b[f][k]) for k in a[f]), (name, f)
+    logged = {name: [r["step"] for r in read_metrics(tmp_path / name / "metrics.jsonl")] for name in ("whole", "cut")}
+    assert logged["cut"] == logged["whole"] == [1, 2, 3, 4, 4], "resumed: no logged step lost or repeated (+ summary)"
+    assert "run failed: Interrupted" in (tmp_path / "cut" / "train.log").read_text(), "the resumed run appends"
     first = _tensors(tmp_path / "whole" / "checkpoint-2")
     last = _tensors(tmp_path / "whole" / "checkpoint-4")
     moved = [k for f in first for k in first[f] if not torch.equal(first[f][k], last[f][k])]

@@ -180,7 +180,7 @@ def test_resume_skips_finished_cells_and_retries_failed(stub_main_job, tmp_path)
     assert not (cells[0].dir / "started").exists(), "a finished cell must not run again"
     assert all((c.dir / "started").exists() for c in cells[1:])
     assert [c.done for c in cells] == [True, True, False, True]
-    assert "cell.yaml" in os.listdir(cells[2].dir) and (cells[2].dir / "train.log").exists()
+    assert "cell.yaml" in os.listdir(cells[2].dir) and (cells[2].dir / sweep.CONSOLE_LOG).exists()
     for c in cells[1:]:
         (c.dir / "started").unlink()
     assert [c.index for c in sweep.run_cells(cells, workers=2, progress=False)] == [2]
@@ -296,6 +296,7 @@ def test_end_to_end_two_cell_sweep(tiny_organism, tmp_path):
         cell = out / "cells" / r["cell"]
         assert (cell / "deployed" / "config.json").exists()
         assert yaml.safe_load((cell / "cell.yaml").read_text())["max_steps"] == 1
+        assert "train: step 1/1 (100%)" in (cell / "train.log").read_text(), "the cell's progress in its train.log"
     assert (out / "sweep_heatmap.png").exists() and (out / "sweep_tradeoff.png").exists()
     mtimes = {p: p.stat().st_mtime for p in out.glob("cells/*/results.json")}
     assert sweep.main(["--config", str(spec), "--output_dir", str(out), "--in_process"]) == 0
