@@ -136,22 +136,15 @@ def undetectable_rates(env, rows: list[dict], grades: list[Grade], held_out_mode
 
 
 def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
-<<<<<<< HEAD
                     policy: contextlib.AbstractContextManager | None = None, detector=None,
-                    held_out_modes: Sequence[str] | None = None, rows: list[dict] | None = None) -> dict[str, Any]:
+                    held_out_modes: Sequence[str] | None = None, rows: list[dict] | None = None,
+                    progress: bool = False, desc: str = "eval") -> dict[str, Any]:
     """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
 
     With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`); with
     `held_out_modes` (a list, possibly empty), the rates on the undetectable part (`undetectable_rates`). `rows`:
-    evaluate these prompt rows instead (e.g. a validation split, `route.scales.validation_rows`)."""
-=======
-                    policy: contextlib.AbstractContextManager | None = None, detector=None, progress: bool = False,
-                    desc: str = "eval") -> dict[str, Any]:
-    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
-
-    With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`).
-    `progress`: a tqdm bar named `desc` over the prompts while they are sampled (per batch)."""
->>>>>>> logs
+    evaluate these prompt rows instead (e.g. a validation split, `route.scales.validation_rows`). `progress`: a tqdm
+    bar named `desc` over the prompts while they are sampled (per batch)."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     rows = env.rows(n, seed=seed, split="test") if rows is None else rows
