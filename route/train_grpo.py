@@ -74,7 +74,14 @@ def _run(config) -> dict:
     from route.io import write_json_atomic
     from route.logs import FILE_ONLY, MetricsFile, Phases, ProgressLines, StepLines, is_main_process, log
     from route.organism import load_or_build, organism_config
-    from route.scales import deploy_at_picked_scale, deploy_scale_rule, finish_scaled, held_out_modes, save_policy
+    from route.scales import (
+        deploy_at_picked_scale,
+        deploy_scale_rule,
+        finish_scaled,
+        held_out_modes,
+        real_monitor,
+        save_policy,
+    )
     from route.trainer import RoutedGRPOTrainer
     from route.vllm_sync import check_vllm_config
 
@@ -96,7 +103,7 @@ def _run(config) -> dict:
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
     with phases("setup"):
         detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)
-        eval_kw["detector"] = detector
+        eval_kw["detector"] = real_monitor(detector)  # the real monitor, also under a flag control
         eval_kw["held_out_modes"] = held_out_modes(config, env)  # results' `undetectable` entries
         trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tokenizer, detector=detector,
                                     train_dataset=env.dataset(config.train_size, seed=config.seed, split="train"))
