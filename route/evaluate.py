@@ -12,7 +12,6 @@ split (`env.detect_column`) also get `by_part`: the same rates on the `detectabl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from collections import defaultdict
@@ -23,6 +22,7 @@ import torch
 
 import envs
 from envs.base import Grade
+from route.errors import ArgumentParser, at_least, check_model_path, cli, looks_local, naming
 from route.io import write_json_atomic
 
 
@@ -150,25 +150,27 @@ def format_rates(r: dict[str, Any], title: str = "") -> str:
 
 
 
+@cli("route.evaluate")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Solve and hack rates of a saved model on held-out prompts.")
-    parser.add_argument("--model", required=True, help="a saved checkpoint directory (or a Hub id)")
-    parser.add_argument("--env", default="arith", help=f"environment, one of {envs.available_envs()}")
+    parser = ArgumentParser(prog="route.evaluate", description="Solve and hack rates of a saved model on held-out "
+                            "prompts.")
+    parser.add_argument("--model", required=True, help="a saved checkpoint directory, a run directory with "
+                        "deployed/, or a Hub id (org/name)")
+    parser.add_argument("--env", default="arith", choices=envs.available_envs(), help="environment")
     parser.add_argument("--n", type=int, default=512, help="number of held-out prompts")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--json", help="write the rates to this file")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out prompts and of sampling")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="completion length")
+    parser.add_argument("--json", help="write the rates to this file (default: none)")
     args = parser.parse_args(argv)
-    if args.n <= 0:
-        parser.error(f"--n must be > 0, got {args.n}")
-    try:
-        if os.path.exists(args.model) or args.model.startswith((".", "/", "~")):  # a local checkpoint, not a Hub id
-            from route.io import check_checkpoint
+    at_least("--n", args.n)
+    at_least("--max_new_tokens", args.max_new_tokens)
+    check_model_path("--model", args.model)  # a missing local path is not looked up on the Hub
+    if looks_local(args.model):
+        from route.io import check_checkpoint
 
+        with naming("--model"):
             args.model = str(check_checkpoint(args.model))
-        result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    except ValueError as e:
-        parser.error(str(e))
+    result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(format_rates(result, title=str(args.model)))
     if args.json:
         write_json_atomic(args.json, result)

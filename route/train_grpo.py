@@ -19,6 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from route.errors import cli
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -111,6 +113,7 @@ def _jsonable(v) -> bool:
         return False
 
 
+@cli("route.train_grpo")
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     results = run(config)
