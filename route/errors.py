@@ -121,6 +121,7 @@ class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
         if debug_flag:
             self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
 
+
 def with_one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """`parser` (built elsewhere, e.g. by TRL) with `OneLineErrors` (its class swapped for a subclass) and `--debug`
     listed in its help."""
@@ -200,6 +201,23 @@ def at_least(flag: str, value: Any, low: float = 1) -> None:
         raise UsageError(f"{flag}: must be >= {low:g}, got {bad[0] if len(values) == 1 else bad}")
 
 
-__all__ = ["ArgumentParser", "DEBUG_ENV", "HelpFormatter", "OneLineErrors", "UsageError", "at_least",
-           "check_model_path", "check_paths", "cli", "dataclass_parser", "describe_negated", "is_user_error",
-           "looks_local", "naming", "one_line", "parse_dataclasses", "pop_debug", "with_one_line_errors"]
+__all__ = [
+    "ArgumentParser",
+    "DEBUG_ENV",
+    "HelpFormatter",
+    "OneLineErrors",
+    "UsageError",
+    "at_least",
+    "check_model_path",
+    "check_paths",
+    "cli",
+    "dataclass_parser",
+    "describe_negated",
+    "is_user_error",
+    "looks_local",
+    "naming",
+    "one_line",
+    "parse_dataclasses",
+    "pop_debug",
+    "with_one_line_errors",
+]

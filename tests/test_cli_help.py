@@ -29,8 +29,14 @@ HELP_ARGV = {  # every command line of the package (test_cli_errors checks the l
     "route.tiered.keygen": [["--help"]],
     "route.vllm_serve": [["--help"]],
 }
-YAML_CLIS = ("route.train_grpo", "route.relearn", "route.sweep", "route.heads.train", "route.sgtm.pretrain",
-             "route.tiered.pretrain")
+YAML_CLIS = (
+    "route.train_grpo",
+    "route.relearn",
+    "route.sweep",
+    "route.heads.train",
+    "route.sgtm.pretrain",
+    "route.tiered.pretrain",
+)
 _HELP: dict[str, tuple[str, list[argparse.ArgumentParser]]] = {}
 
 
@@ -94,9 +100,16 @@ def test_main_job_sections_choices_and_negations(monkeypatch, capsys):
     assert text.index("\ninherited from") < text.index("--learning_rate")
     assert text.index("--config FILE.yaml") < text.index("\nrouting:")
     assert f"--target {{{','.join(available_targets())}}}" in text
-    for enum in ("--intervention {none,filter,penalty,route,erase}", "--detector {noisy,ground_truth}",
-                 "--unflagged_mode {default,retain}", "--generation_policy {full,deployed}", "--env {arith,",
-                 "--sgtm_strategy {", "--route_score {none,cosine}", "--monitor {plain,"):
+    for enum in (
+        "--intervention {none,filter,penalty,route,erase}",
+        "--detector {noisy,ground_truth}",
+        "--unflagged_mode {default,retain}",
+        "--generation_policy {full,deployed}",
+        "--env {arith,",
+        "--sgtm_strategy {",
+        "--route_score {none,cosine}",
+        "--monitor {plain,",
+    ):
         assert enum in text, enum
     entry = re.search(r"  --lora_alpha .*?\n((?:                        .*\n)+)", text).group(1)
     assert entry.count("default") == 1, entry
@@ -112,15 +125,18 @@ def test_negated_booleans_have_their_own_text(monkeypatch, capsys):
     assert "progress to false" in actions["--no_progress"].help
 
 
-@pytest.mark.parametrize(("module", "flag", "values"), [
-    ("route.evaluate", "--env", "{arith,"),
-    ("route.relearn", "--method", "{grpo,sft}"),
-    ("route.heads.train", "--head", "{iav,mav}"),
-    ("route.sgtm.pretrain", "--architecture", "{gpt_neo,llama,qwen2}"),
-    ("route.sgtm.pretrain", "--retain_mode", "{default,retain}"),
-    ("route.sgtm.pretrain", "--masking_strategy", "{parameter_masking,"),
-    ("route.tiered.pretrain", "--layout", "{public,keyed}"),
-])
+@pytest.mark.parametrize(
+    ("module", "flag", "values"),
+    [
+        ("route.evaluate", "--env", "{arith,"),
+        ("route.relearn", "--method", "{grpo,sft}"),
+        ("route.heads.train", "--head", "{iav,mav}"),
+        ("route.sgtm.pretrain", "--architecture", "{gpt_neo,llama,qwen2}"),
+        ("route.sgtm.pretrain", "--retain_mode", "{default,retain}"),
+        ("route.sgtm.pretrain", "--masking_strategy", "{parameter_masking,"),
+        ("route.tiered.pretrain", "--layout", "{public,keyed}"),
+    ],
+)
 def test_enum_options_show_their_choices(module, flag, values, monkeypatch, capsys):
     text, _ = help_of(module, monkeypatch, capsys)
     assert f"{flag} {values}" in text
