@@ -166,11 +166,47 @@ def looks_local(path: str) -> bool:
     return "/" in path and Path(path).parent.is_dir()
 
 
-def check_model_path(flag: str, path: str | None) -> None:
-    """A model argument that names a local path must be a directory: a UsageError naming `flag`, before any Hub
-    lookup or heavy import. A Hub id (`org/name`) is left to the loader."""
-    if path is not None and looks_local(str(path)) and not Path(path).expanduser().is_dir():
-        raise UsageError(f"{flag}: no such directory: {path} (a local checkpoint directory, or a Hub id org/name)")
+def check_model_path(flag: str, path: str | None, hub: bool = False) -> None:
+    """A model argument must name something that exists, checked before any weights load: a local-looking path
+    (`looks_local`) must be a directory (no network). With `hub` (command lines, just before loading), a Hub id
+    (`org/name`) that is neither in the Hub cache nor wanted offline (HF_HUB_OFFLINE) is looked up once, without the
+    loader's retries, so that a typo or an unreachable Hub is one line naming `flag` instead of a minute of retries;
+    a gated or private model, or any other answer, is left to the loader."""
+    if path is None:
+        return
+    path = str(path)
+    if looks_local(path):
+        if not Path(path).expanduser().is_dir():
+            raise UsageError(f"{flag}: no such directory: {path} (a local checkpoint directory, or a Hub id org/name)")
+        return
+    if hub:
+        _check_hub_model(flag, path)
+
+
+@functools.lru_cache(maxsize=64)
+def _check_hub_model(flag: str, repo_id: str) -> None:
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE or huggingface_hub.try_to_load_from_cache(repo_id, "config.json"):
+        return
+    try:
+        huggingface_hub.model_info(repo_id, timeout=10)
+    except GatedRepoError:
+        return
+    except RepositoryNotFoundError:
+        raise UsageError(
+            f"{flag}: {repo_id}: no such local directory, nor a model on the Hub (a private one needs `hf auth login`)"
+        ) from None
+    except httpx.TransportError:  # no answer: DNS, connection refused, timeout
+        raise UsageError(
+            f"{flag}: {repo_id} is not a local directory, and the Hub cannot be reached to look it up; give a local "
+            "checkpoint directory, or set HF_HUB_OFFLINE=1 to use the Hub cache"
+        ) from None
+    except Exception:  # noqa: BLE001, S110 - any other answer is the loader's to report
+        return
 
 
 def check_paths(flag: str, paths: Any, kind: str = "file or directory") -> None:
@@ -184,10 +220,11 @@ def check_paths(flag: str, paths: Any, kind: str = "file or directory") -> None:
 
 @contextlib.contextmanager
 def naming(flag: str) -> Iterator[None]:
-    """Checks of one flag's value: a ValueError inside becomes a UsageError whose message starts with `flag`."""
+    """Checks or loading of one flag's value: a ValueError or OSError inside becomes a UsageError whose message starts
+    with `flag`."""
     try:
         yield
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         if str(e).startswith(flag):
             raise
         raise UsageError(f"{flag}: {e}") from e

@@ -164,12 +164,15 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     at_least("--n", args.n)
     at_least("--max_new_tokens", args.max_new_tokens)
-    check_model_path("--model", args.model)  # a missing local path is not looked up on the Hub
-    if looks_local(args.model):
-        from route.io import check_checkpoint
+    check_model_path("--model", args.model, hub=True)  # a missing local path is not looked up on the Hub
+    with naming("--model"):
+        if looks_local(args.model):
+            from route.io import check_checkpoint
 
-        with naming("--model"):
             args.model = str(check_checkpoint(args.model))
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(args.model)  # a Hub model the loader cannot fetch: one line naming --model
     result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(format_rates(result, title=str(args.model)))
     if args.json:

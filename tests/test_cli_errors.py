@@ -152,3 +152,71 @@ def test_local_paths_and_hub_ids(tmp_path, monkeypatch):
     (tmp_path / "runs").mkdir()
     assert looks_local("runs/nope") and looks_local("./x") and looks_local("/x") and looks_local("a/b/c")
     assert not looks_local("Qwen/Qwen2.5-0.5B") and not looks_local("gpt2")
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """The Hub lookup of `check_model_path(hub=True)`, answered in-process (nothing is downloaded): set `answer` to
+    the exception `model_info` raises (None: the model exists); `calls` counts lookups."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from route import errors
+
+    state = {"answer": None, "calls": 0}
+
+    def model_info(repo_id, timeout=None):
+        state["calls"] += 1
+        if state["answer"] is not None:
+            raise state["answer"]
+        return object()
+
+    monkeypatch.setattr(huggingface_hub, "model_info", model_info)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    errors._check_hub_model.cache_clear()
+    yield state
+    errors._check_hub_model.cache_clear()
+
+
+def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
+    import httpx
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from route.evaluate import main
+
+    for answer, text in (
+        (httpx.ConnectError("Name or service not known"), "the Hub cannot be reached"),
+        (
+            RepositoryNotFoundError(
+                "404", response=httpx.Response(404, request=httpx.Request("GET", "https://hub/api/models/org/nope"))
+            ),
+            "nor a model on the Hub",
+        ),
+    ):
+        hub["answer"] = answer
+        code, err = _run("route.evaluate", ["--model", "org/nope"], capsys)
+        assert code == 2 and len(err.splitlines()) == 1
+        assert err.startswith("route.evaluate: error: --model: org/nope") and text in err
+    assert hub["calls"] == 2
+    hub["answer"] = httpx.ConnectError("down")
+    with pytest.raises(ValueError, match="cannot be reached"):
+        main(["--model", "org/nope", "--debug"])
+
+
+def test_hub_lookup_only_where_asked(hub, monkeypatch):
+    from huggingface_hub import constants
+
+    from route.errors import UsageError, check_model_path
+
+    check_model_path("model_name_or_path", "org/model")  # the library's check (validate_run): no network
+    assert hub["calls"] == 0
+    check_model_path("--model", "org/model", hub=True)
+    check_model_path("--model", "org/model", hub=True)  # a found model is looked up once
+    assert hub["calls"] == 1
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # offline: the cache decides, as the loader does
+    check_model_path("--model", "org/other", hub=True)
+    assert hub["calls"] == 1
+    with pytest.raises(UsageError, match="--model: no such directory: ./nope"):
+        check_model_path("--model", "./nope", hub=True)
+    assert hub["calls"] == 1
