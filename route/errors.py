@@ -104,6 +104,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return text
 
 
+class RawHelpFormatter(argparse.RawTextHelpFormatter, HelpFormatter):
+    """`HelpFormatter` that keeps the description's and the options' line breaks."""
+
+
 class OneLineErrors:
     """Mixin for an argparse parser: `error()` raises `UsageError` (printed by `cli` as one line) instead of printing
     the usage and exiting; `--help` is untouched."""
@@ -243,6 +247,7 @@ __all__ = [
     "DEBUG_ENV",
     "HelpFormatter",
     "OneLineErrors",
+    "RawHelpFormatter",
     "UsageError",
     "at_least",
     "check_model_path",
