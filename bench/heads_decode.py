@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rm_beta", type=float, default=1.0, help="GenARM-style: second model's log-probs / rm_beta")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and prompts")
     a = p.parse_args(argv)
     if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
         raise ValueError(f"--device: invalid value {a.device!r}; allowed values: ['cpu', 'cuda']")

@@ -52,6 +52,12 @@ CASES = [
     ("route.tiered.keygen", ["--out", "k.json"], "num_layers"),
     ("route.tiered.keygen", ["--out", "k.json", "--model", "./nope"], "--model"),
     ("route.vllm_serve", ["--tensor_parallel_size", "two"], "--tensor_parallel_size"),
+    ("bench.coding_throughput", ["--n", "many"], "--n"),
+    ("bench.gpu_check", ["--budget-s", "long"], "--budget-s"),
+    ("bench.heads_decode", ["--dtype", "float8"], "--dtype"),
+    ("bench.routing_overhead", ["--steps", "x"], "--steps"),
+    ("bench.svf_overhead", ["--bogus"], "--bogus"),
+    ("bench.vllm_rollouts", ["--reps", "x"], "--reps"),
 ]
 RAN: list[str] = []
 
@@ -87,9 +93,9 @@ def test_user_error_is_one_line(module, argv, flag, workdir, capsys):
 def test_table_covers_every_command_line():
     """Every `@cli(...)` main in the package has a row (a new command line must add its bad inputs)."""
     decorated = set()
-    for path in (ROOT / "route").rglob("*.py"):
+    for path in [*(ROOT / "route").rglob("*.py"), *(ROOT / "bench").glob("*.py")]:
         decorated |= set(re.findall(r'^@cli\("([\w.]+)"\)', path.read_text(), re.M))
-    assert len(decorated) >= 15
+    assert len(decorated) >= 21
     assert decorated == {m for m, _, _ in CASES}
 
 

@@ -28,6 +28,17 @@ HELP_ARGV = {  # every command line of the package (test_cli_errors checks the l
     "route.tiered.probes": [["--help"], ["extract", "--help"], ["leak", "--help"]],
     "route.tiered.keygen": [["--help"]],
     "route.vllm_serve": [["--help"]],
+    **{
+        f"bench.{name}": [["--help"]]
+        for name in (
+            "coding_throughput",
+            "gpu_check",
+            "heads_decode",
+            "routing_overhead",
+            "svf_overhead",
+            "vllm_rollouts",
+        )
+    },
 }
 YAML_CLIS = (
     "route.train_grpo",
