@@ -7,9 +7,10 @@
 
 A user error (a bad value, an unknown choice, a missing file or directory, a model path that is not there) ends the
 command with ONE line on stderr, `PROG: error: MESSAGE`, and exit status 2. The project raises `ValueError` naming the
-field or flag and the allowed values for bad input, so `cli` treats `ValueError` and `OSError` (files, the Hub) as the
-user's, except when they come from inside torch or numpy (a shape or dtype mismatch there is a bug); every other
-exception is a bug and keeps its traceback. `--debug` (stripped from the command line before the parser sees it) or
+field or flag and the allowed values for bad input, so `cli` treats as the user's a `ValueError` that a `raise`
+statement raised and an `OSError` (files, the Hub), except inside torch or numpy (a shape or dtype mismatch there is a
+bug); a ValueError of the runtime (`a, b = three_items`) and every other exception is a bug and keeps its
+traceback (`is_user_error`). `--debug` (stripped from the command line before the parser sees it) or
 `ROUTE_DEBUG=1` lets the traceback of a user error through as well. In the main job, whose inherited `--debug VALUE`
 is the trainer's own option, only a bare `--debug` (not followed by one of `TRAINER_DEBUG_OPTIONS`) is taken.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import linecache
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -50,16 +52,22 @@ def pop_debug(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def is_user_error(e: BaseException) -> bool:
-    """ValueError and OSError are the user's (bad input, missing files), unless raised inside torch or numpy."""
+    """A `UsageError`; an OSError (files, the Hub); or a ValueError that a `raise` statement raised (the project's
+    checks, and the libraries' config checks), outside torch and numpy. A ValueError the runtime raises in code
+    (`a, b = three_items`, `int("x")`) or a check inside torch or numpy (a shape or dtype mismatch) is a bug."""
     if isinstance(e, UsageError):
         return True
     if not isinstance(e, (ValueError, OSError)):
         return False
-    tb, module = e.__traceback__, ""
+    tb, last = e.__traceback__, None
     while tb is not None:
-        module = tb.tb_frame.f_globals.get("__name__", "")
-        tb = tb.tb_next
-    return module.split(".")[0] not in _INTERNAL_MODULES
+        last, tb = tb, tb.tb_next
+    if last is None or last.tb_frame.f_globals.get("__name__", "").split(".")[0] in _INTERNAL_MODULES:
+        return False
+    if isinstance(e, OSError):
+        return True
+    line = linecache.getline(last.tb_frame.f_code.co_filename, last.tb_lineno).lstrip()
+    return line.startswith("raise ")
 
 
 def one_line(e: BaseException) -> str:

@@ -136,8 +136,14 @@ def test_bugs_keep_their_traceback():
     def torch_value_error(argv):  # a ValueError from inside torch is a shape bug, not the user's input
         torch.nn.functional.cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
 
+    @cli("route.fake")
+    def unpacking(argv):  # a ValueError of the runtime, not a deliberate check
+        a, b = argv
+
     with pytest.raises(RuntimeError, match="internal bug"):
         broken([])
+    with pytest.raises(ValueError, match="unpack"):
+        unpacking(["1", "2", "3"])
     with pytest.raises(ValueError):
         torch_value_error([])
 
