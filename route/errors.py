@@ -120,18 +120,17 @@ class OneLineErrors:
     """Mixin for an argparse parser: `error()` raises `UsageError` (printed by `cli` as one line) instead of printing
     the usage and exiting; `--help` is untouched."""
 
-    def error(self, message: str) -> None:  # noqa: D102 - argparse's hook
+    def error(self, message: str) -> None:  # argparse's hook
         raise UsageError(message)
 
 
 class ArgumentParser(OneLineErrors, argparse.ArgumentParser):
     """argparse with one-line errors, every option's default in its help, and `--debug` listed."""
 
-    def __init__(self, *args: Any, debug_flag: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
-        if debug_flag:
-            self.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+        self.add_argument("--debug", action="store_true", help=DEBUG_HELP)  # taken out by `cli` (pop_debug)
 
 
 def with_one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -210,14 +209,14 @@ def _check_hub_model(flag: str, repo_id: str) -> None:
         return
     except RepositoryNotFoundError:
         raise UsageError(
-            f"{flag}: {repo_id}: no such local directory, nor a model on the Hub (a private one needs `hf auth login`)"
+            f"{flag}: {repo_id}: no such local directory, nor a model on the Hub (a private one needs HF_TOKEN)"
         ) from None
     except httpx.TransportError:  # no answer: DNS, connection refused, timeout
         raise UsageError(
             f"{flag}: {repo_id} is not a local directory, and the Hub cannot be reached to look it up; give a local "
             "checkpoint directory, or set HF_HUB_OFFLINE=1 to use the Hub cache"
         ) from None
-    except Exception:  # noqa: BLE001, S110 - any other answer is the loader's to report
+    except Exception:  # any other answer is the loader's to report
         return
 
 
@@ -237,9 +236,9 @@ def naming(flag: str) -> Iterator[None]:
     try:
         yield
     except (ValueError, OSError) as e:
-        if str(e).startswith(flag):
+        if str(e).startswith(flag) or not is_user_error(e):
             raise
-        raise UsageError(f"{flag}: {e}") from e
+        raise UsageError(f"{flag}: {one_line(e)}") from e
 
 
 def at_least(flag: str, value: Any, low: float = 1) -> None:
