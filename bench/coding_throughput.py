@@ -9,13 +9,13 @@ on the worker pool, alternating, `repeats` times; prints the median rate of each
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import statistics
 import time
 
 import envs
+from route.errors import ArgumentParser, cli
 
 
 def completions(env, n: int) -> tuple[list[str], dict[str, list]]:
@@ -36,12 +36,13 @@ def rate(env, comps: list[str], cols: dict[str, list]) -> float:
     return len(comps) / elapsed
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@cli("bench.coding_throughput")
+def main(argv: list[str] | None = None) -> None:
+    ap = ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=96, help="programs per measurement")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="pool size")
     ap.add_argument("--repeats", type=int, default=3, help="measurements of each (the median is printed)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     seq_env = envs.make_env("coding", workers=1)
     pool_env = envs.make_env("coding", workers=args.workers)
     comps, cols = completions(seq_env, args.n)

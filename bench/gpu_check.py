@@ -57,6 +57,8 @@ from gpu_measures import (  # noqa: E402
     svd_setup,
 )
 
+from route.errors import ArgumentParser, cli  # noqa: E402
+
 STEPS = (("lora", None), ("dual_lora", "lora"), ("svf", "lora"), ("full", None), ("sgtm", "full"))
 HEADS_DECODE_S = 120.0  # the heads' decode bench: five fresh processes, each loading torch and a model
 GOALS = {"dual_lora": 1.05, "svf": 1.00, "sgtm": 1.05}
@@ -143,7 +145,7 @@ def format_table(report: dict) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="cuda or cpu (default: cuda)")
     p.add_argument("--shape", default="0.5b", help=f"model shape, one of {list(SHAPES)} (default: 0.5b)")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds for the whole run (default: 420)")
@@ -178,6 +180,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+@cli("bench.gpu_check")
 def main(argv: list[str] | None = None) -> dict:
     a = parse_args(argv)
     budget_end = time.monotonic() + a.budget_s

@@ -18,7 +18,6 @@ excluded. Ratios are against genarm_1x measured in the same run.
 
 from __future__ import annotations
 
-import argparse
 import multiprocessing as mp
 import resource
 import statistics
@@ -28,6 +27,8 @@ from pathlib import Path
 from queue import Empty
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from route.errors import ArgumentParser, cli  # noqa: E402
 
 METHODS = ("base", "iav", "mav", "genarm_1x", "genarm_0.25x")
 
@@ -131,10 +132,9 @@ def measure(method: str, a, queue) -> None:
     )
 
 
+@cli("bench.heads_decode")
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="weights dtype")
     p.add_argument("--hidden", type=int, default=1024, help="base hidden size (>= 1024 keeps Python overhead small)")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--rm_beta", type=float, default=1.0, help="GenARM-style: second model's log-probs / rm_beta")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models and prompts")
     a = p.parse_args(argv)
     if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
         raise ValueError(f"--device: invalid value {a.device!r}; allowed values: ['cpu', 'cuda']")

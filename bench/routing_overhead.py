@@ -9,7 +9,6 @@ both; the median over all timed steps (warm-up steps dropped) is compared. Print
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -18,6 +17,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from route.errors import ArgumentParser, RawHelpFormatter, cli  # noqa: E402
 
 
 class StepTimer:
@@ -73,14 +74,15 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> lis
     return timer.times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli("bench.routing_overhead")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     parser.add_argument("--model", help="model directory (default: the cached organism, built if missing)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per block")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block")
     parser.add_argument("--rank", type=int, default=8, help="rank r of each routed adapter (plain LoRA gets 2r)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -17,7 +17,6 @@ SVD setup: the time to build the svf target (every module's SVD, full rank, cano
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import sys
@@ -26,6 +25,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from route.errors import ArgumentParser, cli  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -99,8 +100,9 @@ def qwen_05b_shaped():
     return AutoModelForCausalLM.from_config(config)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+@cli("bench.svf_overhead")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="model directory (default: the cached organism)")
     parser.add_argument("--rank", type=int, default=8, help="svf rank r and LoRA rank r")
     parser.add_argument("--batch", type=int, default=64, help="rows per step (a GRPO micro-batch of the default run)")
@@ -110,7 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--skip-large", action="store_true", help="skip the 0.5B-shaped SVD setup")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)

@@ -24,11 +24,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from route.errors import ArgumentParser, RawHelpFormatter, cli  # noqa: E402
+
 PROMPTS, ROLLOUTS, NEW_TOKENS = 8, 8, 16
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=RawHelpFormatter)
     p.add_argument("--model", default=None, help="organism directory (default: build or reuse the cached organism)")
     p.add_argument("--reps", type=int, default=5, help="timed batches per side (default: 5)")
     p.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy (default: 5)")
@@ -59,6 +61,7 @@ def engine(model_dir: str, dtype: str, seed: int):
     )
 
 
+@cli("bench.vllm_rollouts")
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -73,19 +73,16 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
     """Parse `--config FILE.yaml` plus flag overrides (flags win over the file) into a validated config.
 
     Same semantics as `TrlParser`, with one difference: a YAML `env:` that is a string is this config's environment
-    name; a mapping is still read as environment variables to set.
+    name; a mapping is still read as environment variables to set. A bad flag or value is a ValueError naming it
+    (`route.errors.cli` prints it as one line).
     """
-    from trl import TrlParser
-
+    from route.errors import parse_dataclasses
     from route.io import load_yaml_mapping, pop_config_arg
     from route.targets import target_args_classes
 
     path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv, default_config)
     classes = target_args_classes()
-    _target_fields()  # refuse clashing flag names before the parser does, with a clearer message
-    parser = TrlParser((RoutedGRPOConfig, *classes))
-    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of any of the fields below; flags win over "
-                        f"it (default: {default_config or 'none'})")
+    parser = config_parser(default_config)
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"--config: no such file: {path}")
@@ -95,10 +92,56 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
                 os.environ[key] = str(value)
         unknown = parser.set_defaults_with_config(**values)
         if unknown:
-            raise ValueError(f"config file {path}: unknown fields {unknown[::2]}")
-    outputs = parser.parse_args_into_dataclasses(args=argv)  # `--config` was taken out: its value comes back last
+            raise ValueError(f"--config {path}: unknown fields {unknown[::2]}; see --help for the fields")
+    outputs = parse_dataclasses(parser, argv)  # `--config` was taken out: its value comes back last
     config, settings = outputs[0], outputs[1: 1 + len(classes)]
     return attach_target_args(config, dict(zip(classes, settings, strict=True)))
+
+
+def config_parser(default_config: str | None = None) -> Any:
+    """The main job's parser: `TrlParser` over `RoutedGRPOConfig` and every target's settings, with one-line errors
+    (`route.errors`), `--config` first, choices on `--env` and `--target`, and the help in sections: routing (this
+    project's fields), one per target (`target: NAME`), then the fields inherited from GRPOConfig."""
+    from trl import GRPOConfig, TrlParser
+
+    import envs
+    from route.errors import dataclass_parser
+    from route.targets import available_targets, target_args_classes, target_class
+
+    classes = target_args_classes()
+    _target_fields()  # refuse clashing flag names before the parser does, with a clearer message
+    parser = dataclass_parser(TrlParser, (RoutedGRPOConfig, *classes))
+    parser.usage = "%(prog)s [--config FILE.yaml] [--FIELD VALUE ...] [--debug]"
+    parser.add_argument("--config", metavar="FILE.yaml", help="YAML file of any of the fields below; flags win over "
+                        f"it (default: {default_config or 'none'})")
+    by_dest = {a.dest: a for a in parser._actions}
+    by_dest["env"].choices = list(envs.available_envs())
+    by_dest["target"].choices = available_targets()
+    inherited = [f.name for f in dataclasses.fields(GRPOConfig)]
+    sections = [("routing", [f.name for f in dataclasses.fields(RoutedGRPOConfig) if f.name not in inherited])]
+    for cls in classes:
+        names = ", ".join(n for n in available_targets() if target_class(n).args_cls is cls)
+        sections.append((f"target: {names}", [f.name for f in dataclasses.fields(cls)]))
+    sections.append(("inherited from TRL's GRPOConfig and transformers' TrainingArguments",
+                     [n for n in inherited if n != "debug"]))  # --debug stays under options: a bare one is ours
+    _sections(parser, sections)
+    return parser
+
+
+def _sections(parser: Any, sections: list[tuple[str, list[str]]]) -> None:
+    """Move the parser's options into argument groups, in the order given (an option's `--no_x` twin follows it);
+    what is left (`--help`, `--config`, `--debug`) stays first under "options"."""
+    moved = set()
+    for title, dests in sections:
+        group = parser.add_argument_group(title)
+        for dest in dests:
+            for action in parser._actions:
+                if action.dest == dest and action.option_strings and id(action) not in moved:
+                    moved.add(id(action))
+                    group._group_actions.append(action)
+    for group in parser._action_groups:
+        if group.title == "options":
+            group._group_actions[:] = [a for a in group._group_actions if id(a) not in moved]
 
 
 def flat_config(config: RoutedGRPOConfig) -> dict[str, Any]:
@@ -117,8 +160,10 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
     import envs
     from route.config import choice
     from route.detectors import validate_monitor
+    from route.errors import check_model_path
     from route.targets import resolve_target_args
 
+    check_model_path("model_name_or_path", config.model_name_or_path)  # a missing local path, before any Hub lookup
     choice("env", config.env, tuple(envs.available_envs()))
     env = envs.make_env(config.env, **config.env_kwargs)
     if config.detector_modes is not None:
@@ -168,10 +213,12 @@ def check_trl_options(config: RoutedGRPOConfig) -> None:
     PEFT path) or a frozen copy of the model as loaded (sgtm: TRL's reference model). `sync_ref_model` would copy
     the trained policy, quarantine included, into the reference, so it is refused.
     """
+    if config.max_steps == 0 or config.max_steps < -1:
+        raise ValueError(f"max_steps: must be >= 1 (or -1: train num_train_epochs epochs), got {config.max_steps}")
     if config.sync_ref_model:
         raise ValueError("sync_ref_model: allowed values: [False]; with routing the KL reference is the base model, "
                          "and syncing it would copy the quarantine into the reference")
 
 
-__all__ = ["attach_target_args", "build_config", "check_trl_options", "config_fields", "empty_model", "flat_config",
-           "parse_config", "probe_run", "validate_run"]
+__all__ = ["attach_target_args", "build_config", "check_trl_options", "config_fields", "config_parser", "empty_model",
+           "flat_config", "parse_config", "probe_run", "validate_run"]

@@ -19,7 +19,6 @@ evaluates a run's saved training policy at every quarantine scale (`route.scales
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 from collections import defaultdict
@@ -30,6 +29,7 @@ import torch
 
 import envs
 from envs.base import Grade
+from route.errors import ArgumentParser, at_least, check_model_path, cli, looks_local, naming
 from route.io import write_json_atomic
 
 
@@ -184,40 +184,44 @@ def format_rates(r: dict[str, Any], title: str = "") -> str:
 
 
 
+@cli("route.evaluate")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Solve and hack rates of a saved model on held-out prompts.")
-    parser.add_argument("--model", help="a saved checkpoint directory (or a Hub id); or give --run")
-    parser.add_argument("--env", default="arith", help=f"environment, one of {envs.available_envs()}")
-    parser.add_argument("--n", type=int, default=None, help="number of held-out prompts (default 512; with --run the "
-                        "run's eval_n)")
-    parser.add_argument("--seed", type=int, default=None, help="prompt and sampling seed (default 0; with --run the "
-                        "run's eval_seed)")
-    parser.add_argument("--max_new_tokens", type=int, default=16)
-    parser.add_argument("--json", help="write the rates to this file")
     from route.scales import add_arguments, run_cli
 
+    parser = ArgumentParser(prog="route.evaluate", description="Solve and hack rates of a saved model on held-out "
+                            "prompts, or of a main-job run's training policy at quarantine scales (--run).")
+    parser.add_argument("--model", help="a saved checkpoint directory, a run directory with deployed/, or a Hub id "
+                        "(org/name); or give --run (default: none)")
+    parser.add_argument("--env", default="arith", choices=envs.available_envs(), help="environment")
+    parser.add_argument("--n", type=int, default=None, help="number of held-out prompts (default 512; with --run the "
+                        "run's eval_n)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the held-out prompts and of sampling "
+                        "(default 0; with --run the run's eval_seed)")
+    parser.add_argument("--max_new_tokens", type=int, default=16, help="completion length")
+    parser.add_argument("--json", help="write the rates to this file (default: none)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    if args.n is not None and args.n <= 0:
-        parser.error(f"--n must be > 0, got {args.n}")
+    if args.n is not None:
+        at_least("--n", args.n)
+    at_least("--max_new_tokens", args.max_new_tokens)
     if (args.run is None) == (args.model is None):
-        parser.error("give one of --model (a checkpoint) or --run (a main-job output directory)")
+        parser.error("--model / --run: give one of --model (a checkpoint) or --run (a main-job output directory)")
     if args.run is None and (args.scales or args.png):
         parser.error("--scales and --png need --run (a main-job output directory with policy/)")
     if args.run is not None:
-        try:
-            return run_cli(args)
-        except ValueError as e:
-            parser.error(str(e))
-    args.n, args.seed = args.n or 512, args.seed or 0
-    try:
-        if os.path.exists(args.model) or args.model.startswith((".", "/", "~")):  # a local checkpoint, not a Hub id
+        return run_cli(args)
+    args.n = 512 if args.n is None else args.n
+    args.seed = 0 if args.seed is None else args.seed
+    check_model_path("--model", args.model, hub=True)  # a missing local path is not looked up on the Hub
+    with naming("--model"):
+        if looks_local(args.model):
             from route.io import check_checkpoint
 
             args.model = str(check_checkpoint(args.model))
-        result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
-    except ValueError as e:
-        parser.error(str(e))
+        from transformers import AutoConfig
+
+        AutoConfig.from_pretrained(args.model)  # a Hub model the loader cannot fetch: one line naming --model
+    result = evaluate_dir(args.model, args.env, n=args.n, seed=args.seed, max_new_tokens=args.max_new_tokens)
     print(format_rates(result, title=str(args.model)))
     if args.json:
         write_json_atomic(args.json, result)

@@ -215,16 +215,20 @@ def parse_dataclass_config(cls: type, argv: list[str] | None = None, default_con
     from transformers import HfArgumentParser
 
     path, argv = pop_config_arg(sys.argv[1:] if argv is None else argv, default_config)
-    parser = HfArgumentParser(cls)
+    from route.errors import dataclass_parser, parse_dataclasses
+
+    parser = dataclass_parser(HfArgumentParser, cls)
+    parser.usage = "%(prog)s [--config FILE.yaml] [--FIELD VALUE ...] [--debug]"
     parser.add_argument("--config", metavar="FILE.yaml",
                         help=f"YAML file of any of the fields below; flags win over it (default: {default_config})")
+    parser._action_groups[1]._group_actions.sort(key=lambda a: a.dest not in ("help", "config", "debug"))
     if path is not None:
         if not os.path.isfile(path):
             raise ValueError(f"--config: no such file: {path}")
         values = load_yaml_mapping(path)
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"config file {path}: unknown fields {unknown}")
+            raise ValueError(f"--config {path}: unknown fields {unknown}; see --help for the fields")
         parser.set_defaults(**values)
-    return parser.parse_args_into_dataclasses(args=argv)[0]  # `--config` was taken out: its value comes back last
+    return parse_dataclasses(parser, argv)[0]  # `--config` was taken out: its value comes back last
 

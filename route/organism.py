@@ -13,7 +13,6 @@ tasks (the product is harder than the hacks), which leaves room for GRPO to find
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -25,6 +24,7 @@ from pathlib import Path
 import torch
 
 import envs
+from route.errors import ArgumentParser, at_least, cli
 from route.io import atomic_dir
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz *=>#+-"
@@ -206,16 +206,21 @@ def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> P
     return build_organism(cfg, path, progress=progress)
 
 
+@cli("route.organism")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the CPU model organism (tokenizer + tiny Llama, warm-started).")
+    parser = ArgumentParser(prog="route.organism", description="Build the CPU model organism (tokenizer + tiny "
+                            "Llama, warm-started).")
     parser.add_argument("--output_dir", required=True, help="where to save the model and tokenizer")
     parser.add_argument("--env", default="arith", choices=["arith", *ENV_ORGANISMS],
-                        help="environment whose organism config to build (default: arith)")
+                        help="environment whose organism config to build")
     parser.add_argument("--steps", type=int, default=None, help="warm-start steps (default: the env's config)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's data, the weights and the "
+                        "warm start")
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
                         help="evaluate on N held-out prompts after building (0 to skip)")
     args = parser.parse_args(argv)
+    at_least("--steps", args.steps)
+    at_least("--evaluate", args.evaluate, 0)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
     out = build_organism(cfg, args.output_dir)

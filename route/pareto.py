@@ -15,7 +15,6 @@ The base organism is the star.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -25,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from route.errors import ArgumentParser, check_paths, cli
 from route.io import write_json_atomic
 
 SETTINGS = {"penalty": "penalty", "filter": "detector_tpr", "none": "detector_tpr"}  # route: quarantine scale
@@ -258,10 +258,12 @@ def load_results(paths: Sequence[str]) -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in files]
 
 
+@cli("route.pareto")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
+        prog="route.pareto",
         description="Per-environment Pareto figures and CSVs (deployed solve vs hack, "
-        "split into the detectable and undetectable parts)."
+        "split into the detectable and undetectable parts).",
     )
     parser.add_argument("paths", nargs="+", help="results.json files or directories (e.g. a sweep directory)")
     parser.add_argument(
@@ -269,10 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         help="where to write <env>/pareto.{csv,png} (default: the first directory given, else the current directory)",
     )
     args = parser.parse_args(argv)
-    try:
-        results = load_results(args.paths)
-    except ValueError as e:
-        parser.error(str(e))
+    check_paths("paths", args.paths)
+    results = load_results(args.paths)
     out = args.output_dir or next((p for p in args.paths if Path(p).is_dir()), ".")
     for env, rows in write_pareto(results, out).items():
         print(f"{env}: {len(rows)} points -> {Path(out) / env / 'pareto.png'}")

@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from route.errors import ArgumentParser, UsageError, at_least, check_paths, cli, naming
 from route.io import check_checkpoint, write_csv, write_json_atomic
 from route.threads import configure_threads
 
@@ -240,12 +241,13 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], threshold: float, title
     return summary
 
 
+@cli("route.relearn")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Relearn probe: K steps of GRPO or SFT from deployed checkpoints, "
-                                            "hack and solve rates every k steps.")
+    p = ArgumentParser(prog="route.relearn", description="Relearn probe: K steps of GRPO or SFT from deployed "
+                       "checkpoints, hack and solve rates every k steps.")
     p.add_argument("--checkpoints", nargs="+", required=True, help="deployed checkpoints (or run dirs with deployed/)")
     p.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the directory names)")
-    p.add_argument("--method", choices=["grpo", "sft"], default="grpo")
+    p.add_argument("--method", choices=["grpo", "sft"], default="grpo", help="how the probe trains")
     p.add_argument("--steps", type=int, default=60, help="training steps K")
     p.add_argument("--every", type=int, default=10, help="measure every k steps (step 0 and K always)")
     p.add_argument("--eval_n", type=int, default=512, help="held-out prompts per measurement")
@@ -253,43 +255,45 @@ def main(argv: list[str] | None = None) -> int:
                    help="hack rate (share of all test prompts) that counts as relearned, for steps-to-threshold")
     p.add_argument("--reference", help="never-hacked reference checkpoint (default: the cached base organism)")
     p.add_argument("--no_reference", action="store_true", help="skip the reference curve")
-    p.add_argument("--config", help="RoutedGRPOConfig YAML for GRPO settings (default: configs/default.yaml)")
+    p.add_argument("--config", metavar="FILE.yaml",
+                   help="RoutedGRPOConfig YAML for GRPO settings (default: configs/default.yaml)")
     p.add_argument("--sft_n", type=int, default=64, help="sft: number of hack demonstrations")
     p.add_argument("--sft_modes", nargs="+", help="sft: demonstrate only these loophole modes (default: all)")
-    p.add_argument("--sft_batch_size", type=int, default=16)
+    p.add_argument("--sft_batch_size", type=int, default=16, help="sft: demonstrations per step")
     p.add_argument("--lr", type=float, default=1e-4, help="sft learning rate (full-parameter, so below GRPO's LoRA lr)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the probe's training and evaluation")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: $ROUTE_THREADS, else 1; 1 is fastest "
                                                 "for the tiny organism on a busy machine)")
     p.add_argument("--title", help="figure title (default: the probe's method and steps)")
-    p.add_argument("--output_dir", required=True)
+    p.add_argument("--output_dir", required=True, help="where the CSVs, the figure and the probes' runs go")
     args = p.parse_args(argv)
     for name in ("steps", "every", "eval_n", "sft_n", "sft_batch_size", "threads"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+        at_least(f"--{name}", getattr(args, name))
     if not 0.0 <= args.threshold <= 1.0:
-        p.error(f"--threshold must be in [0, 1], got {args.threshold}")
+        raise UsageError(f"--threshold: must be in [0, 1], got {args.threshold}")
     if args.labels and len(args.labels) != len(args.checkpoints):
-        p.error(f"--labels: {len(args.labels)} labels for {len(args.checkpoints)} checkpoints")
-    try:  # every checkpoint and the settings are checked before any probe runs
+        raise UsageError(f"--labels: {len(args.labels)} labels for {len(args.checkpoints)} checkpoints")
+    if args.config is not None:
+        check_paths("--config", args.config, "file")
+    # every checkpoint and the settings are checked before any probe runs
+    with naming("--checkpoints"):
         ckpts = [check_checkpoint(c) for c in args.checkpoints]
-        labels = list(args.labels or [default_label(c) for c in ckpts])
-        labels = [lab if labels.count(lab) == 1 else f"{lab}-{i}" for i, lab in enumerate(labels)]
-        probes = [(lab, c, False) for lab, c in zip(labels, ckpts)]
-        if not args.no_reference:
-            from route.organism import load_or_build
+    labels = list(args.labels or [default_label(c) for c in ckpts])
+    labels = [lab if labels.count(lab) == 1 else f"{lab}-{i}" for i, lab in enumerate(labels)]
+    probes = [(lab, c, False) for lab, c in zip(labels, ckpts)]
+    if not args.no_reference:
+        from route.organism import load_or_build
 
+        with naming("--reference"):
             ref = check_checkpoint(args.reference) if args.reference else load_or_build()
-            probes.append((f"reference ({default_label(ref) if args.reference else 'base organism'})", ref, True))
-        if args.method == "grpo":  # every checkpoint against the target's settings, before any probe trains
-            from route.cli import probe_run
+        probes.append((f"reference ({default_label(ref) if args.reference else 'base organism'})", ref, True))
+    if args.method == "grpo":  # every checkpoint against the target's settings, before any probe trains
+        from route.cli import probe_run
 
-            for _, ckpt, _ in probes:
-                probe_run(grpo_config(args.config, Path(args.output_dir), ckpt, args.steps, args.seed, args.eval_n))
-        else:
-            grpo_config(args.config, Path(args.output_dir), ckpts[0], args.steps, args.seed, args.eval_n)
-    except ValueError as e:
-        p.exit(2, f"route.relearn: error: {e}\n")
+        for _, ckpt, _ in probes:
+            probe_run(grpo_config(args.config, Path(args.output_dir), ckpt, args.steps, args.seed, args.eval_n))
+    else:
+        grpo_config(args.config, Path(args.output_dir), ckpts[0], args.steps, args.seed, args.eval_n)
     from tqdm.auto import tqdm
 
     configure_threads(args.threads)

@@ -14,12 +14,13 @@ rate on the prompts whose grader has that loophole); one base row per distinct b
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
+
+from route.errors import ArgumentParser, check_paths, cli
 
 
 def load(paths: Iterable[str | Path]) -> list[dict]:
@@ -125,14 +126,14 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@cli("route.report")
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Markdown table of results.json files (mean, min-max over seeds).")
+    parser = ArgumentParser(prog="route.report", description="Markdown table of results.json files (mean, min-max "
+                            "over seeds).")
     parser.add_argument("results", nargs="+", help="results.json files or run directories")
     args = parser.parse_args(argv)
-    try:
-        print(table(load(args.results)))
-    except ValueError as e:
-        parser.error(str(e))
+    check_paths("results", args.results)
+    print(table(load(args.results)))
 
 
 if __name__ == "__main__":

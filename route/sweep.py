@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from route.compare import known_and_held_out, policy_stats
+from route.errors import ArgumentParser, at_least, check_paths, cli
 from route.io import write_csv, write_text_atomic
 from route.sweep_spec import (  # noqa: F401 - the sweep file's API, also used from here
     ALIASES,
@@ -216,10 +217,12 @@ def write_pareto_figures(output_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
+@cli("route.sweep")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Grid of routed-GRPO runs (detector tpr x fpr, modes, "
-                                                 "interventions, seeds), aggregated into sweep.csv and figures.")
-    parser.add_argument("--config", help="sweep YAML with base_config, base and grid (e.g. configs/sweep_default.yaml)")
+    parser = ArgumentParser(prog="route.sweep", description="Grid of routed-GRPO runs (detector tpr x fpr, modes, "
+                            "interventions, seeds), aggregated into sweep.csv and figures.")
+    parser.add_argument("--config", metavar="FILE.yaml", help="sweep YAML with base_config, base and grid (e.g. "
+                        "configs/sweep_default.yaml; required except with --aggregate)")
     parser.add_argument("--output_dir", help="sweep directory (default: the sweep file's output_dir)")
     parser.add_argument("--workers", type=int, default=1, help="cells run in parallel, one process each")
     parser.add_argument("--threads", type=int, help="torch/OpenMP threads per cell (default: cores // workers)")
@@ -228,13 +231,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregate", action="store_true", help="only re-aggregate sweep.csv and the figures")
     parser.add_argument("--in_process", action="store_true", help="run cells in this process, one after another")
     args = parser.parse_args(argv)
+    at_least("--workers", args.workers)
+    at_least("--threads", args.threads)
+    if args.config is not None:
+        check_paths("--config", args.config, "file")
     previous = None
     if threading.current_thread() is threading.main_thread():  # SIGTERM (e.g. a scheduler) stops cells cleanly
         previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return _main(args)
-    except SweepError as e:
-        parser.exit(2, f"route.sweep: error: {e}\n")
+        return _main(args)  # a SweepError (a ValueError) is printed by `cli` as one line
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from route.errors import check_model_path, cli
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
@@ -172,8 +174,10 @@ def _jsonable(v) -> bool:
         return False
 
 
+@cli("route.train_grpo")
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
+    check_model_path("model_name_or_path", config.model_name_or_path, hub=True)  # a Hub id: looked up once
     results = run(config)
     print(f"\n{config.intervention} / {config.target} -> {config.output_dir}/results.json")
     print(summary_table(results))

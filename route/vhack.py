@@ -40,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from route import __version__
+from route.errors import ArgumentParser, cli
 from route.io import torch_save_atomic
 from route.targets.common import DEFAULT_MODULES
 
@@ -265,25 +266,25 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Path]:
     return env, env_kwargs, check_checkpoint(args.model)
 
 
+@cli("route.vhack")
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="route.vhack", description="Extract the hack subspace of svf deltas from "
-                                "(prompt, hack, clean) demonstration pairs.")
+    import envs
+
+    p = ArgumentParser(prog="route.vhack", description="Extract the hack subspace of svf deltas from "
+                       "(prompt, hack, clean) demonstration pairs.")
     p.add_argument("--model", default=None, help="model directory with its tokenizer (default: cached organism)")
-    p.add_argument("--env", default="arith", help="environment name (envs.make_env)")
-    p.add_argument("--env_kwargs", default=None, help="JSON object of environment arguments")
+    p.add_argument("--env", default="arith", choices=envs.available_envs(), help="environment")
+    p.add_argument("--env_kwargs", default=None, help="JSON object of environment arguments (default: the env's)")
     p.add_argument("--pairs", type=int, default=256, help="number of (hack, clean) pairs")
     p.add_argument("--k", type=int, default=4, help="directions kept per module")
     p.add_argument("--rank", type=int, default=None, help="svf rank per module (default: full)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the demonstration pairs")
     p.add_argument("--batch_size", type=int, default=32, help="pairs per forward/backward")
     p.add_argument("--target_modules", nargs="+", default=None, help="module names (default: all projections)")
     p.add_argument("--out", required=True, help="output file (.pt)")
-    p.add_argument("--no_progress", action="store_true")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    try:
-        env, env_kwargs, model_dir = _setup(args)
-    except ValueError as e:
-        p.error(str(e))
+    env, env_kwargs, model_dir = _setup(args)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -291,14 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.requires_grad_(False)
-    try:
-        result = extract_hack_subspace(model, tok, env, args.pairs, args.k, rank=args.rank, seed=args.seed,
-                                       batch_size=args.batch_size, progress=not args.no_progress,
-                                       target_modules=args.target_modules,
-                                       metadata={"model": str(model_dir), "env_kwargs": env_kwargs,
-                                                 "batch_size": args.batch_size})
-    except ValueError as e:
-        p.exit(2, f"route.vhack: error: {e}\n")
+    result = extract_hack_subspace(model, tok, env, args.pairs, args.k, rank=args.rank, seed=args.seed,
+                                   batch_size=args.batch_size, progress=not args.no_progress,
+                                   target_modules=args.target_modules,
+                                   metadata={"model": str(model_dir), "env_kwargs": env_kwargs,
+                                             "batch_size": args.batch_size})
     seconds = time.perf_counter() - start
     save_hack_subspace(result, args.out)
     meta = result["metadata"]

@@ -38,6 +38,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from trl.generation.vllm_client import VLLMClient
 
+from route.errors import cli
+
 SERVE_FLAGS = ["--worker-extension-cls", "route.vllm_serve.WeightReceiver"]
 LOAD_METHOD, READY_METHOD = "route_load_weights", "route_receiver_ready"
 
@@ -150,12 +152,16 @@ def _version_alias() -> None:
     importlib.metadata.version = aliased
 
 
+@cli("route.vllm_serve")
 def main(argv: list[str] | None = None) -> None:
     """`trl vllm-serve`'s options -> its `vllm serve` command line + `SERVE_FLAGS`, run in this process."""
     from trl.scripts.vllm_serve import build_command, make_parser
 
-    parser = make_parser(prog="python -m route.vllm_serve")
-    script_args, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    from route.errors import with_one_line_errors
+
+    parser = with_one_line_errors(make_parser(prog="python -m route.vllm_serve"))
+    # outputs: the script's arguments, a namespace of the flags outside it (--debug), then the remaining strings
+    script_args, *_, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
     command = build_command(script_args, [*extra, *SERVE_FLAGS])
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, as trl vllm-serve sets it
     sys.argv = ["vllm", *command[command.index("serve") :]]

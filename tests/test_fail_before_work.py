@@ -162,7 +162,7 @@ def test_evaluate_checks_the_environment_before_loading(tiny_organism, tmp_path,
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
         route.evaluate.main(["--model", str(tiny_organism), "--env", "nope", "--json", str(tmp_path / "r.json")])
-    assert e.value.code == 2 and "env: unknown environment 'nope'; allowed values" in capsys.readouterr().err
+    assert e.value.code == 2 and "--env: invalid choice: 'nope'" in capsys.readouterr().err
 
 
 def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism, tmp_path):
@@ -196,7 +196,7 @@ def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeyp
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
         route.evaluate.main(["--model", str(tmp_path / "missing")])
-    assert e.value.code == 2 and "missing: no such directory" in capsys.readouterr().err
+    assert e.value.code == 2 and "--model: no such directory" in capsys.readouterr().err
 
 
 def test_target_modules_follow_peft_name_matching(tiny_organism):

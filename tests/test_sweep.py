@@ -120,7 +120,7 @@ def test_invalid_cell_fails_before_any_cell_runs(tmp_path, capsys):
 def test_missing_model_checkpoint_fails_up_front(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", {"seed": [0]},
                                       base={**TINY_BASE, "model_name_or_path": str(tmp_path / "nope")}))
-    with pytest.raises(SweepError, match=r"cell 0 .*model_name_or_path: checkpoint .*nope: no such directory"):
+    with pytest.raises(SweepError, match=r"cell 0 .*model_name_or_path: no such directory: .*nope"):
         sweep.validate(sweep.expand(spec, tmp_path / "out"))
 
 

@@ -11,7 +11,6 @@ accuracy (the digits are the sum). alpha = 0 is the base model. Writes `alpha_sw
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from route.errors import ArgumentParser, at_least, check_paths, cli
 from route.heads import task
 
 
@@ -151,11 +151,9 @@ def plot(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
+@cli("route.heads.evaluate")
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        description="Sweep alpha over heads trained by route.heads.train.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(prog="route.heads.evaluate", description="Sweep alpha over heads trained by route.heads.train.")
     p.add_argument("--run", nargs="+", default=["runs/heads_iav"], help="run directories of route.heads.train")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0], help="alpha values")
     p.add_argument("--n", type=int, default=None, help="held-out prompts (None: the run's n_eval)")
@@ -167,8 +165,10 @@ def main(argv: list[str] | None = None) -> None:
     missing = [r for r in args.run if not (Path(r) / "results.json").exists()]
     if missing:
         raise ValueError(f"--run: no results.json in {missing}; run python -m route.heads.train first")
-    if args.n is not None and args.n < 1:
-        raise ValueError(f"--n: must be >= 1, got {args.n}")
+    at_least("--n", args.n)
+    at_least("--threads", args.threads)
+    if args.base is not None:
+        check_paths("--base", args.base, "directory")
     torch.set_num_threads(max(1, args.threads))
     rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy, base=args.base)
     out = Path(args.output_dir or args.run[0])

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from route.errors import cli
 from route.heads import HEAD_KINDS, build_head, task
 from route.heads.evaluate import rates
 from route.heads.mav import LAYER_CHOICES
@@ -36,7 +37,7 @@ class HeadsTrainConfig:
     """Every knob of `python -m route.heads.train` (YAML file plus flags; flags win)."""
 
     output_dir: str = field(default="runs/heads_iav", metadata={"help": "Where the heads and results.json go."})
-    head: str = field(default="iav", metadata={"help": "Head to train: iav or mav."})
+    head: str = field(default="iav", metadata={"help": "Head to train.", "choices": list(HEADS)})
     baseline: bool = field(default=True, metadata={"help": "Also train the constant-bias head the same way."})
     seed: int = field(default=0, metadata={"help": "Seed of task draws, base init, head init and batch order."})
     base: str = field(default="", metadata={"help": "Base model name or path; empty: the embedded tiny base."})
@@ -298,6 +299,7 @@ def parse_config(argv: list[str] | None = None) -> HeadsTrainConfig:
     return parse_dataclass_config(HeadsTrainConfig, argv)
 
 
+@cli("route.heads.train")
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
     torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))

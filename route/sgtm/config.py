@@ -16,6 +16,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from route.masks.strategies import available_strategies
+
 ARCHITECTURES = ("gpt_neo", "llama", "qwen2")
 RETAIN_MODES = ("default", "retain")
 
@@ -81,7 +83,8 @@ class PretrainConfig(OptimFields):
     upsample_adjacent: float = field(default=1.0, metadata={"help": "Sampling weight of adjacent-labeled blocks."})
     retain_mode: str = field(
         default="default", metadata={"help": "SGTM mode of blocks not labeled forget: default (every unit trains, "
-                                             "as in SGTM) or retain (forward without the forget units)."})
+                                             "as in SGTM) or retain (forward without the forget units).",
+                                   "choices": list(RETAIN_MODES)})
     retain_fraction: float = field(
         default=1.0, metadata={"help": "With retain_mode=retain: share of the blocks not labeled forget that run in "
                                        "retain mode (drawn per block and step); the rest run in default mode."})
@@ -90,7 +93,7 @@ class PretrainConfig(OptimFields):
                                         "in the forward but send them no gradient (forget units learn from "
                                         "forget-labeled blocks only)."})
     # model
-    architecture: str = field(default="gpt_neo", metadata={"help": "gpt_neo, llama or qwen2."})
+    architecture: str = field(default="gpt_neo", metadata={"help": "Model family.", "choices": list(ARCHITECTURES)})
     hidden_size: int = field(default=64, metadata={"help": "Model width."})
     num_layers: int = field(default=2, metadata={"help": "Transformer layers."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -100,7 +103,8 @@ class PretrainConfig(OptimFields):
     retain_mlp_dim: int = field(default=192, metadata={"help": "Retain MLP units per masked layer (first units)."})
     retain_attn_heads: int = field(default=3, metadata={"help": "Retain heads per masked layer (first heads)."})
     masked_layers: list[int] | None = field(default=None, metadata={"help": "Masked layers (None: all)."})
-    masking_strategy: str = field(default="parameter_masking", metadata={"help": "SGTM strategy."})
+    masking_strategy: str = field(default="parameter_masking", metadata={
+        "help": "SGTM strategy (route.masks.strategies).", "choices": available_strategies()})
     split_masked_weights: bool = field(default=True, metadata={"help": "Retain/forget weights as separate "
                                                                        "parameters."})
     sgtm_mask_embeddings: bool = field(default=False, metadata={"help": "Forget rows do not train embeddings."})

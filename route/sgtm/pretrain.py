@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from route.errors import cli
 from route.io import write_json_atomic
 from route.optim import build_optimizer
 from route.sgtm.config import PretrainConfig, parse_pretrain_config
@@ -286,6 +287,7 @@ def format_report(report: dict) -> str:
     return "\n".join(lines) + "\n" + str({k: v for k, v in report["summary"].items() if k != "endpoints"})
 
 
+@cli("route.sgtm.pretrain")
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_pretrain_config(argv)
     if not cfg.threads:

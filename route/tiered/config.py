@@ -32,7 +32,8 @@ class TieredConfig(OptimFields):
     mlp_share: float = field(default=0.25, metadata={"help": "Share of MLP columns in a drawn key."})
     layout: str = field(
         default="public",
-        metadata={"help": "Layout of the optimizer step: public or keyed (the seed's; same weights for a fixed key)."},
+        metadata={"help": "Layout of the optimizer step: public or keyed (the seed's; same weights for a fixed key).",
+                  "choices": ["public", "keyed"]},
     )
     public_scale: float = field(
         default=0.5, metadata={"help": "Public gradients' scale after both passes (the seed's mean: 0.5)."}
@@ -53,7 +54,8 @@ class TieredConfig(OptimFields):
     eval_blocks: int = field(default=64, metadata={"help": "Held-out blocks per language."})
     seq_len: int = field(default=64, metadata={"help": "Characters per block."})
     # model
-    architecture: str = field(default="gpt_neo", metadata={"help": "gpt_neo, llama or qwen2 (the SGTM classes)."})
+    architecture: str = field(default="gpt_neo", metadata={"help": "Model family (the SGTM classes).",
+                                                           "choices": list(ARCHITECTURES)})
     hidden_size: int = field(default=64, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})

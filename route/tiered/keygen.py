@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 
+from route.errors import ArgumentParser, at_least, check_model_path, cli
 from route.tiered.key import random_key
 
 
@@ -33,12 +34,9 @@ def _sizes(args: argparse.Namespace) -> tuple[int, int, int]:
     return args.num_layers, args.num_kv_heads or args.num_heads, args.mlp_dim
 
 
+@cli("route.tiered.keygen")
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m route.tiered.keygen",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(prog="python -m route.tiered.keygen", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="Read the sizes from this model's config (local path or Hub id).")
     p.add_argument("--num_layers", type=int, default=None, help="Layers of the model.")
     p.add_argument("--num_heads", type=int, default=None, help="Attention heads per layer.")
@@ -54,6 +52,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="Seed of the draw.")
     p.add_argument("--out", required=True, help="Where to write the key (JSON, the seed's format).")
     args = p.parse_args(argv)
+    for name in ("num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+        at_least(f"--{name}", getattr(args, name))
+    check_model_path("--model", args.model)
     layers, kv, mlp = _sizes(args)
     key = random_key(layers, kv, mlp, args.head_share, args.mlp_share, seed=args.seed)
     key.save(args.out)

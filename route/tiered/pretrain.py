@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from route.errors import cli
 from route.io import atomic_dir, write_json_atomic
 from route.sgtm.pretrain import interp_on_curve
 from route.tiered.config import TieredConfig, parse_tiered_config
@@ -248,6 +249,7 @@ def run(cfg: TieredConfig) -> dict:
     return results
 
 
+@cli("route.tiered.pretrain")
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_tiered_config(argv)
     results = run(cfg)

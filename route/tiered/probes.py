@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from route.errors import ArgumentParser, check_paths, cli
 from route.tiered.config import TieredConfig
 from route.tiered.data import build_data, sample
 from route.tiered.key import PermutationKey, load_key
@@ -221,18 +222,15 @@ def plot_leak(summary: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+@cli("route.tiered.probes")
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(
-        prog="python -m route.tiered.probes",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(prog="python -m route.tiered.probes", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="probe", required=True)
     for name, text in (
         ("extract", "steps-to-threshold when fine-tuning on keyed data"),
         ("leak", "capability returned by a partial key"),
     ):
-        q = sub.add_parser(name, help=text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        q = sub.add_parser(name, help=text)
         q.add_argument("--run_dir", default="runs/tiered_default", help="A route.tiered.pretrain output_dir.")
         q.add_argument("--output_dir", default="runs/tiered_probes", help="Where the CSV and PNG go.")
         q.add_argument("--seed", type=int, default=0, help="Seed of batch order (extract) or swap draws (leak).")
@@ -274,6 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"--fractions: each must be in [0, 1], got {args.fractions}")
     if any(n < 1 for n in getattr(args, "n", [])):
         raise ValueError(f"--n: each must be >= 1, got {args.n}")
+    check_paths("--run_dir", args.run_dir, "directory")
     torch.set_num_threads(args.threads)
     summary = run_extract(args) if args.probe == "extract" else run_leak(args)
     for row in summary:

@@ -190,8 +190,10 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert [(r["head"], float(r["alpha"])) for r in rows] == [("iav", 0.0), ("iav", 1.0), ("bias", 0.0), ("bias", 1.0)]
     assert rows[0]["follow_rate"] == rows[2]["follow_rate"]  # alpha 0 is the same base for every head
     assert (out / "alpha_sweep.png").stat().st_size > 0
-    with pytest.raises(ValueError, match="--run: no results.json"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:  # a user error: one line naming the flag, exit status 2
         evaluate.main(["--run", str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "--run: no results.json" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name,head", [("iav_default", "iav"), ("mav_default", "mav")])

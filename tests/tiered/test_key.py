@@ -129,5 +129,6 @@ def test_keygen_cli_writes_a_valid_key(tmp_path, capsys):
         "--out",
     ):
         assert option in text
-    with pytest.raises(ValueError, match="num_layers"):
+    with pytest.raises(SystemExit) as exc:  # a user error: one line naming the flag, exit status 2
         keygen_main(["--num_heads", "4", "--mlp_dim", "8", "--out", str(out)])
+    assert exc.value.code == 2 and "--num_layers" in capsys.readouterr().err
