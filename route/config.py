@@ -146,8 +146,8 @@ class RoutedGRPOConfig(GRPOConfig):
         default=False,
         metadata={"help": "Log absorption/*: per optimizer step, the share of the squared gradient norm of missed "
                           "hacks, flagged hacks, clean rollouts and each loophole mode that lands in the quarantine "
-                          "(computed in the training backward, by targets that support it; off by default: about "
-                          "+11% step time at the default shapes; docs/absorption.md)."})
+                          "(computed in the training backward, by targets that support it; off unless asked: about "
+                          "11 percent more step time at the default shapes; docs/absorption.md)."})
 
     # ---------------------------------------------------------------- systematic monitor blindness
     # Validated by route.detectors.validate_monitor (from route.cli.validate_run), built by
