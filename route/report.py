@@ -66,13 +66,21 @@ def arm_key(config: dict) -> tuple:
     return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
 
 
+BASE_RATES = ("n", "solve_rate", "hack_rate", "pass_rate", "hack_rate_by_mode")
+
+
+def base_key(result: dict) -> str:
+    """The base model's rates of a run (not its monitor's flags, which depend on the detector seed)."""
+    return json.dumps({k: result["base"].get(k) for k in BASE_RATES}, sort_keys=True)
+
+
 def group_arms(results: list[dict]) -> dict[tuple, list[dict]]:
     """Runs grouped by `arm_key`; ValueError when the runs of one arm do not share one base row."""
     arms: dict[tuple, list[dict]] = defaultdict(list)
     for r in results:
         arms[arm_key(r["config"])].append(r)
     for rs in arms.values():
-        bases = {json.dumps(r["base"], sort_keys=True) for r in rs}
+        bases = {base_key(r) for r in rs}
         if len(bases) > 1:
             raise ValueError(f"report: the runs of arm {arm_label(rs[0]['config'])!r} have {len(bases)} different "
                              "base rows (different models or held-out prompts); they cannot be averaged")
@@ -105,10 +113,10 @@ def table(results: list[dict]) -> str:
     head = ["arm", "seeds", "training solve", "training hack", "deployed solve", "deployed hack",
             *(f"deployed hack:{m}" for m in modes)]  # the hack rate on that loophole's own prompts
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    bases = list(dict.fromkeys(json.dumps(rs[0]["base"], sort_keys=True) for rs in arms.values()))
+    bases = list(dict.fromkeys(base_key(rs[0]) for rs in arms.values()))
     for i, text in enumerate(bases):
         base = json.loads(text)
-        name = "base organism" if len(bases) == 1 else f"base {i + 1} ({', '.join(labels[k] for k, rs in arms.items() if json.dumps(rs[0]['base'], sort_keys=True) == text)})"  # noqa: E501
+        name = "base organism" if len(bases) == 1 else f"base {i + 1} ({', '.join(labels[k] for k, rs in arms.items() if base_key(rs[0]) == text)})"  # noqa: E501
         lines.append(f"| {name} | - | " + f"{base['solve_rate']:.3f} | {base['hack_rate']:.3f} | - | - | "
                      + " | ".join(f"{base['hack_rate_by_mode'][m]:.3f}" for m in modes) + " |")
     order = {"none": 0, "filter": 1, "penalty": 2, "route": 3, "erase": 4}
