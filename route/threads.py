@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ROUTE_THREADS")  # exported
+THREADS_DEFAULT = "$ROUTE_THREADS, else $OMP_NUM_THREADS, else 1"  # for help texts
 
 
 def chosen_threads(n: int | None = None) -> int:
@@ -41,4 +42,4 @@ def configure_threads(n: int | None = None) -> int:
     return k
 
 
-__all__ = ["THREAD_VARS", "chosen_threads", "configure_threads"]
+__all__ = ["THREADS_DEFAULT", "THREAD_VARS", "chosen_threads", "configure_threads"]

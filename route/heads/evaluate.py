@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from route.heads import task
+from route.threads import THREADS_DEFAULT, configure_threads
 
 
 @torch.no_grad()
@@ -162,14 +163,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (None: the first run)")
     p.add_argument("--base", default=None, help="evaluate the heads on this base (same vocabulary; None: the run's)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (else sampling at temperature 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: {THREADS_DEFAULT})")
     args = p.parse_args(argv)
     missing = [r for r in args.run if not (Path(r) / "results.json").exists()]
     if missing:
         raise ValueError(f"--run: no results.json in {missing}; run python -m route.heads.train first")
     if args.n is not None and args.n < 1:
         raise ValueError(f"--n: must be >= 1, got {args.n}")
-    torch.set_num_threads(max(1, args.threads))
+    configure_threads(args.threads)
     rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy, base=args.base)
     out = Path(args.output_dir or args.run[0])
     write_csv(rows, out / "alpha_sweep.csv")
