@@ -42,6 +42,7 @@ EXTRA = [
 
 def watched_names() -> list[str]:
     """`module:qualname` of every TRL method route overrides or calls by a private name (this environment)."""
+    sys.path.insert(0, str(ROOT))  # this checkout's route
     from trl import GRPOTrainer
 
     from route.trainer import RoutedGRPOTrainer
