@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
             text=True,
         )
-        print("  " + (tests.stdout.strip().splitlines() or ["(no output)"])[-1])
+        summary = [line for line in tests.stdout.splitlines() if re.search(r"\d+ (passed|failed|errors?)\b", line)]
+        print("  " + (summary or tests.stdout.strip().splitlines() or ["(no output)"])[-1])
         rc = tests.returncode
     lines, broken = compare(old, new)
     print(f"TRL methods route overrides or calls privately ({len(lines)}), {old['trl']} -> {new['trl']}:")
