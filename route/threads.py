@@ -2,8 +2,9 @@
 
 `configure_threads(n)` picks n, else `$ROUTE_THREADS`, else `$OMP_NUM_THREADS` when the user set it, else 1, and
 applies it to torch (intra-op) and to the OpenMP / MKL variables that subprocesses and a later `import torch`
-read. `import route` calls it once, so the library imported from plain `python` behaves like `accelerate launch`
-(which sets OMP_NUM_THREADS=1); every command line's `--threads` calls it again.
+read, and to `ROUTE_THREADS` (so a child process, e.g. a sweep cell, makes the same choice). `import route`
+calls it once, so the library imported from plain `python` behaves like `accelerate launch` (which sets
+OMP_NUM_THREADS=1); every command line's `--threads` (or `threads` field) calls it again.
 """
 
 from __future__ import annotations
