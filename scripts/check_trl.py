@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         print(f"pytest {' '.join(args.tests)} under TRL {new['trl']} ...", flush=True)
         tests = subprocess.run(
-            [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args.tests],
+            [python, "-m", "pytest", "-p", "no:cacheprovider", "-p", "no:warnings", *args.tests],
             cwd=ROOT,
             env=env,
             capture_output=True,
