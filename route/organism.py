@@ -18,6 +18,8 @@ import json
 import math
 import os
 import random
+import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import torch
 
 import envs
 from route.errors import ArgumentParser, at_least, cli
-from route.io import atomic_dir
+from route.io import atomic_dir, fsync_tree
+from route.threads import configure_threads
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz *=>#+-"
 SPECIAL = ("<pad>", "<eos>", "<unk>")
@@ -197,34 +200,119 @@ def cache_root() -> Path:
     return Path(os.environ.get("ROUTE_CACHE", Path.home() / ".cache" / "route"))
 
 
+SHIPPED_ROOT = Path(__file__).resolve().parent / "organisms"  # package data (pyproject: route/organisms/*/*)
+MANIFEST = "SHA256SUMS"  # `sha256sum` format: `sha256sum -c SHA256SUMS` checks a shipped directory
+SHIP_COMMAND = "python -m route.organism --ship"
+
+
+def file_hashes(path: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file in directory `path` (the manifest excluded), by file name."""
+    path = Path(path)
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(path.iterdir()) if f.is_file() and f.name != MANIFEST}
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, str]:
+    """The `SHA256SUMS` of a shipped organism directory: {file name: hex digest}."""
+    rows = (line.split(maxsplit=1) for line in (Path(path) / MANIFEST).read_text().splitlines() if line.strip())
+    return {name.strip().lstrip("*"): digest for digest, name in rows}
+
+
+def shipped_organism(cfg: OrganismConfig) -> Path | None:
+    """The shipped directory of `cfg` (matched by its key), checked against its manifest; None when none ships."""
+    path = SHIPPED_ROOT / f"{cfg.env}-{cfg.key()}"
+    if not (path / MANIFEST).is_file():
+        return None
+    want, have = read_manifest(path), file_hashes(path)
+    if want != have:
+        bad = sorted(n for n in set(want) | set(have) if want.get(n) != have.get(n))
+        raise RuntimeError(f"organism: the shipped organism {path} does not match its {MANIFEST} ({bad}); "
+                           f"reinstall route, or re-ship it with `{SHIP_COMMAND}`")
+    return path
+
+
 def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> Path:
-    """The cached organism directory for `cfg`, built on first use."""
+    """The organism directory for `cfg`: the shipped copy when one matches its key, else the cache's, built on
+    first use."""
     cfg = cfg or OrganismConfig()
+    shipped = shipped_organism(cfg)
+    if shipped is not None:
+        return shipped
     path = cache_root() / "organisms" / f"{cfg.env}-{cfg.key()}"
     if (path / "organism.json").exists():
         return path
     return build_organism(cfg, path, progress=progress)
 
 
+def ship(source: str | os.PathLike | None = None, root: str | os.PathLike = SHIPPED_ROOT,
+         progress: bool = True) -> Path:
+    """Put the default organism (`organism_config()`) into `root/<env>-<key>/` with a SHA-256 manifest.
+
+    `source`: an organism directory already built from that exact config (else it is built here, with the
+    threads chosen by `route.threads`). Other shipped organisms of the same environment are removed (stale)."""
+    cfg, root = organism_config(), Path(root)
+    with tempfile.TemporaryDirectory(dir=root.parent if root.exists() else None) as tmp:
+        if source is None:
+            source = build_organism(cfg, Path(tmp) / "build", progress=progress)
+        source = Path(source).resolve()
+        meta_file = source / "organism.json"
+        if not meta_file.is_file():
+            raise ValueError(f"--from: {source} is not an organism directory (no organism.json)")
+        meta = json.loads(meta_file.read_text())
+        if meta.get("organism_config") != json.loads(json.dumps(asdict(cfg))) or meta.get("key") != cfg.key():
+            raise ValueError(f"--from: {source} was built from organism config key {meta.get('key')!r}, not the "
+                             f"default's {cfg.key()!r}; build it with `{SHIP_COMMAND}` (no --from)")
+        dest = root / f"{cfg.env}-{cfg.key()}"
+        stage = Path(tmp) / "stage"
+        stage.mkdir()
+        for f in sorted(source.iterdir()):
+            if f.is_file():
+                shutil.copyfile(f, stage / f.name)
+                os.chmod(stage / f.name, 0o644)
+        (stage / MANIFEST).write_text("".join(f"{h}  {n}\n" for n, h in file_hashes(stage).items()))
+        os.chmod(stage, 0o755)
+        fsync_tree(stage)
+        root.mkdir(parents=True, exist_ok=True)
+        for old in root.glob(f"{cfg.env}-*"):
+            shutil.rmtree(old)
+        shutil.move(stage, dest)
+    return dest
+
+
 @cli("route.organism")
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(prog="route.organism", description="Build the CPU model organism (tokenizer + tiny "
-                            "Llama, warm-started).")
-    parser.add_argument("--output_dir", required=True, help="where to save the model and tokenizer")
+                            "Llama, warm-started), or re-ship the default one (--ship).")
+    parser.add_argument("--output_dir", help="where to save the model and tokenizer (required unless --ship)")
     parser.add_argument("--env", default="arith", choices=["arith", *ENV_ORGANISMS],
                         help="environment whose organism config to build")
     parser.add_argument("--steps", type=int, default=None, help="warm-start steps (default: the env's config)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's data, the weights and the "
                         "warm start")
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
-                        help="evaluate on N held-out prompts after building (0 to skip)")
+                        help="evaluate on N held-out prompts after building (0 to skip; default: 512)")
+    parser.add_argument("--ship", action="store_true",
+                        help=f"build the default organism into the package ({SHIPPED_ROOT}) with its SHA256SUMS; "
+                             "ignores --env, --steps, --seed, --output_dir")
+    parser.add_argument("--from", dest="source", metavar="DIR",
+                        help="with --ship: ship this already built default organism instead of building one")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: $ROUTE_THREADS, else $OMP_NUM_THREADS, else 1)")
     args = parser.parse_args(argv)
     at_least("--steps", args.steps)
     at_least("--evaluate", args.evaluate, 0)
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
-    out = build_organism(cfg, args.output_dir)
-    print(f"organism saved to {out}")
+    if not args.ship and not args.output_dir:
+        parser.error("--output_dir: required (or --ship)")
+    if args.source and not args.ship:
+        parser.error("--from: only with --ship")
+    configure_threads(args.threads)
+    if args.ship:
+        cfg, out = organism_config(), ship(args.source)
+        print(f"organism shipped to {out}")
+    else:
+        cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
+        out = build_organism(cfg, args.output_dir)
+        print(f"organism saved to {out}")
     if args.evaluate:
         from route.evaluate import evaluate_dir, format_rates
 

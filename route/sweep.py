@@ -51,7 +51,7 @@ from route.sweep_spec import (  # noqa: F401 - the sweep file's API, also used f
     validate,
     write_manifest,
 )
-from route.threads import THREAD_VARS
+from route.threads import THREAD_VARS, THREADS_DEFAULT, chosen_threads
 
 CELL_MODULE = "route.train_grpo"  # the main job; each cell runs `python -m CELL_MODULE --config cell.yaml`
 CONSOLE_LOG = "console.log"  # a cell process's stdout and stderr; the main job itself writes train.log
@@ -110,7 +110,7 @@ def run_cells(cells: Sequence[Cell], workers: int = 1, threads: int | None = Non
     if workers < 1:
         raise SweepError(f"--workers must be >= 1, got {workers}")
     todo = [c for c in cells if not c.done]
-    threads = threads or max(1, (os.cpu_count() or 1) // min(workers, max(1, len(todo))))
+    threads = threads or chosen_threads()  # per cell; never one per core (cells share the machine)
     failed: list[Cell] = []
     bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="sweep cells", unit="cell",
                disable=not progress)
@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                         "configs/sweep_default.yaml; required except with --aggregate)")
     parser.add_argument("--output_dir", help="sweep directory (default: the sweep file's output_dir)")
     parser.add_argument("--workers", type=int, default=1, help="cells run in parallel, one process each")
-    parser.add_argument("--threads", type=int, help="torch/OpenMP threads per cell (default: cores // workers)")
+    parser.add_argument("--threads", type=int, help=f"threads per cell (default: {THREADS_DEFAULT})")
     parser.add_argument("--list", action="store_true", help="print the cells with their index and status, then exit")
     parser.add_argument("--cell", type=int, nargs="+", metavar="I", help="run only these cells (job arrays)")
     parser.add_argument("--aggregate", action="store_true", help="only re-aggregate sweep.csv and the figures")

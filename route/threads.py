@@ -2,8 +2,9 @@
 
 `configure_threads(n)` picks n, else `$ROUTE_THREADS`, else `$OMP_NUM_THREADS` when the user set it, else 1, and
 applies it to torch (intra-op) and to the OpenMP / MKL variables that subprocesses and a later `import torch`
-read. `import route` calls it once, so the library imported from plain `python` behaves like `accelerate launch`
-(which sets OMP_NUM_THREADS=1); every command line's `--threads` calls it again.
+read, and to `ROUTE_THREADS` (so a child process, e.g. a sweep cell, makes the same choice). `import route`
+calls it once, so the library imported from plain `python` behaves like `accelerate launch` (which sets
+OMP_NUM_THREADS=1); every command line's `--threads` (or `threads` field) calls it again.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import os
 import sys
 
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "ROUTE_THREADS")  # exported
+THREADS_DEFAULT = "$ROUTE_THREADS, else $OMP_NUM_THREADS, else 1"  # for help texts
 
 
 def chosen_threads(n: int | None = None) -> int:
@@ -41,4 +43,4 @@ def configure_threads(n: int | None = None) -> int:
     return k
 
 
-__all__ = ["THREAD_VARS", "chosen_threads", "configure_threads"]
+__all__ = ["THREADS_DEFAULT", "THREAD_VARS", "chosen_threads", "configure_threads"]

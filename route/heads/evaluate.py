@@ -21,6 +21,7 @@ import torch
 
 from route.errors import ArgumentParser, at_least, check_paths, cli
 from route.heads import task
+from route.threads import THREADS_DEFAULT, configure_threads
 
 
 @torch.no_grad()
@@ -160,16 +161,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output_dir", default=None, help="where the CSV and PNG go (None: the first run)")
     p.add_argument("--base", default=None, help="evaluate the heads on this base (same vocabulary; None: the run's)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (else sampling at temperature 1)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None,
+                   help=f"torch CPU threads (default: {THREADS_DEFAULT})")
     args = p.parse_args(argv)
     missing = [r for r in args.run if not (Path(r) / "results.json").exists()]
     if missing:
         raise ValueError(f"--run: no results.json in {missing}; run python -m route.heads.train first")
-    at_least("--n", args.n)
-    at_least("--threads", args.threads)
+    if args.n is not None:
+        at_least("--n", args.n)
+    if args.threads is not None:
+        at_least("--threads", args.threads)
     if args.base is not None:
         check_paths("--base", args.base, "directory")
-    torch.set_num_threads(max(1, args.threads))
+    configure_threads(args.threads)
     rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy, base=args.base)
     out = Path(args.output_dir or args.run[0])
     write_csv(rows, out / "alpha_sweep.csv")

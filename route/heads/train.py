@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from route.errors import cli
 from route.heads import HEAD_KINDS, build_head, task
 from route.heads.evaluate import rates
 from route.heads.mav import LAYER_CHOICES
+from route.threads import THREADS_DEFAULT, configure_threads
 
 HEADS = ("iav", "mav")
 
@@ -75,9 +75,7 @@ class HeadsTrainConfig:
     eval_alpha: float = field(default=1.0, metadata={"help": "alpha at which the trained heads are graded."})
     max_new_tokens: int = field(default=8, metadata={"help": "Tokens generated per held-out prompt."})
     eval_sample: bool = field(default=True, metadata={"help": "Grade sampled answers (temperature 1); false: greedy."})
-    threads: int = field(
-        default=1, metadata={"help": "torch CPU threads (1 is fastest for tiny models on a shared machine)."}
-    )
+    threads: int = field(default=0, metadata={"help": f"torch CPU threads (0: {THREADS_DEFAULT})."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
 
     def __post_init__(self):
@@ -302,7 +300,7 @@ def parse_config(argv: list[str] | None = None) -> HeadsTrainConfig:
 @cli("route.heads.train")
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv)
-    torch.set_num_threads(cfg.threads or max(1, min(2, os.cpu_count() or 1)))
+    configure_threads(cfg.threads or None)
     results = run(cfg)
     print(format_results(results))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")

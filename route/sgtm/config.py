@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from route.masks.strategies import available_strategies
+from route.threads import THREADS_DEFAULT
 
 ARCHITECTURES = ("gpt_neo", "llama", "qwen2")
 RETAIN_MODES = ("default", "retain")
@@ -111,7 +112,7 @@ class PretrainConfig(OptimFields):
     # optimization
     steps: int = field(default=1500, metadata={"help": "Optimizer steps per run."})
     batch_size: int = field(default=32, metadata={"help": "Blocks per step."})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0: up to 2)."})
+    threads: int = field(default=0, metadata={"help": f"torch threads (0: {THREADS_DEFAULT})."})
     save_models: bool = field(default=False, metadata={"help": "Save the ablated SGTM model (vanilla format)."})
 
     def __post_init__(self):

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from route.io import write_json_atomic
 from route.optim import build_optimizer
 from route.sgtm.config import PretrainConfig, parse_pretrain_config
 from route.sgtm.data import KINDS, char_tokenizer, load_texts, noisy_labels, pack, procedural_texts
+from route.threads import configure_threads
 
 RUNS = ("sgtm", "filter", "none")
 
@@ -264,8 +264,7 @@ def plot(results: dict, path: Path) -> None:
 
 def run(cfg: PretrainConfig, progress: bool = True) -> dict:
     """Every run in `cfg.runs`; writes results.json and loss_curves.png to `cfg.output_dir`."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads or None)
     out_dir = Path(cfg.output_dir)
     check_sizes(cfg)
     data = build_data(cfg)
@@ -290,8 +289,6 @@ def format_report(report: dict) -> str:
 @cli("route.sgtm.pretrain")
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_pretrain_config(argv)
-    if not cfg.threads:
-        torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     report = run(cfg, progress=cfg.progress)
     print(format_report(report))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from route.sgtm.config import OptimFields
+from route.threads import THREADS_DEFAULT
 
 RUNS = ("tiered", "all_data", "public_only")
 ARCHITECTURES = ("gpt_neo", "llama", "qwen2")
@@ -66,7 +67,7 @@ class TieredConfig(OptimFields):
     batch_size: int = field(
         default=16, metadata={"help": "Blocks per pass (baselines: both passes' blocks as one batch)."}
     )
-    threads: int = field(default=1, metadata={"help": "torch intra-op threads."})
+    threads: int = field(default=0, metadata={"help": f"torch threads (0: {THREADS_DEFAULT})."})
     save_models: bool = field(default=True, metadata={"help": "Save the models (for the probes) and the key."})
 
     def __post_init__(self):
@@ -82,7 +83,7 @@ class TieredConfig(OptimFields):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name}: must be a number in [0, 1], got {getattr(self, name)!r}")
         self.check_positive(
-            ("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks", "num_layers", "threads")
+            ("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks", "num_layers")
         )
         if self.num_layers < 2:
             raise ValueError("num_layers: a key swaps across layers; need at least 2")

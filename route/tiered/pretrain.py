@@ -28,6 +28,7 @@ import torch
 from route.errors import cli
 from route.io import atomic_dir, write_json_atomic
 from route.sgtm.pretrain import interp_on_curve
+from route.threads import configure_threads
 from route.tiered.config import TieredConfig, parse_tiered_config
 from route.tiered.data import build_data, sample
 from route.tiered.key import PermutationKey, load_key, random_key
@@ -212,7 +213,7 @@ def save_figure(fig, path: Path) -> None:
 
 
 def run(cfg: TieredConfig) -> dict:
-    torch.set_num_threads(cfg.threads)
+    configure_threads(cfg.threads or None)
     out = Path(cfg.output_dir)
     data = build_data(cfg.train_blocks, cfg.eval_blocks, cfg.seq_len, cfg.seed)
     probe = build_model(cfg, len(data["tokenizer"]))

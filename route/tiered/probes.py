@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from route.errors import ArgumentParser, check_paths, cli
+from route.threads import THREADS_DEFAULT, configure_threads
 from route.tiered.config import TieredConfig
 from route.tiered.data import build_data, sample
 from route.tiered.key import PermutationKey, load_key
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--run_dir", default="runs/tiered_default", help="A route.tiered.pretrain output_dir.")
         q.add_argument("--output_dir", default="runs/tiered_probes", help="Where the CSV and PNG go.")
         q.add_argument("--seed", type=int, default=0, help="Seed of batch order (extract) or swap draws (leak).")
-        q.add_argument("--threads", type=int, default=1, help="torch intra-op threads.")
+        q.add_argument("--threads", type=int, default=None, help=f"torch threads (None: {THREADS_DEFAULT}).")
         if name == "extract":
             q.add_argument(
                 "--n", type=int, nargs="+", default=[32, 256], help="Keyed training blocks (one probe per value)."
@@ -273,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
     if any(n < 1 for n in getattr(args, "n", [])):
         raise ValueError(f"--n: each must be >= 1, got {args.n}")
     check_paths("--run_dir", args.run_dir, "directory")
-    torch.set_num_threads(args.threads)
+    configure_threads(args.threads)
     summary = run_extract(args) if args.probe == "extract" else run_leak(args)
     for row in summary:
         print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
