@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's data, the weights and the "
                         "warm start")
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
-                        help="evaluate on N held-out prompts after building (0 to skip; default: 512)")
+                        help="evaluate on N held-out prompts after building (0 to skip)")
     parser.add_argument("--ship", action="store_true",
                         help=f"build the default organism into the package ({SHIPPED_ROOT}) with its SHA256SUMS; "
                              "ignores --env, --steps, --seed, --output_dir")
