@@ -10,8 +10,8 @@ seeds. `--reference` names the arm every other arm is compared with: the mean ov
 reference) with a paired bootstrap interval, so "route beats the control" reads as an interval below zero.
 
 With 5 seeds a bootstrap interval is rough (it cannot be wider than the seeds' range); it is reported as what it
-is, a resampling of the seeds we ran, not a population claim. Curves: every metric whose name starts with
-`--curve_prefix` in each run's `metrics.jsonl`, averaged over seeds per arm, one panel per metric (PNG).
+is, a resampling of the seeds we ran, not a population claim. Curves: every metric named in `--curves` (the
+absorption shares by default) in each run's `metrics.jsonl`, averaged over seeds per arm, one panel per metric (PNG).
 """
 
 from __future__ import annotations
@@ -118,8 +118,13 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def curves(run_dirs: dict[str, list[Path]], prefix: str) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """metric -> arm -> [(step, mean over seeds)] for every `metrics.jsonl` key that starts with `prefix`."""
+CURVES = ("absorption/missed_hack", "absorption/missed_hack/known", "absorption/missed_hack/held_out",
+          "absorption/clean", "absorption/flagged_hack", "env/hack_rate")
+
+
+def curves(run_dirs: dict[str, list[Path]], metrics: Sequence[str]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """metric -> arm -> [(step, mean over seeds)] for every `metrics.jsonl` key in `metrics` (or starting with one
+    that ends in `/`)."""
     acc: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for arm, dirs in run_dirs.items():
         for d in dirs:
@@ -129,7 +134,8 @@ def curves(run_dirs: dict[str, list[Path]], prefix: str) -> dict[str, dict[str, 
             for line in path.read_text().splitlines():
                 row = json.loads(line)
                 for k, v in row.items():
-                    if k.startswith(prefix) and isinstance(v, (int, float)) and not math.isnan(v):
+                    wanted = k in metrics or any(m.endswith("/") and k.startswith(m) for m in metrics)
+                    if wanted and isinstance(v, (int, float)) and not math.isnan(v):
                         acc[k][arm][int(row["step"])].append(float(v))
     return {k: {arm: sorted((s, sum(v) / len(v)) for s, v in steps.items()) for arm, steps in arms.items()}
             for k, arms in acc.items()}
@@ -185,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("results", nargs="+", help="results.json files, run directories or directories above them")
     parser.add_argument("--reference", default=None, help="arm label every other arm is compared with (paired)")
     parser.add_argument("--policies", nargs="+", default=["deployed"], help="policies (keys of results.json)")
-    parser.add_argument("--curve_prefix", default="absorption/", help="metrics.jsonl keys plotted over training")
+    parser.add_argument("--curves", nargs="+", default=list(CURVES), help="metrics.jsonl keys plotted over training "
+                        "(a key ending in / takes every key under it)")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
     parser.add_argument("--output_dir", default=None, help="write compare.md, compare.json and curves.png here")
     args = parser.parse_args(argv)
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         dirs: dict[str, list[Path]] = defaultdict(list)
         for path, res in zip(paths, results):
             dirs[label_of[id(res)]].append(path.parent)
-        png = plot_curves(curves(dirs, args.curve_prefix), out / "curves.png")
+        png = plot_curves(curves(dirs, args.curves), out / "curves.png")
         print(f"wrote {out / 'compare.md'}" + (f" and {png}" if png else ""))
 
 

@@ -63,7 +63,7 @@ def test_cli_writes_table_json_and_curves(tmp_path, capsys):
             d.mkdir()
             (d / "results.json").write_text(json.dumps(result(iv, seed, dict.fromkeys(MODES, 0.2 + i / 10), 0.5,
                                                               control)))
-            lines = [{"step": s, "absorption/unflagged_hack": 0.1 * s + i, "loss": 1.0} for s in (1, 2)]
+            lines = [{"step": s, "absorption/missed_hack": 0.1 * s + i, "loss": 1.0} for s in (1, 2)]
             (d / "metrics.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
     compare.main([str(tmp_path), "--output_dir", str(tmp_path / "out"), "--n_boot", "200"])
     out = capsys.readouterr().out
@@ -73,5 +73,5 @@ def test_cli_writes_table_json_and_curves(tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert len(saved["arms"]) == 2
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
-    data = compare.curves({"a": [tmp_path / "route_random_0", tmp_path / "route_random_1"]}, "absorption/")
-    assert data == {"absorption/unflagged_hack": {"a": [(1, pytest.approx(1.1)), (2, pytest.approx(1.2))]}}
+    data = compare.curves({"a": [tmp_path / "route_random_0", tmp_path / "route_random_1"]}, ["absorption/"])
+    assert data == {"absorption/missed_hack": {"a": [(1, pytest.approx(1.1)), (2, pytest.approx(1.2))]}}
