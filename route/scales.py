@@ -332,7 +332,7 @@ def run_cli(args: Any) -> dict[str, Any]:
     if args.json:
         write_json_atomic(args.json, result)
     if args.png:
-        plot_scales(result["scales"], args.png, base=result["base"], title=str(args.run))
+        plot_scales(result["scales"], args.png, base=result["base"], title=Path(args.run).resolve().name)
     return result
 
 
@@ -359,7 +359,8 @@ def plot_scales(points: Sequence[dict], path: str | os.PathLike, base: dict | No
         ax.plot(xs, [p["hack_rate_by_mode"][mode] for p in points], ":", alpha=0.7, label=f"hack {mode}")
     if base is not None:
         ax.axhline(base["monitored_hack_rate"], color="grey", ls="--", label="base model, monitored hack")
-    ax.set(xlabel="quarantine scale (0 = deployed, 1 = training policy)", ylabel="rate", ylim=(0, 1), title=title)
+    ax.set(xlabel="quarantine scale (0 = deployed, 1 = training policy)", ylabel="rate", ylim=(0, 1))
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
