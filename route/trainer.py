@@ -68,7 +68,7 @@ from route.config import RoutedGRPOConfig
 from route.detectors import Detector, build_detector, call_detector, realised_rates
 from route.io import atomic_dir
 from route.logprobs import install_unfused_log_probs
-from route.masks import DEFAULT, FORGET, RETAIN
+from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 from route.monitors import detector_parts, realised_by_part
 from route.optim import build_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
@@ -157,6 +157,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             set_seed(args.seed)  # adapters are initialised here, before TRL seeds: same seed, same run
             target = build_target(args, model)
         check_target(target)
+        target.set_soft_routing(args.route_weight, args.route_clamp)  # refused here if the target cannot
         self.target = target
         self._install_checkpointing(args)
         self.detector = detector or build_detector(args, self.env)
@@ -221,7 +222,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if candidates is None:
             candidates = self.target.routing_candidates(flags, a.intervention)
         return routing_modes(flags, rollout_ids, intervention=a.intervention, unflagged_mode=a.unflagged_mode,
-                             retain_fraction=a.retain_fraction, seed=a.detector_seed, candidates=candidates)
+                             retain_fraction=a.retain_fraction, seed=a.detector_seed, candidates=candidates,
+                             routing=a.routing)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
@@ -279,7 +281,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if r["n_clean"]:
             metrics["routing/realised_fpr"].append(r["fpr"])
         counts = Counter(modes)
-        for code, name in ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default")):
+        names = ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default"))
+        for code, name in names + (((EXCLUSIVE, "exclusive"),) if self.args.routing == "exclusive" else ()):
             metrics[f"routing/frac_{name}"].append(counts.get(code, 0) / n)
         metrics["env/solve_rate"].append(sum(g.solved for g in grades) / n)
         metrics["env/hack_rate"].append(sum(g.exploited for g in grades) / n)

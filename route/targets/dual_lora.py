@@ -101,6 +101,11 @@ class FusedDualLoraLinear(LoraLinear):
         x = self._cast_input_dtype(x, a_k.dtype)
         if gate is not None and gate.is_ablated:  # the deployed policy: the kept adapter alone
             return (result + F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))).to(result.dtype)
+        if gate is not None and gate.kept_clamp is not None:  # clamped soft routing: the unfused gated forward
+            a_q, b_q = self.lora_A[QUARANTINE].weight, self.lora_B[QUARANTINE].weight
+            kept = F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))
+            quar = F.linear(F.linear(x, a_q), _scaled(b_q, self.scaling[QUARANTINE]))
+            return (result + gate.kept(kept) + gate.quarantine(quar)).to(result.dtype)
         value, grad = (None, None) if gate is None else gate.unit_masks(
             a_k.shape[0], a_k.shape[0] + self.r[QUARANTINE], like=x)
         row_norms = self.route_slot.row_norms if gate is not None and torch.is_grad_enabled() else None
@@ -208,6 +213,9 @@ class DualLoRATarget(TargetBase):
     def record_row_grads(self, on: bool) -> bool:
         """Record each row's squared gradient norm on the kept and quarantine adapters (A and B) in every gated
         backward, from the rank-space activations and gradients the fused backward already holds."""
+        if on and self.forget_kept_clamp is not None:
+            raise ValueError("absorption_metrics, route_clamp: the dual_lora target records per-row norms in its fused "
+                             "backward, which clamped soft routing does not use; turn one of them off")
         self._slot.row_norms = RowSqNorms() if on else None
         return True
 
