@@ -225,6 +225,11 @@ class TargetBase:
         gated training backward; returns whether this target can (default: it cannot)."""
         return False
 
+    def record_unrouted_grads(self, on: bool) -> bool:
+        """split_moments: accumulate each trainable parameter's unrouted gradient in `param.unrouted_grad` in every
+        backward; returns whether this target can (default: it cannot)."""
+        return False
+
     def pop_row_grads(self) -> dict[str, Tensor] | None:
         """{"keep": (B,), "quarantine": (B,)} squared norms recorded since the last pop (None: nothing recorded)."""
         return None

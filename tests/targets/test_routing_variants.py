@@ -196,3 +196,42 @@ def test_sgtm_refuses_soft_routing_under_parameter_masking_and_routes_exclusive_
     quar = [p.grad for p in t.param_groups()["quarantine"]]
     assert quar and all(g is None or bool((g == 0).all()) for g in quar)
     assert any(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in t.param_groups()["keep"])
+
+
+# ---------------------------------------------------------------- split_moments: the unrouted gradient
+
+
+@pytest.mark.parametrize("routing", ["classic", "exclusive"])
+def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
+    """One gated layer: `unrouted_grad` is the gradient of the ungated forward, `.grad` the routed one."""
+    t = build("dual_lora")
+    ids = batch(len(FLAGS))
+    row_loss(t, ids).backward()  # ungated: the gradient with no routing
+    ungated = {k: [p.grad.clone() for p in ps] for k, ps in t.param_groups().items() if ps}
+    t.model.zero_grad(set_to_none=True)
+    assert t.record_unrouted_grads(True)
+    codes = routing_modes(FLAGS, IDS, intervention="route", routing=routing)
+    for half in (slice(0, 2), slice(2, 4)):  # two micro-batches accumulate, like .grad
+        with t.gate(codes[half]):
+            row_loss(t, ids[half]).backward()
+    groups = t.param_groups()
+    for group in ("keep", "quarantine"):
+        for p, e in zip(groups[group], ungated[group], strict=True):
+            torch.testing.assert_close(p.unrouted_grad, e, rtol=1e-4, atol=1e-6)
+    routed_differs = [not torch.allclose(p.grad, p.unrouted_grad) for ps in groups.values() for p in ps]
+    assert any(routed_differs)
+    opt = build_optimizer(groups, lr=1e-2, split_moments=True)
+    opt.step()
+    assert all(getattr(p, "unrouted_grad", None) is None for ps in groups.values() for p in ps)
+
+
+@pytest.mark.parametrize(("name", "field"), [("logit_head", "split_moments"), ("svf", "split_moments")])
+def test_targets_without_unrouted_gradients_refuse_split_moments(name, field):
+    from types import SimpleNamespace
+
+    from route.targets import configure_routing
+
+    args = SimpleNamespace(route_weight=1.0, route_clamp=None, split_moments=True)
+    with pytest.raises(ValueError, match=f"^{field}: .*dual_lora"):
+        configure_routing(build(name), args)
+    configure_routing(build("dual_lora"), args)
