@@ -45,6 +45,8 @@ def routing_modes(flags: Sequence[bool], rollout_ids: Sequence[str], *, interven
     cand = [False] * len(flags) if candidates is None else [bool(c) for c in candidates]
     if len(cand) != len(flags):
         raise ValueError(f"routing_modes: {len(cand)} candidates for {len(flags)} flags")
+    if routing not in ("classic", "exclusive"):
+        raise ValueError(f"routing: invalid value {routing!r}; allowed values: ['classic', 'exclusive']")
     unflagged = EXCLUSIVE if routing == "exclusive" else DEFAULT
     draws = retain_draws(rollout_ids, retain_fraction, seed) if unflagged_mode == "retain" else [False] * len(flags)
     codes = []
