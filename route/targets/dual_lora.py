@@ -8,7 +8,8 @@ steps each group on its own. The forward is fused: each adapted layer runs one r
 r_k + r_q LoRA, `[B_k s_k | B_q s_q] ([A_k; A_q] x)`, instead of PEFT's loop over adapters,
 and the per-row gate acts on the small rank-space activation `h = [A_k; A_q] x`:
 the shared `RowGate` of the mask core (`route.masks`, `gradient_routing` strategy) splits `h`
-at r_k (forget rows: kept components detached; retain rows: quarantine components zeroed) and
+at r_k (forget rows: kept components detached, or their gradient scaled under soft routing; retain rows:
+quarantine components zeroed; exclusive rows: quarantine components detached) and
 `masked_linear` keeps forget rows' gradient out of B_k. Values are exactly the unfused
 forward's (up to float summation order); the SGTM models and the `sgtm` target gate through the
 same `RowGate`, so there is one gating implementation. Under `ablated()` only the kept adapter
