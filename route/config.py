@@ -19,6 +19,7 @@ from route.detectors import FLAG_CONTROLS
 INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
 DETECTORS = ("noisy", "ground_truth")
 UNFLAGGED_MODES = ("default", "retain")
+ROUTINGS = ("classic", "exclusive")
 GENERATION_POLICIES = ("full", "deployed")
 SCALE_RULES = ("none", "monitor")
 DEFAULT_SCALE_GRID = tuple(i / 10 for i in range(11))
@@ -83,7 +84,8 @@ class RoutedGRPOConfig(GRPOConfig):
     detector (`str`), detector_tpr, detector_fpr (`float`), detector_modes (`list[str]`), detector_seed (`int`).
     flag_control (`str`): none, random (flags at the monitor's rate, blind to hacking) or never (no flags).
     absorption_metrics (`bool`): log where each kind of rollout's gradient lands (`route.absorption`).
-    unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`).
+    unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`). routing (`str`), route_weight
+    (`float`), route_clamp (`float` or `None`): routing variants (docs/targets.md#routing-variants).
 
     > Quarantine target
 
@@ -141,6 +143,27 @@ class RoutedGRPOConfig(GRPOConfig):
         default="full",
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
                           "ablated).", "choices": list(GENERATION_POLICIES)})
+
+    routing: str = field(
+        default="classic",
+        metadata={"help": "Routing of unflagged rollouts under route: classic (default mode: gradient into both parts) "
+                          "or exclusive (full forward, quarantine output detached: gradient only into the kept part). "
+                          "Flagged rollouts are routed the same in both. See docs/targets.md#routing-variants.",
+                  "choices": list(ROUTINGS)})
+    route_weight: float = field(
+        default=1.0,
+        metadata={"help": "Soft routing: a flagged rollout's gradient into the kept part is (1 - route_weight) times "
+                          "the ordinary one: 1 full routing (the default), 0 none, in between soft, above 1 "
+                          "over-routing (the kept part pushed against what the rollout teaches). >= 0."})
+    route_clamp: float | None = field(
+        default=None,
+        metadata={"help": "Soft routing: clamp each coordinate of the gradient a flagged rollout sends back through "
+                          "each kept output (after the route_weight factor) to [-route_clamp, route_clamp]; None: no "
+                          "clamp. > 0; needs route_weight != 1."})
+    split_moments: bool = field(
+        default=False,
+        metadata={"help": "Optimizer: AdamW's first moment from the routed gradient, its second from the unrouted one "
+                          "(the gradient with no routing, from the same backward). See docs/targets.md#split-moments."})
 
     absorption_metrics: bool = field(
         default=False,
@@ -229,6 +252,8 @@ class RoutedGRPOConfig(GRPOConfig):
         choice("flag_control", self.flag_control, FLAG_CONTROLS)
         choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
         choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
+        choice("routing", self.routing, ROUTINGS)
+        self.validate_soft_routing()
         for name in ("env", "target"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: must be a registered name, got {getattr(self, name)!r}")
@@ -243,6 +268,17 @@ class RoutedGRPOConfig(GRPOConfig):
             raise ValueError(f"penalty: must be >= 0, got {self.penalty!r}")
         if self.quarantine_lr_ratio < 0:
             raise ValueError(f"quarantine_lr_ratio: must be >= 0, got {self.quarantine_lr_ratio!r}")
+
+
+    def validate_soft_routing(self) -> None:
+        """`route_weight` a number >= 0; `route_clamp` None or a number > 0, and only with route_weight != 1."""
+        w, c = self.route_weight, self.route_clamp
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0 or w == float("inf"):
+            raise ValueError(f"route_weight: must be a finite number >= 0 (1 = full routing), got {w!r}")
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < float("inf")):
+            raise ValueError(f"route_clamp: must be None or a finite number > 0, got {c!r}")
+        if c is not None and w == 1:
+            raise ValueError("route_clamp: needs route_weight != 1 (full routing sends no gradient to clamp)")
 
 
 def parse_scale_grid(value: Any, name: str = "scale_grid") -> list[float]:

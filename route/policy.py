@@ -1,6 +1,7 @@
 """The routing policy: what the trainer does with the monitor's flags, as pure functions of typed inputs.
 
-- `routing_modes`: per-rollout routing codes (forget / retain / default) from flags;
+- `routing_modes`: per-rollout routing codes (forget / retain / default / exclusive) from flags;
+- `forget_kept_grad`: the factor on a flagged row's kept gradient for a `route_weight` (soft routing);
 - `retain_draws`: which unflagged rollouts run in retain mode (`retain_fraction`), a pure function of (seed, id);
 - `filter_advantages`: `filter` zeroes flagged rollouts' advantages;
 - `penalize_rewards`: `penalty` subtracts lambda from flagged rollouts' reward (before advantages).
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from route.detectors import uniform
-from route.masks import DEFAULT, FORGET, RETAIN
+from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 
 
 def retain_draws(rollout_ids: Sequence[str], fraction: float, seed: int) -> list[bool]:
@@ -26,11 +27,12 @@ def retain_draws(rollout_ids: Sequence[str], fraction: float, seed: int) -> list
 
 def routing_modes(flags: Sequence[bool], rollout_ids: Sequence[str], *, intervention: str,
                   unflagged_mode: str = "default", retain_fraction: float = 1.0, seed: int = 0,
-                  candidates: Tensor | Sequence[bool] | None = None) -> Tensor:
-    """Per-rollout routing codes (LongTensor of `route.masks` FORGET / RETAIN / DEFAULT).
+                  candidates: Tensor | Sequence[bool] | None = None, routing: str = "classic") -> Tensor:
+    """Per-rollout routing codes (LongTensor of `route.masks` FORGET / RETAIN / DEFAULT / EXCLUSIVE).
 
-    Under `route`: flagged -> forget; unflagged -> default, or retain (`unflagged_mode: retain`, for a
-    `retain_fraction` share drawn per rollout). Rows in `candidates` (a target that routes by itself after the
+    Under `route`: flagged -> forget; unflagged -> default (`routing: classic`) or exclusive (`routing: exclusive`:
+    full forward, gradient only into the kept part), or retain (`unflagged_mode: retain`, for a `retain_fraction`
+    share drawn per rollout; retain wins over exclusive). Rows in `candidates` (a target that routes by itself after the
     backward, e.g. svf's score routing) run in default mode, and when `candidates` is given flags do not route by
     themselves. Under every other intervention all rollouts are retain: the quarantine stays out of the forward and
     never trains, so a baseline ships exactly what it trained, with the same deployed capacity as `route`.
@@ -43,6 +45,9 @@ def routing_modes(flags: Sequence[bool], rollout_ids: Sequence[str], *, interven
     cand = [False] * len(flags) if candidates is None else [bool(c) for c in candidates]
     if len(cand) != len(flags):
         raise ValueError(f"routing_modes: {len(cand)} candidates for {len(flags)} flags")
+    if routing not in ("classic", "exclusive"):
+        raise ValueError(f"routing: invalid value {routing!r}; allowed values: ['classic', 'exclusive']")
+    unflagged = EXCLUSIVE if routing == "exclusive" else DEFAULT
     draws = retain_draws(rollout_ids, retain_fraction, seed) if unflagged_mode == "retain" else [False] * len(flags)
     codes = []
     for flag, candidate, retain in zip(flags, cand, draws, strict=True):
@@ -53,8 +58,17 @@ def routing_modes(flags: Sequence[bool], rollout_ids: Sequence[str], *, interven
         elif retain:
             codes.append(RETAIN)
         else:
-            codes.append(DEFAULT)
+            codes.append(unflagged)
     return torch.tensor(codes, dtype=torch.long)
+
+
+def forget_kept_grad(route_weight: float) -> float:
+    """The factor on the gradient a flagged (forget) row sends into the kept part: 1 - route_weight.
+
+    route_weight 1 is full routing (factor 0, the kept path detached), 0 none (the ordinary gradient), in between
+    soft routing, above 1 over-routing (a negative factor: the kept part is pushed against what the row teaches).
+    """
+    return 1.0 - float(route_weight)
 
 
 def filter_advantages(advantages: Tensor, flags: Tensor | Sequence[bool]) -> Tensor:
@@ -76,4 +90,4 @@ def penalize_rewards(rewards_per_func: Tensor, flags: Sequence[bool], penalty: f
     return rewards_per_func
 
 
-__all__ = ["filter_advantages", "penalize_rewards", "retain_draws", "routing_modes"]
+__all__ = ["filter_advantages", "forget_kept_grad", "penalize_rewards", "retain_draws", "routing_modes"]

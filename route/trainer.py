@@ -29,7 +29,8 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   `route.absorption.AbsorptionMeter`, whose `absorption/*` shares are logged once per optimizer step; the batch
   carries a fifth column for it, `routing_hack_mode` (ground truth, logging only).
 - The optimizer is `SkipZeroAdamW` over the target's named groups, so a group that got no
-  gradient does not move.
+  gradient does not move. With `split_moments`, `training_step` records the routed gradient's norm before Trainer
+  clips (`note_preclip`), so the unrouted gradient is clipped by the same coefficient.
 - `beta > 0`: the KL reference is the base model. TRL adds a "ref" copy of a `default` adapter when given a
   PeftModel with beta > 0; the trainer keeps it from doing so (`_kl_reference_is_base`), so TRL's reference forward
   runs with every adapter disabled. A target that is not PEFT gets TRL's frozen copy of the model as loaded.
@@ -68,11 +69,11 @@ from route.config import RoutedGRPOConfig
 from route.detectors import Detector, build_detector, call_detector, realised_rates
 from route.io import atomic_dir
 from route.logprobs import install_unfused_log_probs
-from route.masks import DEFAULT, FORGET, RETAIN
+from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 from route.monitors import detector_parts, realised_by_part
-from route.optim import build_optimizer
+from route.optim import build_optimizer, unwrap_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
-from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing
+from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing, configure_routing
 from route.vllm_serve import trainer_client
 from route.vllm_sync import TargetWeightSync, check_vllm_config
 
@@ -97,11 +98,7 @@ class _GradNormLogger(TrainerCallback):
         self.trainer = trainer
 
     def on_optimizer_step(self, args, state, control, **kwargs):
-        opt = self.trainer.optimizer
-        for _ in range(4):  # accelerate's wrapper, DeepSpeed's ZeRO optimizer, ... around SkipZeroAdamW
-            if hasattr(opt, "last_grad_norms") or not hasattr(opt, "optimizer"):
-                break
-            opt = opt.optimizer
+        opt = unwrap_optimizer(self.trainer.optimizer)
         for name, norm in getattr(opt, "last_grad_norms", {}).items():
             self.trainer._metrics["train"][f"grad_norm/{name}"].append(norm)
 
@@ -157,6 +154,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             set_seed(args.seed)  # adapters are initialised here, before TRL seeds: same seed, same run
             target = build_target(args, model)
         check_target(target)
+        configure_routing(target, args)  # soft routing and split moments: refused here if the target cannot
         self.target = target
         self._install_checkpointing(args)
         self.detector = detector or build_detector(args, self.env)
@@ -201,7 +199,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
             self.optimizer = build_optimizer(
                 self.target.param_groups(), lr=a.learning_rate, weight_decay=a.weight_decay,
                 betas=(a.adam_beta1, a.adam_beta2), eps=a.adam_epsilon,
-                lr_scale={"quarantine": a.quarantine_lr_ratio})
+                lr_scale={"quarantine": a.quarantine_lr_ratio}, split_moments=a.split_moments)
         return self.optimizer
 
     # ------------------------------------------------------------------ generation
@@ -221,7 +219,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if candidates is None:
             candidates = self.target.routing_candidates(flags, a.intervention)
         return routing_modes(flags, rollout_ids, intervention=a.intervention, unflagged_mode=a.unflagged_mode,
-                             retain_fraction=a.retain_fraction, seed=a.detector_seed, candidates=candidates)
+                             retain_fraction=a.retain_fraction, seed=a.detector_seed, candidates=candidates,
+                             routing=a.routing)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         from accelerate.utils import gather_object
@@ -279,7 +278,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if r["n_clean"]:
             metrics["routing/realised_fpr"].append(r["fpr"])
         counts = Counter(modes)
-        for code, name in ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default")):
+        names = ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default"))
+        for code, name in names + (((EXCLUSIVE, "exclusive"),) if self.args.routing == "exclusive" else ()):
             metrics[f"routing/frac_{name}"].append(counts.get(code, 0) / n)
         metrics["env/solve_rate"].append(sum(g.solved for g in grades) / n)
         metrics["env/hack_rate"].append(sum(g.exploited for g in grades) / n)
@@ -378,6 +378,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
                     self._metrics["train"][key].append(value)
             for key, value in self.target.before_optimizer_step(reduce).items():
                 self._metrics["train"][key].append(value)
+            if self.args.split_moments:  # before the trainer clips: the base of the shared clip coefficient
+                unwrap_optimizer(self.optimizer).note_preclip()
         return loss
 
     # ------------------------------------------------------------------ resume

@@ -24,10 +24,22 @@ CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
     ("penalty", -1.0, "penalty: must be >= 0"),
     ("env_kwargs", "{not json", "env_kwargs: not valid JSON"),
     ("env_kwargs", {"hack_frac": 3}, "hack_frac must be in \\[0, 1\\]"),
+    ("routing", "soft", "routing: invalid value 'soft'; allowed values: \\['classic', 'exclusive'\\]"),
+    ("route_weight", -0.5, "route_weight: must be a finite number >= 0"),
+    ("route_weight", "half", "route_weight: must be a finite number >= 0"),
+    ("route_clamp", 0.0, "route_clamp: must be None or a finite number > 0"),
 ])
 def test_bad_values_raise_naming_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         build_config(**CPU, **{field: value})
+
+
+def test_route_clamp_needs_soft_routing():
+    with pytest.raises(ValueError, match="^route_clamp: needs route_weight != 1"):
+        build_config(**CPU, route_clamp=0.1)
+    config = build_config(**CPU, route_clamp=0.1, route_weight=2.0)
+    assert (config.routing, config.route_weight, config.route_clamp, config.split_moments) == ("classic", 2.0, 0.1,
+                                                                                               False)
 
 
 def test_defaults_are_valid_and_strings_are_parsed():

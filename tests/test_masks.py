@@ -4,17 +4,17 @@ import pytest
 import torch
 from torch import nn
 
-from route.masks import DEFAULT, FORGET, RETAIN, HookSet, RowGate, encode_modes
+from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN, HookSet, RowGate, encode_modes
 
 
 def test_encode_modes_names_codes_and_errors():
-    assert encode_modes(["forget", "retain", "default"]).tolist() == [FORGET, RETAIN, DEFAULT]
+    assert encode_modes(["forget", "retain", "default", "exclusive"]).tolist() == [FORGET, RETAIN, DEFAULT, EXCLUSIVE]
     assert encode_modes("retain", batch_size=3).tolist() == [RETAIN] * 3
     assert encode_modes(torch.tensor([2, 0])).tolist() == [DEFAULT, FORGET]
     with pytest.raises(ValueError, match="allowed values"):
         encode_modes(["forget", "quarantine"])
     with pytest.raises(ValueError, match="codes"):
-        encode_modes(torch.tensor([3]))
+        encode_modes(torch.tensor([4]))
 
 
 @pytest.mark.parametrize("mode", ["forget", "retain", "default"])

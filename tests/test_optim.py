@@ -38,3 +38,85 @@ def test_group_names_and_lr_scale():
     opt = build_optimizer({"keep": [a], "quarantine": [b], "shared": []}, lr=1e-3, lr_scale={"quarantine": 0.5})
     assert isinstance(opt, SkipZeroAdamW)
     assert [(g["name"], g["lr"]) for g in opt.param_groups] == [("keep", 1e-3), ("quarantine", 5e-4)]
+
+
+# ---------------------------------------------------------------- split_moments
+
+
+def adam_by_hand(p0, routed, unrouted, lr, wd, betas=(0.9, 0.999), eps=1e-8):
+    """AdamW's updates written out, m from `routed`, v from `unrouted` (one pair of gradients per step)."""
+    p, m, v = p0.clone(), torch.zeros_like(p0), torch.zeros_like(p0)
+    for t, (g, u) in enumerate(zip(routed, unrouted, strict=True), start=1):
+        p = p * (1 - lr * wd)
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * u * u
+        p = p - lr * (m / (1 - betas[0] ** t)) / ((v / (1 - betas[1] ** t)).sqrt() + eps)
+    return p
+
+
+def test_split_moments_update_is_adam_with_m_routed_and_v_unrouted():
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(5))
+    p0 = p.detach().clone()
+    routed = [torch.randn(5) for _ in range(3)]
+    unrouted = [g + torch.randn(5) for g in routed]
+    opt = build_optimizer({"keep": [p]}, lr=0.05, weight_decay=0.1, split_moments=True)
+    for g, u in zip(routed, unrouted, strict=True):
+        p.grad, p.unrouted_grad = g.clone(), u.clone()
+        opt.step()
+        assert p.unrouted_grad is None, "the step consumes the unrouted gradient"
+    expected = adam_by_hand(p0, routed, unrouted, lr=0.05, wd=0.1)
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    plain = adam_by_hand(p0, routed, routed, lr=0.05, wd=0.1)
+    assert not torch.allclose(p.detach(), plain, atol=1e-4), "v must come from the unrouted gradient"
+    state = opt.state[p]
+    torch.testing.assert_close(state["exp_avg_sq"], sum(0.001 * 0.999 ** (2 - i) * u * u for i, u in
+                                                        enumerate(unrouted)))
+
+
+def test_split_moments_parameter_without_unrouted_gradient_is_plain_adamw():
+    torch.manual_seed(1)
+    a, b = nn.Parameter(torch.randn(4)), nn.Parameter(torch.randn(4))
+    ref = nn.Parameter(b.detach().clone())
+    opt = build_optimizer({"keep": [a], "quarantine": [b]}, lr=0.05, weight_decay=0.1, split_moments=True)
+    plain = build_optimizer({"quarantine": [ref]}, lr=0.05, weight_decay=0.1)
+    for _ in range(3):
+        g = torch.randn(4)
+        a.grad, a.unrouted_grad, b.grad, ref.grad = torch.randn(4), torch.randn(4), g.clone(), g.clone()
+        opt.step()
+        plain.step()
+    assert torch.equal(b.detach(), ref.detach()), "no unrouted gradient: exactly SkipZeroAdamW's plain step"
+
+
+def test_split_moments_clip_is_one_event_for_both_moments():
+    """The trainer clips p.grad after `note_preclip`; the unrouted gradient gets the same coefficient."""
+    torch.manual_seed(2)
+    p, q = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+    p0, q0 = p.detach().clone(), q.detach().clone()
+    g, u, h = torch.randn(6) * 10, torch.randn(6) * 10, torch.randn(6) * 10
+    opt = build_optimizer({"keep": [p], "quarantine": [q]}, lr=0.05, split_moments=True)
+    p.grad, p.unrouted_grad, q.grad = g.clone(), u.clone(), h.clone()
+    opt.note_preclip()
+    norm = torch.nn.utils.clip_grad_norm_([p, q], max_norm=1.0)
+    coef = float(torch.clamp(1.0 / (norm + 1e-6), max=1.0))
+    assert coef < 0.1
+    opt.step()
+    torch.testing.assert_close(p.detach(), adam_by_hand(p0, [g * coef], [u * coef], lr=0.05, wd=0.0))
+    torch.testing.assert_close(q.detach(), adam_by_hand(q0, [h * coef], [h * coef], lr=0.05, wd=0.0))
+    # with the unrouted gradient left unclipped the first step would be different
+    assert not torch.allclose(p.detach(), adam_by_hand(p0, [g * coef], [u], lr=0.05, wd=0.0))
+
+
+def test_split_moments_off_is_todays_optimizer_bitwise():
+    torch.manual_seed(3)
+    a = nn.Parameter(torch.randn(4))
+    b = nn.Parameter(a.detach().clone())
+    default = build_optimizer({"keep": [a]}, lr=0.05, weight_decay=0.1)
+    plain = SkipZeroAdamW([{"params": [b], "name": "keep", "lr": 0.05}], lr=0.05, weight_decay=0.1)
+    assert default.split_moments is False
+    for _ in range(3):
+        g = torch.randn(4)
+        a.grad, a.unrouted_grad, b.grad = g.clone(), torch.randn(4), g.clone()  # ignored when off
+        default.step()
+        plain.step()
+    assert torch.equal(a.detach(), b.detach())

@@ -71,3 +71,27 @@ def test_mismatched_lengths_are_refused():
         routing_modes(FLAGS[:3], IDS, intervention="route")
     with pytest.raises(ValueError, match="2 candidates for 4 flags"):
         routing_modes(FLAGS, IDS, intervention="route", candidates=[True, False])
+
+
+def test_exclusive_routing_modes():
+    from route.masks import EXCLUSIVE
+
+    flags, ids = [True, False, False, True], ["a", "b", "c", "d"]
+    codes = routing_modes(flags, ids, intervention="route", routing="exclusive")
+    assert codes.tolist() == [FORGET, EXCLUSIVE, EXCLUSIVE, FORGET]
+    assert routing_modes(flags, ids, intervention="route").tolist() == [FORGET, DEFAULT, DEFAULT, FORGET]
+    retain = routing_modes(flags, ids, intervention="route", routing="exclusive", unflagged_mode="retain")
+    assert retain.tolist() == [FORGET, RETAIN, RETAIN, FORGET]  # retain draws win over exclusive
+    scored = routing_modes(flags, ids, intervention="route", routing="exclusive",
+                           candidates=[False, True, False, False])
+    assert scored.tolist() == [EXCLUSIVE, DEFAULT, EXCLUSIVE, EXCLUSIVE]  # candidates route themselves later
+    assert routing_modes(flags, ids, intervention="none", routing="exclusive").tolist() == [RETAIN] * 4
+    with pytest.raises(ValueError, match="^routing: invalid value 'soft'"):
+        routing_modes(flags, ids, intervention="route", routing="soft")
+
+
+@pytest.mark.parametrize(("weight", "factor"), [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (2.0, -1.0)])
+def test_route_weight_is_one_minus_the_kept_factor(weight, factor):
+    from route.policy import forget_kept_grad
+
+    assert forget_kept_grad(weight) == factor

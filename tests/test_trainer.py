@@ -166,3 +166,36 @@ def test_same_seed_same_run(tiny_organism, tmp_path):
         runs.append([p.detach().clone() for p in t.target.param_groups()["keep"]])
     assert len(runs[0]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+def test_exclusive_soft_routing_and_split_moments_train_end_to_end(tiny_organism, tmp_path, monkeypatch):
+    """routing: exclusive, route_weight 2 and split_moments through TRL: modes logged, the unrouted gradients reach
+    the optimizer (consumed every step, clip noted), and the run differs from the same seed without split moments."""
+    from route.optim import SkipZeroAdamW
+    from tests.targets.test_registry import length_reward
+
+    coefs = []
+    clip_coef = SkipZeroAdamW._clip_coef
+    monkeypatch.setattr(SkipZeroAdamW, "_clip_coef", lambda self: coefs.append(clip_coef(self)) or coefs[-1])
+    runs = {}
+    for split in (False, True):
+        t = make_trainer(tiny_organism, tmp_path / str(split), max_steps=2, detector_fpr=0.5, routing="exclusive",
+                         route_weight=2.0, split_moments=split, max_grad_norm=1e-3, reward_funcs=[length_reward])
+        assert t.target.forget_kept_grad == -1.0
+        t.train()
+        assert t.state.global_step == 2
+        logged = [h for h in t.state.log_history if "routing/frac_exclusive" in h]
+        assert len(logged) == 2 and all(h["routing/frac_exclusive"] > 0 and h["routing/frac_default"] == 0
+                                        for h in logged)
+        params = [p for ps in t.target.param_groups().values() for p in ps]
+        assert all(getattr(p, "unrouted_grad", None) is None for p in params)
+        if split:  # one clip coefficient per step, from the norm noted before Trainer clipped (clipping is on)
+            assert len(coefs) == 2 and all(0 < c < 1 for c in coefs), coefs
+        assert any(h["grad_norm/keep"] > 0 for h in logged)
+        runs[split] = [p.detach().clone() for p in t.target.param_groups()["keep"]]
+    assert any(not torch.equal(a, b) for a, b in zip(runs[False], runs[True], strict=True))
+
+
+def test_split_moments_refused_before_work_by_a_target_without_unrouted_gradients(tiny_organism, tmp_path):
+    with pytest.raises(ValueError, match="^split_moments: the 'logit_head' target"):
+        make_trainer(tiny_organism, tmp_path, target="logit_head", split_moments=True)

@@ -13,6 +13,7 @@ The dual-LoRA target gates its two adapters with the same `RowGate`; SGTM models
 from route.masks.arch import apply_masks, detect_arch
 from route.masks.gating import (
     DEFAULT,
+    EXCLUSIVE,
     FORGET,
     MODE_NAMES,
     RETAIN,
@@ -25,7 +26,8 @@ from route.masks.linear import GatedLinear, SplitLinearIn, SplitLinearOut, maske
 from route.masks.model import SGTMMasks, Slice, redraw_like_
 from route.masks.strategies import Strategy, available_strategies, get_strategy, register_strategy
 
-__all__ = ["DEFAULT", "FORGET", "MODE_NAMES", "RETAIN", "GatedLinear", "HookSet", "RowGate", "SGTMMasks", "Slice",
+__all__ = ["DEFAULT", "EXCLUSIVE", "FORGET", "MODE_NAMES", "RETAIN", "GatedLinear", "HookSet", "RowGate", "SGTMMasks",
+           "Slice",
            "SplitLinearIn", "SplitLinearOut", "Strategy", "apply_masks", "available_strategies", "check_scale",
            "detect_arch",
            "encode_modes", "get_strategy", "masked_linear", "redraw_like_", "register_strategy"]

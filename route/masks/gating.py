@@ -3,9 +3,15 @@
 Each batch row has a mode: `forget`, `retain` or `default`. A gate splits what a layer adds
 into a *kept* part and a *quarantine* part and treats them per row:
 
-    forget : kept.detach() + quar      value unchanged, gradient only into the quarantine
-    retain : kept          + 0 * quar  quarantine absent, gradient only into kept parameters
-    default: kept          + quar      the ordinary model
+    forget   : kept.detach() + quar           value unchanged, gradient only into the quarantine
+    retain   : kept          + 0 * quar       quarantine absent, gradient only into kept parameters
+    default  : kept          + quar           the ordinary model
+    exclusive: kept          + quar.detach()  value unchanged, gradient only into kept parameters
+
+Soft routing (`forget_kept_grad` = 1 - route_weight): a forget row's kept path passes its gradient times
+that factor instead of detaching it (0 is the detach above; negative values push the kept part against
+the row). The factor is applied by `_ScaleRows` (identity forward, per-row scaled backward), so values
+never change.
 
 One forward and one backward serve a batch that mixes modes. `torch.where(m, y, y.detach())`
 routes the gradient without changing values, so forget and default rows compute exactly the
@@ -28,12 +34,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-FORGET, RETAIN, DEFAULT = 0, 1, 2
-MODE_NAMES = ("forget", "retain", "default")
+FORGET, RETAIN, DEFAULT, EXCLUSIVE = 0, 1, 2, 3
+MODE_NAMES = ("forget", "retain", "default", "exclusive")
 
 
 def encode_modes(modes: Sequence[str] | Sequence[int] | Tensor | str, batch_size: int | None = None) -> Tensor:
-    """Modes as a LongTensor of codes (0 forget, 1 retain, 2 default); a single name applies to every row."""
+    """Modes as a LongTensor of codes (0 forget, 1 retain, 2 default, 3 exclusive); one name applies to every row."""
     if isinstance(modes, str):
         if batch_size is None:
             raise ValueError("encode_modes: a single mode name needs batch_size")
@@ -47,8 +53,9 @@ def encode_modes(modes: Sequence[str] | Sequence[int] | Tensor | str, batch_size
         except ValueError:
             bad = sorted({m for m in modes if m not in MODE_NAMES})
             raise ValueError(f"mode: unknown values {bad}; allowed values: {list(MODE_NAMES)}") from None
-    if codes.numel() and (codes.min() < 0 or codes.max() > 2):
-        raise ValueError(f"mode: codes must be in 0..2 ({dict(enumerate(MODE_NAMES))}), got {codes.unique().tolist()}")
+    if codes.numel() and (codes.min() < 0 or codes.max() > len(MODE_NAMES) - 1):
+        raise ValueError(f"mode: codes must be in 0..{len(MODE_NAMES) - 1} ({dict(enumerate(MODE_NAMES))}), "
+                         f"got {codes.unique().tolist()}")
     return codes
 
 
@@ -78,16 +85,25 @@ class RowGate:
     shared_params: Tensor | None = None
     quar_params: Tensor | None = None
     quar_scale: float | None = None  # set by `scaled(s)`: every row's quarantine path multiplied by s
+    quar_grad: Tensor | None = None  # rows whose quarantine output carries gradient (None: all); exclusive rows don't
+    kept_coef: Tensor | None = None  # per-row factor on the kept output's gradient (soft routing; None: 0/1 masks)
+    kept_clamp: float | None = None  # soft routing: forget rows' scaled kept gradient clamped to [-c, c] per coordinate
+    kept_clamp_rows: Tensor | None = None  # the rows it clamps (the forget rows)
 
     @classmethod
     def from_modes(cls, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
                    strategy: str = "gradient_routing", mask_shared: bool = False,
-                   frozen_quarantine: Sequence[bool] | Tensor | None = None) -> RowGate:
+                   frozen_quarantine: Sequence[bool] | Tensor | None = None,
+                   forget_kept_grad: float = 0.0, forget_kept_clamp: float | None = None) -> RowGate:
         """Masks for `modes` under an SGTM strategy (default: gradient routing, the dual-LoRA rule).
 
         `mask_shared`: forget rows send no gradient into shared parameters either.
         `frozen_quarantine`: rows (True) whose gradient must not reach the quarantine's parameters
         although their forward uses it (a default row that must not train the forget units).
+        `forget_kept_grad`: factor on the gradient a forget row sends back through the kept path (soft routing,
+        1 - route_weight; 0: detached, today's rule); only under the `gradient_routing` strategy.
+        `forget_kept_clamp`: with a nonzero factor, each coordinate of the scaled gradient a forget row sends back
+        through a kept output is clamped to [-clamp, clamp] (`route_clamp`).
         """
         from route.masks.strategies import get_strategy
 
@@ -100,6 +116,16 @@ class RowGate:
             return None if bool(on.all()) else on
 
         kept_grad = ~forget if rule.forget_kept in ("detach", "zero") else torch.ones_like(forget)
+        coef = float(forget_kept_grad)
+        if coef != 0.0 and rule.forget_kept != "detach":
+            raise ValueError(f"route_weight: must be 1 (full routing) with the {rule.name!r} strategy; soft routing "
+                             "scales the gradient of the detached kept path, which only gradient_routing has")
+        kept_coef = clamp = None
+        if coef != 0.0 and bool(forget.any()):
+            kept_grad = torch.ones_like(forget)
+            kept_coef = torch.where(forget, torch.tensor(coef), torch.tensor(1.0))
+            clamp = forget_kept_clamp
+        exclusive = codes == EXCLUSIVE
         return cls(kept_grad=kept_grad, quar_on=quar_on, all_default=bool((codes == DEFAULT).all()),
                    all_quar_on=bool(quar_on.all()),
                    kept_on=rows_or_none(~forget) if rule.forget_kept == "zero" else None,
@@ -107,7 +133,10 @@ class RowGate:
                    proj_params=rows_or_none(~forget) if rule.mask_proj_params else None,
                    shared_params=rows_or_none(~forget) if mask_shared else None,
                    quar_params=None if frozen_quarantine is None else rows_or_none(
-                       ~torch.as_tensor(frozen_quarantine, dtype=torch.bool).view(-1)))
+                       ~torch.as_tensor(frozen_quarantine, dtype=torch.bool).view(-1)),
+                   quar_grad=rows_or_none(~exclusive), kept_coef=kept_coef,
+                   kept_clamp=None if clamp is None else float(clamp),
+                   kept_clamp_rows=None if clamp is None else forget)
 
     @classmethod
     def ablated(cls) -> RowGate:
@@ -143,6 +172,9 @@ class RowGate:
             return y
         if self.kept_on is not None:
             y = y * self._rows(self.kept_on, y).to(y.dtype)
+        if self.kept_coef is not None:
+            rows = None if self.kept_clamp is None else self._rows(self.kept_clamp_rows, y)
+            return _ScaleRows.apply(y, self._rows(self.kept_coef, y).to(y.dtype), rows, self.kept_clamp)
         if bool(self.kept_grad.all()):
             return y
         return torch.where(self._rows(self.kept_grad, y), y, y.detach())
@@ -151,9 +183,18 @@ class RowGate:
         """The quarantine path's output: zero on retain rows (and everywhere when ablated)."""
         if self.is_ablated:
             return torch.zeros_like(y)
+        if self.quar_grad is not None:
+            y = torch.where(self._rows(self.quar_grad, y), y, y.detach())
         if self.all_quar_on:
             return y if self.quar_scale is None or self.quar_scale == 1.0 else y * self.quar_scale
         return y * self._rows(self.quar_on, y).to(y.dtype)
+
+    def quar_param_rows(self) -> Tensor | None:
+        """Rows whose gradient may reach the quarantine's parameters (None: all): not `frozen_quarantine` rows, not
+        exclusive rows (for parameter-level masks, e.g. an output projection's quarantine columns)."""
+        if self.quar_grad is None:
+            return self.quar_params
+        return self.quar_grad if self.quar_params is None else self.quar_params & self.quar_grad
 
     def split(self, y: Tensor, kept_dim: int) -> Tensor:
         """One activation whose last dim is [kept units | quarantine units]: each part gated as its path."""
@@ -182,7 +223,9 @@ class RowGate:
             return value, value  # the gradient of a scaled unit is scaled too
         on = torch.ones_like(self.kept_grad) if self.kept_on is None else self.kept_on
         value = self._units(on, self.quar_on, kept_dim, width, like)
-        grad = self._units(self.kept_grad & on, self.quar_on, kept_dim, width, like)
+        kept = self.kept_grad & on if self.kept_coef is None else self.kept_coef * on
+        quar = self.quar_on if self.quar_grad is None else self.quar_on & self.quar_grad
+        grad = self._units(kept, quar, kept_dim, width, like)
         return value, grad
 
     def _units(self, kept, quar, kept_dim: int, width: int, like: Tensor) -> Tensor:
@@ -198,6 +241,25 @@ class RowGate:
         cols = torch.arange(width, device=like.device) < kept_dim
         mask = torch.where(cols, per_row(kept), per_row(quar)).to(like.dtype)
         return mask.view(rows, *([1] * (like.dim() - 2)), width)
+
+
+class _ScaleRows(torch.autograd.Function):
+    """Identity forward; the backward multiplies each row's gradient by `coef` (rows, 1..) and, with `clamp`, clamps
+    it to [-clamp, clamp] per coordinate on the rows in `clamp_rows`: soft routing's kept path."""
+
+    @staticmethod
+    def forward(ctx, y: Tensor, coef: Tensor, clamp_rows: Tensor | None, clamp: float | None) -> Tensor:
+        ctx.save_for_backward(coef, clamp_rows)
+        ctx.clamp = clamp
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        coef, clamp_rows = ctx.saved_tensors
+        g = g * coef
+        if ctx.clamp is not None:
+            g = torch.where(clamp_rows, g.clamp(-ctx.clamp, ctx.clamp), g)
+        return g, None, None, None
 
 
 def check_scale(s: float) -> float:

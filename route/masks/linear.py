@@ -93,7 +93,8 @@ def _gated_forward(module: nn.Module, x: Tensor) -> Tensor:
     if gate.is_ablated:
         return F.linear(x, module.weight, module.bias)
     rows = gate.kept_params if module.split_dim == 0 else gate.proj_params
-    return masked_linear(x, module.weight, module.bias, rows, module.split_dim, module.retain_dim, gate.quar_params)
+    return masked_linear(x, module.weight, module.bias, rows, module.split_dim, module.retain_dim,
+                         gate.quar_param_rows())
 
 
 class _Split:

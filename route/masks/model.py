@@ -164,15 +164,18 @@ class SGTMMasks:
                 m.row_gate = g
 
     def gate(self, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
-             frozen_forget: Sequence[bool] | Tensor | None = None) -> contextlib.AbstractContextManager:
+             frozen_forget: Sequence[bool] | Tensor | None = None, forget_kept_grad: float = 0.0,
+             forget_kept_clamp: float | None = None) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context; a single mode name needs `batch_size`.
 
         `frozen_forget`: rows whose gradient must not reach the forget slices although their forward
-        uses them (for default rows; retain rows never train them).
+        uses them (for default rows; retain rows never train them). `forget_kept_grad`, `forget_kept_clamp`: soft
+        routing (`RowGate.from_modes`).
         """
         return self._attached(RowGate.from_modes(modes, batch_size, strategy=self.strategy,
                                                  mask_shared=bool(self.shared_modules),
-                                                 frozen_quarantine=frozen_forget))
+                                                 frozen_quarantine=frozen_forget, forget_kept_grad=forget_kept_grad,
+                                                 forget_kept_clamp=forget_kept_clamp))
 
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed model (forget units contribute nothing), for any batch size: `scaled(0)`."""

@@ -157,6 +157,18 @@ def build_target(config: Any, model: nn.Module, args: TargetArgs | None = None) 
     return cls.from_args(model, resolve_target_args(config, args), config)
 
 
+def configure_routing(target: Any, args: Any) -> None:
+    """Hand `route_weight` / `route_clamp` to the target's gate and turn on its unrouted-gradient recording for
+    `split_moments`; ValueError naming the field when the target cannot."""
+    if hasattr(target, "set_soft_routing"):
+        target.set_soft_routing(args.route_weight, args.route_clamp)
+    elif (args.route_weight, args.route_clamp) != (1.0, None):
+        raise ValueError(f"route_weight: {type(target).__name__} has no set_soft_routing; use 1 (full routing)")
+    if args.split_moments and not (hasattr(target, "record_unrouted_grads") and target.record_unrouted_grads(True)):
+        raise ValueError(f"split_moments: the {getattr(target, 'name', type(target).__name__)!r} target does not "
+                         "record unrouted gradients; allowed values: false, or true with target dual_lora")
+
+
 __all__ = ["CORE_INTERVENTIONS", "RoutingRows", "Target", "TargetArgs", "TargetBase", "available_targets",
-           "build_target", "check_target", "make_target", "register_target", "resolve_target_args",
+           "build_target", "check_target", "configure_routing", "make_target", "register_target", "resolve_target_args",
            "target_args_classes", "target_class"]

@@ -30,7 +30,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from route.masks import RowGate, check_scale, encode_modes
+from route.masks import FORGET, RowGate, check_scale, encode_modes
 from route.targets.common import deployed_model, save_plain
 
 # Interventions every target supports; a target adds its own in `TargetBase.interventions`.
@@ -77,6 +77,9 @@ class TargetBase:
     # without calling the module, must not be used for this target (`route.logprobs`).
     reads_output_head: bool = False
     model: nn.Module
+    # soft routing (`set_soft_routing`): factor on a forget row's kept gradient and its per-coordinate clamp
+    forget_kept_grad: float = 0.0
+    forget_kept_clamp: float | None = None
 
     # ------------------------------------------------------------------ construction (subclass)
     @classmethod
@@ -125,7 +128,21 @@ class TargetBase:
 
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self._use(RowGate.from_modes(encode_modes(modes), strategy=self.strategy))
+        return self._use(RowGate.from_modes(encode_modes(modes), strategy=self.strategy, **self._soft_routing()))
+
+    def _soft_routing(self) -> dict[str, Any]:
+        return {"forget_kept_grad": self.forget_kept_grad, "forget_kept_clamp": self.forget_kept_clamp}
+
+    def set_soft_routing(self, route_weight: float = 1.0, route_clamp: float | None = None) -> None:
+        """Every later `gate` routes forget rows' kept gradient softly: times 1 - `route_weight`
+        (`route.policy.forget_kept_grad`), each coordinate clamped to [-route_clamp, route_clamp] (None: no clamp).
+        The defaults are full routing (today's rule). A strategy that cannot do it raises ValueError here, before
+        any work."""
+        from route.policy import forget_kept_grad
+
+        coef = forget_kept_grad(route_weight)
+        RowGate.from_modes(torch.tensor([FORGET]), strategy=self.strategy, forget_kept_grad=coef)  # raises if unable
+        self.forget_kept_grad, self.forget_kept_clamp = coef, route_clamp
 
     def scaled(self, s: float) -> contextlib.AbstractContextManager:
         """Forward with the quarantine's contribution multiplied by `s` in [0, 1] (0: the deployed policy, 1: the
@@ -206,6 +223,11 @@ class TargetBase:
     def record_row_grads(self, on: bool) -> bool:
         """Start (or stop) recording each row's squared gradient norm on the kept and quarantine parameters in every
         gated training backward; returns whether this target can (default: it cannot)."""
+        return False
+
+    def record_unrouted_grads(self, on: bool) -> bool:
+        """split_moments: accumulate each trainable parameter's unrouted gradient in `param.unrouted_grad` in every
+        backward; returns whether this target can (default: it cannot)."""
         return False
 
     def pop_row_grads(self) -> dict[str, Tensor] | None:

@@ -8,7 +8,8 @@ steps each group on its own. The forward is fused: each adapted layer runs one r
 r_k + r_q LoRA, `[B_k s_k | B_q s_q] ([A_k; A_q] x)`, instead of PEFT's loop over adapters,
 and the per-row gate acts on the small rank-space activation `h = [A_k; A_q] x`:
 the shared `RowGate` of the mask core (`route.masks`, `gradient_routing` strategy) splits `h`
-at r_k (forget rows: kept components detached; retain rows: quarantine components zeroed) and
+at r_k (forget rows: kept components detached, or their gradient scaled under soft routing; retain rows:
+quarantine components zeroed; exclusive rows: quarantine components detached) and
 `masked_linear` keeps forget rows' gradient out of B_k. Values are exactly the unfused
 forward's (up to float summation order); the SGTM models and the `sgtm` target gate through the
 same `RowGate`, so there is one gating implementation. Under `ablated()` only the kept adapter
@@ -43,6 +44,7 @@ class _GateSlot:
 
     route_gate: RowGate | None = None
     row_norms: RowSqNorms | None = None  # absorption metrics: per-row gradient norms of each gated backward
+    unrouted: bool = False  # split_moments: accumulate each adapter weight's unrouted gradient (`unrouted_grad`)
 
 
 class _RoutedLoRA(torch.autograd.Function):
@@ -50,24 +52,29 @@ class _RoutedLoRA(torch.autograd.Function):
 
     One op for both adapters (no autograd nodes for the concatenations or the gate): `value`/`grad` are
     `RowGate.unit_masks` over the r_k + r_q rank units (None: all ones). A unit whose `grad` is 0 on a row is
-    detached there: its value flows on, but the row sends no gradient into its A or B, nor through it into x.
+    detached there: its value flows on, but the row sends no gradient into its A or B, nor through it into x; a
+    soft-routing factor c scales all three by c. With `unrouted` (the four weights), the backward also adds each
+    weight's unrouted gradient, the same products with `value` in place of `grad`, to `weight.unrouted_grad`.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, a_k: Tensor, a_q: Tensor, b_k: Tensor, b_q: Tensor, s_k: float, s_q: float,
-                value: Tensor | None, grad: Tensor | None, row_norms: RowSqNorms | None = None) -> Tensor:
+                value: Tensor | None, grad: Tensor | None, row_norms: RowSqNorms | None = None,
+                unrouted: tuple[Tensor, ...] | None = None) -> Tensor:
         a = torch.cat([a_k, a_q])
         b = torch.cat([_scaled(b_k, s_k), _scaled(b_q, s_q)], dim=1)
         h = F.linear(x, a)
-        ctx.save_for_backward(x, a, b, h, grad)
-        ctx.rank_k, ctx.scales, ctx.row_norms = a_k.shape[0], (s_k, s_q), row_norms
+        ctx.save_for_backward(x, a, b, h, value, grad)
+        ctx.rank_k, ctx.scales, ctx.row_norms, ctx.unrouted = a_k.shape[0], (s_k, s_q), row_norms, unrouted
         return F.linear(h if value is None else h * value, b)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        x, a, b, h, grad = ctx.saved_tensors
+        x, a, b, h, value, grad = ctx.saved_tensors
         rk, (s_k, s_q) = ctx.rank_k, ctx.scales
         dh = dy.matmul(b)
+        if ctx.unrouted is not None:
+            _add_unrouted(ctx.unrouted, dy, dh, x, h, value, rk, (s_k, s_q))
         if grad is not None:  # grad zero wherever value is zero, so h * grad is the value the row used
             dh, h = dh * grad, h * grad
         gx = dh.matmul(a) if ctx.needs_input_grad[0] else None
@@ -79,7 +86,22 @@ class _RoutedLoRA(torch.autograd.Function):
             ctx.row_norms.add(KEEP, per_unit[:, :rk].sum(1))
             ctx.row_norms.add(QUARANTINE, per_unit[:, rk:].sum(1))
         return (gx, ga[:rk], ga[rk:], _scaled(gb[:, :rk], s_k), _scaled(gb[:, rk:], s_q), None, None, None, None,
-                None)
+                None, None)
+
+
+def _add_unrouted(weights: tuple[Tensor, ...], dy: Tensor, dh: Tensor, x: Tensor, h: Tensor, value: Tensor | None,
+                  rk: int, scales: tuple[float, float]) -> None:
+    """Add the gradient (A_k, A_q, B_k, B_q) would get with no routing to each weight's `unrouted_grad`: the fused
+    backward's products with the forward's `value` mask as the gradient mask (units absent from a row's forward
+    still get nothing from it)."""
+    if value is not None:
+        dh, h = dh * value, h * value
+    ga = dh.flatten(0, -2).T.matmul(x.flatten(0, -2))
+    gb = dy.flatten(0, -2).T.matmul(h.flatten(0, -2))
+    for w, g in zip(weights, (ga[:rk], ga[rk:], _scaled(gb[:, :rk], scales[0]), _scaled(gb[:, rk:], scales[1])),
+                    strict=True):
+        g = g.to(w.dtype)
+        w.unrouted_grad = g if getattr(w, "unrouted_grad", None) is None else w.unrouted_grad + g
 
 
 class FusedDualLoraLinear(LoraLinear):
@@ -101,11 +123,18 @@ class FusedDualLoraLinear(LoraLinear):
         x = self._cast_input_dtype(x, a_k.dtype)
         if gate is not None and gate.is_ablated:  # the deployed policy: the kept adapter alone
             return (result + F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))).to(result.dtype)
+        if gate is not None and gate.kept_clamp is not None:  # clamped soft routing: the unfused gated forward
+            a_q, b_q = self.lora_A[QUARANTINE].weight, self.lora_B[QUARANTINE].weight
+            kept = F.linear(F.linear(x, a_k), _scaled(b_k, self.scaling[KEEP]))
+            quar = F.linear(F.linear(x, a_q), _scaled(b_q, self.scaling[QUARANTINE]))
+            return (result + gate.kept(kept) + gate.quarantine(quar)).to(result.dtype)
         value, grad = (None, None) if gate is None else gate.unit_masks(
             a_k.shape[0], a_k.shape[0] + self.r[QUARANTINE], like=x)
         row_norms = self.route_slot.row_norms if gate is not None and torch.is_grad_enabled() else None
-        y = _RoutedLoRA.apply(x, a_k, self.lora_A[QUARANTINE].weight, b_k, self.lora_B[QUARANTINE].weight,
-                              float(self.scaling[KEEP]), float(self.scaling[QUARANTINE]), value, grad, row_norms)
+        a_q, b_q = self.lora_A[QUARANTINE].weight, self.lora_B[QUARANTINE].weight
+        unrouted = (a_k, a_q, b_k, b_q) if self.route_slot.unrouted and torch.is_grad_enabled() else None
+        y = _RoutedLoRA.apply(x, a_k, a_q, b_k, b_q, float(self.scaling[KEEP]), float(self.scaling[QUARANTINE]),
+                              value, grad, row_norms, unrouted)
         return (result + y).to(result.dtype)
 
 
@@ -208,7 +237,19 @@ class DualLoRATarget(TargetBase):
     def record_row_grads(self, on: bool) -> bool:
         """Record each row's squared gradient norm on the kept and quarantine adapters (A and B) in every gated
         backward, from the rank-space activations and gradients the fused backward already holds."""
+        if on and self.forget_kept_clamp is not None:
+            raise ValueError("absorption_metrics, route_clamp: the dual_lora target records per-row norms in its fused "
+                             "backward, which clamped soft routing does not use; turn one of them off")
         self._slot.row_norms = RowSqNorms() if on else None
+        return True
+
+    def record_unrouted_grads(self, on: bool) -> bool:
+        """split_moments: every backward through the fused layers also adds each adapter weight's unrouted gradient
+        (its gradient with this layer's gate lifted) to `weight.unrouted_grad`; two extra rank-space products."""
+        if on and self.forget_kept_clamp is not None:
+            raise ValueError("split_moments, route_clamp: the dual_lora target records unrouted gradients in its fused "
+                             "backward, which clamped soft routing does not use; turn one of them off")
+        self._slot.unrouted = on
         return True
 
     def pop_row_grads(self) -> dict[str, Tensor] | None:

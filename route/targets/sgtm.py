@@ -114,6 +114,7 @@ class SGTMTarget(TargetBase):
         self.model = model
         self.forget_mlp_dim, self.forget_heads = forget_mlp, forget_heads
         self.masks = SGTMMasks(model, strategy, _shared_modules(model) if mask_shared else ())
+        self.strategy = strategy  # what `set_soft_routing` checks soft routing against
         # the shared-parameter hooks include the output head's: TRL's fused log-prob kernel would bypass them
         self.reads_output_head = model.get_output_embeddings() in self.masks.shared_modules
 
@@ -126,7 +127,7 @@ class SGTMTarget(TargetBase):
     # ------------------------------------------------------------------ gating (the mask core installs its own hooks)
     def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
         """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self.masks.gate(modes)
+        return self.masks.gate(modes, **self._soft_routing())
 
     def scaled(self, s: float) -> contextlib.AbstractContextManager:
         """Forward with the reserved units' output multiplied by `s` in [0, 1] (0: deployed, `ablated()`)."""
