@@ -43,7 +43,8 @@ def _cell(values: list[float]) -> str:
 
 # Routing settings that change what an arm is, with their defaults: a run that departs from one is labelled with it.
 ARM_SETTINGS = {"unflagged_mode": "default", "generation_policy": "full", "route_score": "none",
-                "erase_one_sided": False, "quarantine_lr_ratio": 1.0, "flag_control": "none"}
+                "erase_one_sided": False, "quarantine_lr_ratio": 1.0, "flag_control": "none",
+                "routing": "classic", "route_weight": 1.0, "route_clamp": None, "split_moments": False}
 
 
 def arm_label(config: dict) -> str:
@@ -61,9 +62,11 @@ LOGGING_FIELDS = ("absorption_metrics", "disable_tqdm", "logging_steps", "report
 
 
 def arm_key(config: dict) -> tuple:
-    """What makes two runs the same arm: every config field except the seeds and the output location."""
+    """What makes two runs the same arm: every config field except the seeds and the output location; a routing
+    setting at its default counts as absent, so runs written before the setting existed join their arm."""
     skip = set(SEED_FIELDS) | set(LOCATION_FIELDS) | set(LOGGING_FIELDS)
-    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip))
+    return tuple(sorted((k, json.dumps(v, sort_keys=True)) for k, v in config.items() if k not in skip
+                        and not (k in ARM_SETTINGS and v == ARM_SETTINGS[k])))
 
 
 BASE_RATES = ("n", "solve_rate", "hack_rate", "pass_rate", "hack_rate_by_mode")

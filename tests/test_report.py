@@ -54,6 +54,14 @@ def test_runs_that_differ_in_one_field_are_separate_arms(field, a, b):
     assert all(f"{field} " in r.split(" | ")[0] for r in rows), rows  # the label says what differs
 
 
+def test_a_routing_setting_at_its_default_joins_runs_written_before_it_existed():
+    rs = [result("route", 0.5, 0.2, seed=0), result("route", 0.7, 0.4, seed=1, routing="classic", route_weight=1.0),
+          result("route", 0.1, 0.9, seed=0, routing="exclusive")]
+    rows = _arm_rows(table(rs))
+    assert len(rows) == 2 and {r.split(" | ")[1] for r in rows} == {"2", "1"}
+    assert any("routing exclusive" in r for r in rows)
+
+
 def test_seeds_output_dir_and_logging_do_not_split_an_arm():
     rs = [result("route", 0.5, 0.2, seed=s, detector_seed=s, output_dir=f"runs/{s}", absorption_metrics=s == 1,
                  disable_tqdm=s == 2) for s in range(3)]
