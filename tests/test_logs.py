@@ -19,27 +19,9 @@ from route.logs import (
     read_metrics,
     run_log,
 )
+from tests.tiny_run import TINY_RUN
 
-TINY = dict(
-    use_cpu=True,
-    bf16=False,
-    gradient_checkpointing=False,
-    learning_rate=1e-3,
-    beta=0.0,
-    per_device_train_batch_size=8,
-    num_generations=4,
-    max_completion_length=6,
-    max_steps=3,
-    logging_steps=1,
-    save_strategy="no",
-    report_to="none",
-    disable_tqdm=False,
-    train_size=32,
-    keep_rank=2,
-    quarantine_rank=2,
-    eval_n=16,
-    detector_fpr=0.5,
-)
+TINY = {**TINY_RUN, "max_completion_length": 6, "max_steps": 3, "disable_tqdm": False, "detector_fpr": 0.5}
 
 
 def _state(step: int, max_steps: int = 10) -> TrainerState:

@@ -10,11 +10,9 @@ import envs
 from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
 from route.trainer import RoutedGRPOTrainer
+from tests.tiny_run import TINY_RUN
 
-TINY = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
-            per_device_train_batch_size=8, num_generations=4, max_completion_length=8, max_steps=3,
-            logging_steps=1, save_strategy="no", report_to="none", disable_tqdm=True, train_size=64,
-            keep_rank=2, quarantine_rank=2, seed=0)
+TINY = {**TINY_RUN, "max_steps": 3, "train_size": 64, "seed": 0}
 
 
 class ParityDetector:
