@@ -84,8 +84,6 @@ def parse_config(argv: list[str] | None = None, default_config: str | None = Non
     classes = target_args_classes()
     parser = config_parser(default_config)
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"--config: no such file: {path}")
         values = load_yaml_mapping(path)
         if isinstance(values.get("env"), dict):
             for key, value in values.pop("env").items():

@@ -150,7 +150,9 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def pop_config_arg(argv: list[str], default: str | None = None) -> tuple[str | None, list[str]]:
-    """Split `--config FILE` (or `--config=FILE`) out of `argv`: (path or `default`, remaining args)."""
+    """Split `--config FILE` (or `--config=FILE`) out of `argv`: (path or `default`, remaining args).
+
+    A path that is not a file is a ValueError naming `--config`: checked here, before any heavy import."""
     argv = list(argv)
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
@@ -162,6 +164,8 @@ def pop_config_arg(argv: list[str], default: str | None = None) -> tuple[str | N
         raise ValueError("--config needs a file path")
     path = argv[i + 1]
     del argv[i: i + 2]
+    if not os.path.isfile(path):
+        raise ValueError(f"--config: no such file: {path}")
     return path, argv
 
 
@@ -223,8 +227,6 @@ def parse_dataclass_config(cls: type, argv: list[str] | None = None, default_con
                         help=f"YAML file of any of the fields below; flags win over it (default: {default_config})")
     parser._action_groups[1]._group_actions.sort(key=lambda a: a.dest not in ("help", "config", "debug"))
     if path is not None:
-        if not os.path.isfile(path):
-            raise ValueError(f"--config: no such file: {path}")
         values = load_yaml_mapping(path)
         unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
         if unknown:

@@ -30,6 +30,11 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 
 def parse_config(argv: list[str] | None = None):
     """Parse flags and `--config` (default: configs/default.yaml) into a RoutedGRPOConfig."""
+    import sys
+
+    from route.io import pop_config_arg
+
+    pop_config_arg(sys.argv[1:] if argv is None else argv)  # a missing --config file fails before the TRL import
     from route.cli import parse_config as parse
 
     return parse(argv, default_config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)

@@ -126,3 +126,15 @@ def test_files_and_directories_are_fsynced(tmp_path, monkeypatch):
     synced.clear()
     write_json_atomic(tmp_path / "r.json", {"a": 1})
     assert str(tmp_path) in synced and any(p.startswith(str(tmp_path / ".r.json.")) for p in synced)
+
+
+def test_pop_config_arg_refuses_a_missing_file_before_any_heavy_import(tmp_path):
+    from route.io import pop_config_arg
+
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("seed: 1\n")
+    assert pop_config_arg(["--config", str(cfg), "--seed", "2"]) == (str(cfg), ["--seed", "2"])
+    assert pop_config_arg([f"--config={cfg}"]) == (str(cfg), [])
+    assert pop_config_arg(["--seed", "2"], default="d.yaml") == ("d.yaml", ["--seed", "2"])
+    with pytest.raises(ValueError, match="--config: no such file: nope.yaml"):
+        pop_config_arg(["--config", "nope.yaml"])
