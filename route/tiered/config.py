@@ -33,8 +33,10 @@ class TieredConfig(OptimFields):
     mlp_share: float = field(default=0.25, metadata={"help": "Share of MLP columns in a drawn key."})
     layout: str = field(
         default="public",
-        metadata={"help": "Layout of the optimizer step: public or keyed (the seed's; same weights for a fixed key).",
-                  "choices": ["public", "keyed"]},
+        metadata={
+            "help": "Layout of the optimizer step: public or keyed (the seed's; same weights for a fixed key).",
+            "choices": ["public", "keyed"],
+        },
     )
     public_scale: float = field(
         default=0.5, metadata={"help": "Public gradients' scale after both passes (the seed's mean: 0.5)."}
@@ -49,14 +51,18 @@ class TieredConfig(OptimFields):
     # data
     keyed_mix: float = field(
         default=0.5,
-        metadata={"help": "Share of keyed-language blocks in the keyed pass's batch (the rest is public data)."},
+        metadata={
+            "help": "Share of keyed-language blocks in the keyed pass's batch (the rest is public data); "
+            "times batch_size must be a whole number of blocks."
+        },
     )
     train_blocks: int = field(default=6000, metadata={"help": "Training blocks per language."})
     eval_blocks: int = field(default=64, metadata={"help": "Held-out blocks per language."})
     seq_len: int = field(default=64, metadata={"help": "Characters per block."})
     # model
-    architecture: str = field(default="gpt_neo", metadata={"help": "Model family (the SGTM classes).",
-                                                           "choices": list(ARCHITECTURES)})
+    architecture: str = field(
+        default="gpt_neo", metadata={"help": "Model family (the SGTM classes).", "choices": list(ARCHITECTURES)}
+    )
     hidden_size: int = field(default=64, metadata={"help": "Model width."})
     num_layers: int = field(default=4, metadata={"help": "Transformer layers."})
     num_heads: int = field(default=4, metadata={"help": "Attention heads."})
@@ -85,6 +91,12 @@ class TieredConfig(OptimFields):
         self.check_positive(
             ("steps", "batch_size", "eval_every", "seq_len", "eval_blocks", "train_blocks", "num_layers")
         )
+        blocks = self.keyed_mix * self.batch_size
+        if abs(blocks - round(blocks)) > 1e-9:
+            raise ValueError(
+                f"keyed_mix: {self.keyed_mix} x batch_size {self.batch_size} = {blocks:g} keyed blocks per keyed pass; "
+                f"must be a whole number (multiples of 1/{self.batch_size})"
+            )
         if self.num_layers < 2:
             raise ValueError("num_layers: a key swaps across layers; need at least 2")
 

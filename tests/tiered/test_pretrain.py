@@ -119,6 +119,7 @@ def test_probes_write_csv_and_png(run_dir, tmp_path):
         ("mlp_share", 1.5, "mlp_share"),
         ("architecture", "gpt2", "architecture: invalid value"),
         ("num_layers", 1, "num_layers"),
+        ("keyed_mix", 0.4, r"keyed_mix: 0.4 x batch_size 16 = 6.4 .*whole number"),  # would run as 0.375
     ],
 )
 def test_bad_values_name_the_field(field, value, match):
