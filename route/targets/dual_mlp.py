@@ -1,0 +1,282 @@
+"""`dual_mlp`: kept and quarantine MLP units added beside the MLP of every (or each chosen) layer.
+
+    y = MLP(x) + MLP_k(x) + MLP_q(x)        MLP_k, MLP_q: new units of MLP's own form, output projections at zero
+
+The new units have the model's own MLP form (GPT-Neo: `c_fc` rows with their bias, the activation, `c_proj`
+columns; the Llama family: `gate_proj` and `up_proj` rows, `down_proj` columns), so a merge is a concatenation: the
+plain model at quarantine scale s is the same architecture with `intermediate_size` widened by the new units, the
+quarantine's output columns times s. Nothing else is baked into any weight. The base model is frozen (as under
+`dual_lora`): only the new units train, so a forget row, whose gradient must reach the quarantine alone, needs no
+gate on the model's own parameters. Input rows are drawn at the std of the layer's own input rows, output columns
+start at zero, so the wrapped model starts as the base model.
+
+Gating: a forward hook on each wrapped MLP adds `gate.kept(MLP_k(x)) + gate.quarantine(MLP_q(x))` with the shared
+`RowGate` of the mask core (`gradient_routing` strategy): forget rows detach the kept units (or scale their gradient
+under soft routing, clamped with `route_clamp`), retain rows drop the quarantine, exclusive rows detach it,
+`scaled(s)` multiplies it by s. The gate lives in one slot that every hook reads (re-entered by the checkpointed
+recompute through `TargetBase.recompute_context`).
+
+Export and vLLM: every state dict (`merged_state_dict`, `deployed_state_dict`) has one layout, the *engine layout*:
+each layer `base + keep_units + quarantine_units` wide (a layer without new units is padded with zero units, which
+add exactly zero), the quarantine's input rows and output columns explicit at every scale (zero at scale 0). A vLLM
+engine for this target must be built on a checkpoint of that width (`save_deployed(dir, scale=1)`; under colocate
+the target writes it itself, see `DualMLPTarget.from_args`). The saved deployed model (`deployed_model`,
+`save_deployed` at scale 0) drops the quarantine units: `intermediate_size` is widened by the kept units alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from route.config import as_int_list
+from route.masks import RowGate, check_scale, detect_arch, redraw_like_
+from route.masks.arch import layers_of, resolve_layers
+from route.targets import register_target
+from route.targets.base import TargetArgs, TargetBase, export_scale
+from route.targets.common import deployed_model, save_plain
+
+KEEP, QUARANTINE = "keep", "quarantine"
+UNIT_ATTRS = {KEEP: "route_keep", QUARANTINE: "route_quarantine"}
+# per architecture: the MLP's input projections (split by rows), its output projection (by columns), its activation
+FORMS = {"gpt_neo": (("c_fc",), "c_proj", "act"), "llama": (("gate_proj", "up_proj"), "down_proj", "act_fn")}
+ENGINE_DIR = "vllm_engine"  # under output_dir: the colocated engine's checkpoint (engine layout)
+
+
+class _GateSlot:
+    """The gate every wrapped MLP of one target reads (None: the plain sum)."""
+
+    route_gate: RowGate | None = None
+
+
+class MLPUnits(nn.Module):
+    """`n` MLP units of the form of `mlp` (an architecture in `FORMS`): input rows drawn at the std of the MLP's own
+    (bias zero), output columns zero and without bias (the model's own output bias is counted once)."""
+
+    def __init__(self, mlp: nn.Module, arch: str, n: int):
+        super().__init__()
+        ins, out, _ = FORMS[arch]
+        self.arch = arch
+        for name in ins:
+            src = getattr(mlp, name)
+            lin = nn.Linear(src.in_features, n, bias=src.bias is not None, device=src.weight.device,
+                            dtype=src.weight.dtype)
+            redraw_like_(lin.weight, src.weight)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+            setattr(self, name, lin)
+        src = getattr(mlp, out)
+        setattr(self, out, nn.Linear(n, src.out_features, bias=False, device=src.weight.device, dtype=src.weight.dtype))
+        nn.init.zeros_(getattr(self, out).weight)
+
+    def forward(self, x: Tensor, act) -> Tensor:
+        if self.arch == "gpt_neo":
+            return self.c_proj(act(self.c_fc(x)))
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _dual_hook(mlp: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    """Forward hook of a wrapped MLP: its output plus the gated kept and quarantine units on the same input."""
+    x, act = args[0], getattr(mlp, FORMS[mlp.route_keep.arch][2])
+    gate = mlp.route_slot.route_gate
+    kept = mlp.route_keep(x, act)
+    if gate is not None and gate.is_ablated:  # the deployed policy: the quarantine is not computed
+        return out + kept
+    quar = mlp.route_quarantine(x, act)
+    if gate is None:
+        return out + kept + quar
+    return out + gate.kept(kept) + gate.quarantine(quar)
+
+
+@dataclass
+class DualMLPArgs(TargetArgs):
+    """Settings of the `dual_mlp` target (layer indices are checked against the model when the target is built)."""
+
+    dual_mlp_keep_units: int = field(
+        default=64, metadata={"help": "dual_mlp: kept MLP units added to each wrapped layer (trained by every "
+                                      "rollout except flagged ones; deployed)."})
+    dual_mlp_quarantine_units: int = field(
+        default=64, metadata={"help": "dual_mlp: quarantine MLP units added to each wrapped layer (trained by "
+                                      "flagged rollouts; removed before deployment)."})
+    dual_mlp_layers: list[int] | None = field(
+        default=None, metadata={"help": "dual_mlp: indices of the layers that get new units (None: every layer; "
+                                        "negative indices count from the end)."})
+
+    def validate(self, config: Any, target: str) -> None:
+        for name in ("dual_mlp_keep_units", "dual_mlp_quarantine_units"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
+        self.dual_mlp_layers = as_int_list("dual_mlp_layers", self.dual_mlp_layers, "layer indices")
+        if self.dual_mlp_layers == []:
+            raise ValueError("dual_mlp_layers: no layer selected; give layer indices, or leave it unset for every "
+                             "layer")
+
+
+@register_target("dual_mlp")
+class DualMLPTarget(TargetBase):
+    """Kept + quarantine MLP units behind the `Target` interface.
+
+    Args:
+        model: a plain causal LM of GPT-Neo or the Llama family (Llama, Qwen2, Mistral); frozen, and its chosen
+            layers' MLPs get the new units and the routing hook in place.
+        keep_units, quarantine_units: units added per chosen layer.
+        layers: indices of the chosen layers (None: every layer).
+    """
+
+    args_cls = DualMLPArgs
+
+    def __init__(self, model: nn.Module, keep_units: int = 64, quarantine_units: int = 64,
+                 layers: list[int] | None = None):
+        DualMLPArgs(keep_units, quarantine_units, layers).validate(None, "dual_mlp")
+        try:
+            self.arch = detect_arch(model)
+            self.chosen = resolve_layers(layers, len(layers_of(model)))
+        except ValueError as e:
+            raise ValueError(f"dual_mlp_layers: {e}" if "masked_layers" in str(e) else
+                             str(e).replace("sgtm:", "dual_mlp:")) from None
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.model, self.units = model, {KEEP: keep_units, QUARANTINE: quarantine_units}
+        self._slot = _GateSlot()
+        self.mlps = [layer.mlp for layer in layers_of(model)]
+        for i in self.chosen:
+            mlp = self.mlps[i]
+            for role, attr in UNIT_ATTRS.items():
+                setattr(mlp, attr, MLPUnits(mlp, self.arch, self.units[role]))
+            mlp.route_slot = self._slot
+            mlp.register_forward_hook(_dual_hook)
+        self.base_width = getattr(self.mlps[0], FORMS[self.arch][1]).in_features
+
+    @classmethod
+    def from_args(cls, model: nn.Module, args: DualMLPArgs, config: Any) -> DualMLPTarget:
+        """Build the target; with `use_vllm` in colocate mode, also write the engine's checkpoint (engine layout) to
+        `output_dir/vllm_engine` and point `model.name_or_path` (what TRL builds its `LLM` from) at it. The KL
+        reference is loaded from `model.config` and stays the base model."""
+        target = cls(model, keep_units=args.dual_mlp_keep_units, quarantine_units=args.dual_mlp_quarantine_units,
+                     layers=args.dual_mlp_layers)
+        if getattr(config, "use_vllm", False) and getattr(config, "vllm_mode", None) == "colocate":
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(model.name_or_path)  # vLLM reads it from the model's folder
+            model.name_or_path = target.save_engine(os.path.join(config.output_dir, ENGINE_DIR), tokenizer)
+        return target
+
+    @classmethod
+    def probe(cls, model: nn.Module, args: DualMLPArgs, config: Any) -> None:
+        """Layer indices and architecture against the (meta-device) model; nothing is written."""
+        cls(model, keep_units=args.dual_mlp_keep_units, quarantine_units=args.dual_mlp_quarantine_units,
+            layers=args.dual_mlp_layers)
+
+    def _gate_holders(self) -> list[_GateSlot]:
+        return [self._slot]
+
+    def _wrapped(self) -> Iterator[nn.Module]:
+        return (self.mlps[i] for i in self.chosen)
+
+    # ------------------------------------------------------------------ parameters
+    @torch.no_grad()
+    def ablate(self, trainable: bool = False) -> None:
+        """Remove the quarantine permanently: output columns zero; input rows zero and frozen, or (trainable) redrawn
+        at the kept units' std (the deployed forward is unchanged either way)."""
+        ins, out, _ = FORMS[self.arch]
+        for mlp in self._wrapped():
+            units = mlp.route_quarantine
+            getattr(units, out).weight.zero_()
+            for name in ins:
+                lin = getattr(units, name)
+                if trainable:
+                    redraw_like_(lin.weight, getattr(mlp.route_keep, name).weight)
+                else:
+                    lin.weight.zero_()
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            units.requires_grad_(trainable)
+
+    def param_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by role: "keep" (kept units), "quarantine" (quarantine units), "shared" (anything
+        else made trainable after construction; the base model is frozen)."""
+        groups: dict[str, list[nn.Parameter]] = {KEEP: [], QUARANTINE: [], "shared": []}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                role = next((r for r, attr in UNIT_ATTRS.items() if f".{attr}." in name), "shared")
+                groups[role].append(p)
+        return groups
+
+    # ------------------------------------------------------------------ export
+    @torch.no_grad()
+    def _export(self, scale: float, with_quarantine: bool, dtype: torch.dtype | None) -> dict[str, Tensor]:
+        """The plain model's state dict, each layer's MLP widened by the kept units and (`with_quarantine`) the
+        quarantine units, whose input rows are zero at scale 0 and whose output columns are times `scale`."""
+        ins, out, _ = FORMS[self.arch]
+        names = {id(m): n for n, m in self.model.named_modules()}
+        attrs = tuple(UNIT_ATTRS.values())
+        sd = {k: v.detach().clone() if dtype is None or not v.is_floating_point() else v.detach().to(dtype)
+              for k, v in self.model.state_dict().items() if not any(f".{a}." in k for a in attrs)}
+        roles = (KEEP, QUARANTINE) if with_quarantine else (KEEP,)
+        factor = {KEEP: 1.0, QUARANTINE: scale}
+        for i, mlp in enumerate(self.mlps):
+            prefix = f"{names[id(mlp)]}."
+            wrapped = i in self.chosen
+            for name in (*ins, out):
+                base = getattr(mlp, name)
+                dim = 1 if name == out else 0
+                parts = [base.weight.detach().float()]
+                biases = None if base.bias is None or dim == 1 else [base.bias.detach().float()]
+                for role in roles:
+                    n = self.units[role]
+                    units = getattr(getattr(mlp, UNIT_ATTRS[role]), name) if wrapped else None
+                    w = units.weight.detach().float() if units is not None else base.weight.new_zeros(
+                        (base.out_features, n) if dim else (n, base.in_features), dtype=torch.float32)
+                    f = factor[role] if dim == 1 or factor[role] == 0.0 else 1.0
+                    parts.append(w * f if f != 1.0 else w)
+                    if biases is not None:
+                        b = units.bias.detach().float() if units is not None else w.new_zeros(n)
+                        biases.append(b * f if f != 1.0 else b)
+                cast = dtype or base.weight.dtype
+                sd[prefix + name + ".weight"] = torch.cat(parts, dim=dim).to(cast)
+                if biases is not None:
+                    sd[prefix + name + ".bias"] = torch.cat(biases).to(cast)
+        return sd
+
+    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
+                          scale: float | None = None) -> dict[str, Tensor]:
+        """The plain model's weights in the engine layout (every layer `base + keep + quarantine` units wide): the
+        kept units as they are, the quarantine's output columns times `scale` (1 with `quarantine`, 0 without) and,
+        at scale 0, its input rows zero too. The same shapes at every scale, so every vLLM push fits one engine.
+        Merged in fp32, out of place, cast once; keys match the widened transformers model."""
+        return self._export(export_scale(quarantine, scale), True, dtype)
+
+    def plain_config(self, with_quarantine: bool) -> Any:
+        """The transformers config of an export: `intermediate_size` widened by the new units."""
+        config = copy.deepcopy(self.model.config)
+        config.intermediate_size = self.base_width + self.units[KEEP] + (
+            self.units[QUARANTINE] if with_quarantine else 0)
+        return config
+
+    def deployed_model(self, scale: float = 0.0) -> nn.Module:
+        """A fresh plain transformers model of the policy at quarantine `scale`: widened by the kept units only at
+        scale 0 (the quarantine units removed, not zeroed), by both (quarantine output times s) above."""
+        with_quarantine = check_scale(scale) > 0.0
+        plain = SimpleNamespace(config=self.plain_config(with_quarantine),
+                                generation_config=self.model.generation_config)
+        return deployed_model(plain, self._export(scale, with_quarantine, None), self.name)
+
+    def save_engine(self, output_dir: str, tokenizer: Any = None) -> str:
+        """Write a plain checkpoint in the engine layout (the training policy, `save_deployed(scale=1)`) atomically;
+        a vLLM engine for this target is built on it (server mode: serve it). Returns `output_dir`."""
+        from route.io import atomic_dir
+
+        with atomic_dir(output_dir) as tmp:
+            save_plain(self.deployed_model(scale=1.0), str(tmp), tokenizer)
+        return output_dir
+
+
+__all__ = ["DualMLPArgs", "DualMLPTarget", "MLPUnits"]
