@@ -136,12 +136,7 @@ class DualMLPTarget(TargetBase):
     def __init__(self, model: nn.Module, keep_units: int = 64, quarantine_units: int = 64,
                  layers: list[int] | None = None):
         DualMLPArgs(keep_units, quarantine_units, layers).validate(None, "dual_mlp")
-        try:
-            self.arch = detect_arch(model)
-            self.chosen = resolve_layers(layers, len(layers_of(model)))
-        except ValueError as e:
-            raise ValueError(f"dual_mlp_layers: {e}" if "masked_layers" in str(e) else
-                             str(e).replace("sgtm:", "dual_mlp:")) from None
+        self.arch, self.chosen = self.resolve(model, layers)
         for p in model.parameters():
             p.requires_grad_(False)
         self.model, self.units = model, {KEEP: keep_units, QUARANTINE: quarantine_units}
@@ -169,11 +164,22 @@ class DualMLPTarget(TargetBase):
             model.name_or_path = target.save_engine(os.path.join(config.output_dir, ENGINE_DIR), tokenizer)
         return target
 
+    @staticmethod
+    def resolve(model: nn.Module, layers: list[int] | None) -> tuple[str, list[int]]:
+        """(architecture, chosen layer indices); ValueError naming `target` or `dual_mlp_layers`."""
+        try:
+            arch = detect_arch(model)
+        except ValueError as e:
+            raise ValueError(str(e).replace("sgtm:", "target: dual_mlp:")) from None
+        try:
+            return arch, resolve_layers(layers, len(layers_of(model)))
+        except ValueError as e:  # the mask core's message names its own field
+            raise ValueError(str(e).replace("masked_layers", "dual_mlp_layers")) from None
+
     @classmethod
     def probe(cls, model: nn.Module, args: DualMLPArgs, config: Any) -> None:
-        """Layer indices and architecture against the (meta-device) model; nothing is written."""
-        cls(model, keep_units=args.dual_mlp_keep_units, quarantine_units=args.dual_mlp_quarantine_units,
-            layers=args.dual_mlp_layers)
+        """Architecture and layer indices against the (meta-device) model; no unit is drawn, nothing written."""
+        cls.resolve(model, args.dual_mlp_layers)
 
     def _gate_holders(self) -> list[_GateSlot]:
         return [self._slot]
