@@ -17,7 +17,7 @@ MODES = torch.tensor([FORGET, RETAIN, DEFAULT, FORGET, DEFAULT, RETAIN])
 SIZES = {"dual_lora": dict(keep_rank=2, quarantine_rank=2), "sgtm": dict(forget_mlp_frac=0.25),
          "svf": dict(rank=8, reserve_axes=[0, 1], progress=False, score_threshold=0.3), "logit_head": {},
          "dual_mlp": dict(keep_units=2, quarantine_units=2)}
-GATED_IN_LAYERS = ("dual_lora", "dual_mlp", "sgtm", "svf")  # logit_head gates after the last layer: nothing to recompute
+GATED_IN_LAYERS = ("dual_lora", "dual_mlp", "sgtm", "svf")  # logit_head gates after the last layer: no recompute
 
 
 def build(name, tmp_path):

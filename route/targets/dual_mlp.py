@@ -66,8 +66,9 @@ class MLPUnits(nn.Module):
         self.arch = arch
         for name in ins:
             src = getattr(mlp, name)
-            lin = nn.Linear(src.in_features, n, bias=src.bias is not None, device=src.weight.device,
-                            dtype=src.weight.dtype)
+            lin = nn.Linear(
+                src.in_features, n, bias=src.bias is not None, device=src.weight.device, dtype=src.weight.dtype
+            )
             redraw_like_(lin.weight, src.weight)
             if lin.bias is not None:
                 nn.init.zeros_(lin.bias)
@@ -100,14 +101,26 @@ class DualMLPArgs(TargetArgs):
     """Settings of the `dual_mlp` target (layer indices are checked against the model when the target is built)."""
 
     dual_mlp_keep_units: int = field(
-        default=64, metadata={"help": "dual_mlp: kept MLP units added to each wrapped layer (trained by every "
-                                      "rollout except flagged ones; deployed)."})
+        default=64,
+        metadata={
+            "help": "dual_mlp: kept MLP units added to each wrapped layer (trained by every "
+            "rollout except flagged ones; deployed)."
+        },
+    )
     dual_mlp_quarantine_units: int = field(
-        default=64, metadata={"help": "dual_mlp: quarantine MLP units added to each wrapped layer (trained by "
-                                      "flagged rollouts; removed before deployment)."})
+        default=64,
+        metadata={
+            "help": "dual_mlp: quarantine MLP units added to each wrapped layer (trained by "
+            "flagged rollouts; removed before deployment)."
+        },
+    )
     dual_mlp_layers: list[int] | None = field(
-        default=None, metadata={"help": "dual_mlp: indices of the layers that get new units (None: every layer; "
-                                        "negative indices count from the end)."})
+        default=None,
+        metadata={
+            "help": "dual_mlp: indices of the layers that get new units (None: every layer; "
+            "negative indices count from the end)."
+        },
+    )
 
     def validate(self, config: Any, target: str) -> None:
         for name in ("dual_mlp_keep_units", "dual_mlp_quarantine_units"):
@@ -116,8 +129,9 @@ class DualMLPArgs(TargetArgs):
                 raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
         self.dual_mlp_layers = as_int_list("dual_mlp_layers", self.dual_mlp_layers, "layer indices")
         if self.dual_mlp_layers == []:
-            raise ValueError("dual_mlp_layers: no layer selected; give layer indices, or leave it unset for every "
-                             "layer")
+            raise ValueError(
+                "dual_mlp_layers: no layer selected; give layer indices, or leave it unset for every layer"
+            )
 
 
 @register_target("dual_mlp")
@@ -133,8 +147,9 @@ class DualMLPTarget(TargetBase):
 
     args_cls = DualMLPArgs
 
-    def __init__(self, model: nn.Module, keep_units: int = 64, quarantine_units: int = 64,
-                 layers: list[int] | None = None):
+    def __init__(
+        self, model: nn.Module, keep_units: int = 64, quarantine_units: int = 64, layers: list[int] | None = None
+    ):
         DualMLPArgs(keep_units, quarantine_units, layers).validate(None, "dual_mlp")
         self.arch, self.chosen = self.resolve(model, layers)
         for p in model.parameters():
@@ -155,8 +170,12 @@ class DualMLPTarget(TargetBase):
         """Build the target; with `use_vllm` in colocate mode, also write the engine's checkpoint (engine layout) to
         `output_dir/vllm_engine` and point `model.name_or_path` (what TRL builds its `LLM` from) at it. The KL
         reference is loaded from `model.config` and stays the base model."""
-        target = cls(model, keep_units=args.dual_mlp_keep_units, quarantine_units=args.dual_mlp_quarantine_units,
-                     layers=args.dual_mlp_layers)
+        target = cls(
+            model,
+            keep_units=args.dual_mlp_keep_units,
+            quarantine_units=args.dual_mlp_quarantine_units,
+            layers=args.dual_mlp_layers,
+        )
         if getattr(config, "use_vllm", False) and getattr(config, "vllm_mode", None) == "colocate":
             from transformers import AutoTokenizer
 
@@ -224,8 +243,11 @@ class DualMLPTarget(TargetBase):
         ins, out, _ = FORMS[self.arch]
         names = {id(m): n for n, m in self.model.named_modules()}
         attrs = tuple(UNIT_ATTRS.values())
-        sd = {k: v.detach().clone() if dtype is None or not v.is_floating_point() else v.detach().to(dtype)
-              for k, v in self.model.state_dict().items() if not any(f".{a}." in k for a in attrs)}
+        sd = {
+            k: v.detach().clone() if dtype is None or not v.is_floating_point() else v.detach().to(dtype)
+            for k, v in self.model.state_dict().items()
+            if not any(f".{a}." in k for a in attrs)
+        }
         roles = (KEEP, QUARANTINE) if with_quarantine else (KEEP,)
         factor = {KEEP: 1.0, QUARANTINE: scale}
         for i, mlp in enumerate(self.mlps):
@@ -239,8 +261,13 @@ class DualMLPTarget(TargetBase):
                 for role in roles:
                     n = self.units[role]
                     units = getattr(getattr(mlp, UNIT_ATTRS[role]), name) if wrapped else None
-                    w = units.weight.detach().float() if units is not None else base.weight.new_zeros(
-                        (base.out_features, n) if dim else (n, base.in_features), dtype=torch.float32)
+                    w = (
+                        units.weight.detach().float()
+                        if units is not None
+                        else base.weight.new_zeros(
+                            (base.out_features, n) if dim else (n, base.in_features), dtype=torch.float32
+                        )
+                    )
                     f = factor[role] if dim == 1 or factor[role] == 0.0 else 1.0
                     parts.append(w * f if f != 1.0 else w)
                     if biases is not None:
@@ -252,8 +279,9 @@ class DualMLPTarget(TargetBase):
                     sd[prefix + name + ".bias"] = torch.cat(biases).to(cast)
         return sd
 
-    def merged_state_dict(self, quarantine: bool = True, dtype: torch.dtype | None = None,
-                          scale: float | None = None) -> dict[str, Tensor]:
+    def merged_state_dict(
+        self, quarantine: bool = True, dtype: torch.dtype | None = None, scale: float | None = None
+    ) -> dict[str, Tensor]:
         """The plain model's weights in the engine layout (every layer `base + keep + quarantine` units wide): the
         kept units as they are, the quarantine's output columns times `scale` (1 with `quarantine`, 0 without) and,
         at scale 0, its input rows zero too. The same shapes at every scale, so every vLLM push fits one engine.
@@ -263,16 +291,18 @@ class DualMLPTarget(TargetBase):
     def plain_config(self, with_quarantine: bool) -> Any:
         """The transformers config of an export: `intermediate_size` widened by the new units."""
         config = copy.deepcopy(self.model.config)
-        config.intermediate_size = self.base_width + self.units[KEEP] + (
-            self.units[QUARANTINE] if with_quarantine else 0)
+        config.intermediate_size = (
+            self.base_width + self.units[KEEP] + (self.units[QUARANTINE] if with_quarantine else 0)
+        )
         return config
 
     def deployed_model(self, scale: float = 0.0) -> nn.Module:
         """A fresh plain transformers model of the policy at quarantine `scale`: widened by the kept units only at
         scale 0 (the quarantine units removed, not zeroed), by both (quarantine output times s) above."""
         with_quarantine = check_scale(scale) > 0.0
-        plain = SimpleNamespace(config=self.plain_config(with_quarantine),
-                                generation_config=self.model.generation_config)
+        plain = SimpleNamespace(
+            config=self.plain_config(with_quarantine), generation_config=self.model.generation_config
+        )
         return deployed_model(plain, self._export(scale, with_quarantine, None), self.name)
 
     def save_engine(self, output_dir: str, tokenizer: Any = None) -> str:

@@ -40,9 +40,17 @@ def randomize(t, std=0.2):
                 p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
-@pytest.mark.parametrize(("field", "value"), [("dual_mlp_keep_units", 0), ("dual_mlp_keep_units", 2.5),
-                                              ("dual_mlp_quarantine_units", True), ("dual_mlp_quarantine_units", -1),
-                                              ("dual_mlp_layers", "a,b"), ("dual_mlp_layers", [])])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("dual_mlp_keep_units", 0),
+        ("dual_mlp_keep_units", 2.5),
+        ("dual_mlp_quarantine_units", True),
+        ("dual_mlp_quarantine_units", -1),
+        ("dual_mlp_layers", "a,b"),
+        ("dual_mlp_layers", []),
+    ],
+)
 def test_bad_settings_name_the_field_in_one_line(field, value, tmp_path):
     with pytest.raises(ValueError) as e:
         build_config(output_dir=str(tmp_path), target="dual_mlp", **TINY, **{field: value})
@@ -73,9 +81,15 @@ def test_starts_as_the_base_model_with_the_base_frozen_and_the_documented_parame
     assert sum(p.numel() for p in groups["quarantine"]) == 2 * 3 * 3 * hidden
 
 
-@pytest.mark.parametrize(("modes", "moved"), [(["forget"] * 4, {"quarantine"}), (["retain"] * 4, {"keep"}),
-                                              (["exclusive"] * 4, {"keep"}),
-                                              (["forget", "default", "retain", "default"], {"keep", "quarantine"})])
+@pytest.mark.parametrize(
+    ("modes", "moved"),
+    [
+        (["forget"] * 4, {"quarantine"}),
+        (["retain"] * 4, {"keep"}),
+        (["exclusive"] * 4, {"keep"}),
+        (["forget", "default", "retain", "default"], {"keep", "quarantine"}),
+    ],
+)
 def test_steps_move_only_the_groups_the_modes_train(modes, moved):
     """After `optimizer.step()` (SkipZeroAdamW with weight decay, momentum built by an earlier all-default step): the
     base model never moves; a group a batch must not train stays bit-identical."""
@@ -116,8 +130,17 @@ def test_gpt_neo_exports_exactly_at_every_scale(tmp_path):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, max_position_embeddings=32,
-                          attention_types=[[["global", "local"], 1]], window_size=8, bos_token_id=1, eos_token_id=1)
+    config = GPTNeoConfig(
+        vocab_size=50,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=2,
+        max_position_embeddings=32,
+        attention_types=[[["global", "local"], 1]],
+        window_size=8,
+        bos_token_id=1,
+        eos_token_id=1,
+    )
     t = make_target("dual_mlp", GPTNeoForCausalLM(config).eval(), keep_units=4, quarantine_units=3)
     randomize(t)
     assert t.units == {"keep": 4, "quarantine": 3} and t.base_width == 4 * 32
@@ -156,34 +179,50 @@ def test_vllm_pushes_explicit_weights_that_differ_between_scale_0_and_1_and_serv
     t.save_engine(str(tmp_path / "engine"))
     eng = FakeEngine(str(tmp_path / "engine"))
     base, pushed, checked = t.model.config.intermediate_size, {}, []
-    for s, sync in ((0.0, TargetWeightSync(t, "deployed")), (1.0, TargetWeightSync(t, "full")),
-                    (0.0, TargetWeightSync(t, "full", scale=0.0))):
+    for s, sync in (
+        (0.0, TargetWeightSync(t, "deployed")),
+        (1.0, TargetWeightSync(t, "full")),
+        (0.0, TargetWeightSync(t, "full", scale=0.0)),
+    ):
         for name, tensor in sync.named_params():
             eng.load(name, tensor)
         eng.close_sync()
         pushed[s] = eng.syncs[-1].tensors
         with torch.no_grad():
-            torch.testing.assert_close(eng.model(input_ids=ids).logits, logits(t, ids, t.scaled(s)), rtol=1e-5,
-                                       atol=1e-5)
+            torch.testing.assert_close(
+                eng.model(input_ids=ids).logits, logits(t, ids, t.scaled(s)), rtol=1e-5, atol=1e-5
+            )
         checked.append(s)
     assert checked == [0.0, 1.0, 0.0] and pushed[0].keys() == pushed[1].keys()
     down, gate = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"
     assert pushed[0][down].shape == pushed[1][down].shape == (t.model.config.hidden_size, base + 7)
-    assert not bool(pushed[0][down][:, base + 4:].any()) and not bool(pushed[0][gate][base + 4:].any())
-    assert bool(pushed[1][down][:, base + 4:].any())
+    assert not bool(pushed[0][down][:, base + 4 :].any()) and not bool(pushed[0][gate][base + 4 :].any())
+    assert bool(pushed[1][down][:, base + 4 :].any())
     assert torch.equal(pushed[0][down][:, : base + 4], pushed[1][down][:, : base + 4])
 
 
 def _trainer(model_dir, tmp_path, mode, policy):
     from transformers import AutoTokenizer
 
-    config = build_config(output_dir=str(tmp_path / "run"), use_vllm=True, vllm_mode=mode, generation_policy=policy,
-                          target="dual_mlp", dual_mlp_keep_units=4, dual_mlp_quarantine_units=4,
-                          **{**TINY, "max_steps": 2})
+    config = build_config(
+        output_dir=str(tmp_path / "run"),
+        use_vllm=True,
+        vllm_mode=mode,
+        generation_policy=policy,
+        target="dual_mlp",
+        dual_mlp_keep_units=4,
+        dual_mlp_quarantine_units=4,
+        **{**TINY, "max_steps": 2},
+    )
     env = envs.make_env(config.env)
-    return RoutedGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_dir), args=config, env=env,
-                             detector=ParityDetector(), processing_class=AutoTokenizer.from_pretrained(model_dir),
-                             train_dataset=env.dataset(config.train_size, seed=0, split="train"))
+    return RoutedGRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model_dir),
+        args=config,
+        env=env,
+        detector=ParityDetector(),
+        processing_class=AutoTokenizer.from_pretrained(model_dir),
+        train_dataset=env.dataset(config.train_size, seed=0, split="train"),
+    )
 
 
 @pytest.mark.parametrize(("mode", "policy"), [("colocate", "deployed"), ("server", "full")])
@@ -215,4 +254,3 @@ def test_trl_runs_vllm_on_the_engine_checkpoint(mode, policy, tiny_organism, tmp
         torch.testing.assert_close(served, logits(t.target, ids, ctx), rtol=1e-5, atol=1e-5)
         other = logits(t.target, ids, t.target.scaled(1.0) if policy == "deployed" else t.target.ablated())
     assert not torch.allclose(served, other, atol=1e-3), "the quarantine must matter for this test"
-
