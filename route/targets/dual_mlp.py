@@ -132,6 +132,11 @@ class DualMLPArgs(TargetArgs):
             raise ValueError(
                 "dual_mlp_layers: no layer selected; give layer indices, or leave it unset for every layer"
             )
+        if config is not None and getattr(config, "target_modules", None):
+            raise ValueError(
+                "target_modules: not used by target dual_mlp (its units sit beside each layer's MLP); leave it unset "
+                "and choose layers with dual_mlp_layers"
+            )
 
 
 @register_target("dual_mlp")

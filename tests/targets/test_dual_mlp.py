@@ -49,6 +49,7 @@ def randomize(t, std=0.2):
         ("dual_mlp_quarantine_units", -1),
         ("dual_mlp_layers", "a,b"),
         ("dual_mlp_layers", []),
+        ("target_modules", ["down_proj"]),
     ],
 )
 def test_bad_settings_name_the_field_in_one_line(field, value, tmp_path):
