@@ -2,26 +2,21 @@
 
     y = MLP(x) + MLP_k(x) + MLP_q(x)        MLP_k, MLP_q: new units of MLP's own form, output projections at zero
 
-The new units have the model's own MLP form (GPT-Neo: `c_fc` rows with their bias, the activation, `c_proj`
-columns; the Llama family: `gate_proj` and `up_proj` rows, `down_proj` columns), so a merge is a concatenation: the
-plain model at quarantine scale s is the same architecture with `intermediate_size` widened by the new units, the
-quarantine's output columns times s. Nothing else is baked into any weight. The base model is frozen (as under
-`dual_lora`): only the new units train, so a forget row, whose gradient must reach the quarantine alone, needs no
-gate on the model's own parameters. Input rows are drawn at the std of the layer's own input rows, output columns
-start at zero, so the wrapped model starts as the base model.
+Gradient routing (Cloud et al. 2024) into added units instead of reserved ones: per rollout, in one forward and one
+backward, with the base model frozen (as under `dual_lora`), so a forget row needs no gate on the model's own weights.
+The units have the model's own MLP form (GPT-Neo: `c_fc` rows and bias, `c_proj` columns; the Llama family:
+`gate_proj`, `up_proj` rows, `down_proj` columns), input rows drawn at the std of the layer's own, output columns
+zero: the wrapped model starts as the base model, and a merge is a concatenation (a plain checkpoint with
+`intermediate_size` widened; nothing else baked into any weight).
 
-Gating: a forward hook on each wrapped MLP adds `gate.kept(MLP_k(x)) + gate.quarantine(MLP_q(x))` with the shared
-`RowGate` of the mask core (`gradient_routing` strategy): forget rows detach the kept units (or scale their gradient
-under soft routing, clamped with `route_clamp`), retain rows drop the quarantine, exclusive rows detach it,
-`scaled(s)` multiplies it by s. The gate lives in one slot that every hook reads (re-entered by the checkpointed
-recompute through `TargetBase.recompute_context`).
+Gating: a forward hook on each wrapped MLP adds `gate.kept(MLP_k(x)) + gate.quarantine(MLP_q(x))`, the shared
+`RowGate` rule (soft routing, clamp, exclusive rows and `scaled(s)` included), read from one slot that
+`TargetBase` sets and re-enters for a checkpointed recompute.
 
-Export and vLLM: every state dict (`merged_state_dict`, `deployed_state_dict`) has one layout, the *engine layout*:
-each layer `base + keep_units + quarantine_units` wide (a layer without new units is padded with zero units, which
-add exactly zero), the quarantine's input rows and output columns explicit at every scale (zero at scale 0). A vLLM
-engine for this target must be built on a checkpoint of that width (`save_deployed(dir, scale=1)`; under colocate
-the target writes it itself, see `DualMLPTarget.from_args`). The saved deployed model (`deployed_model`,
-`save_deployed` at scale 0) drops the quarantine units: `intermediate_size` is widened by the kept units alone.
+Export and vLLM: every state dict has the *engine layout* (each layer `base + keep + quarantine` units wide, layers
+without units padded with zero units, the quarantine explicit at every scale and zero at scale 0), so one vLLM engine
+built on `save_engine`'s checkpoint takes every push (colocate: `from_args` writes it). The saved deployed model
+drops the quarantine units: `intermediate_size` widened by the kept units alone.
 """
 
 from __future__ import annotations
