@@ -22,8 +22,9 @@ drops the quarantine units: `intermediate_size` widened by the kept units alone.
 from __future__ import annotations
 
 import copy
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -31,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from route.absorption import RowSqNorms, row_linear_sqnorms
 from route.config import as_int_list
 from route.masks import RowGate, check_scale, detect_arch, redraw_like_
 from route.masks.arch import layers_of, resolve_layers
@@ -49,6 +51,7 @@ class _GateSlot:
     """The gate every wrapped MLP of one target reads (None: the plain sum)."""
 
     route_gate: RowGate | None = None
+    row_norms: RowSqNorms | None = None  # absorption metrics: per-row gradient norms of each gated backward
 
 
 class MLPUnits(nn.Module):
@@ -72,20 +75,43 @@ class MLPUnits(nn.Module):
         setattr(self, out, nn.Linear(n, src.out_features, bias=False, device=src.weight.device, dtype=src.weight.dtype))
         nn.init.zeros_(getattr(self, out).weight)
 
-    def forward(self, x: Tensor, act) -> Tensor:
+    def forward(self, x: Tensor, act, record: Callable[[Tensor], None] | None = None) -> Tensor:
+        """The units' output; with `record`, each row's squared gradient norm on their weights is passed to it in
+        the backward (what the row actually sends into them, after the gate)."""
+
+        def lin(name: str, h: Tensor) -> Tensor:
+            return _recorded(getattr(self, name), h, record)
+
         if self.arch == "gpt_neo":
-            return self.c_proj(act(self.c_fc(x)))
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+            return lin("c_proj", act(lin("c_fc", x)))
+        return lin("down_proj", act(lin("gate_proj", x)) * lin("up_proj", x))
+
+
+def _recorded(linear: nn.Linear, x: Tensor, record: Callable[[Tensor], None] | None) -> Tensor:
+    """`linear(x)`; with `record`, a hook on the output passes each row's ||dW_b||^2 + ||db_b||^2 to it."""
+    y = linear(x)
+    if record is not None and y.requires_grad and linear.weight.requires_grad:
+
+        def hook(dy: Tensor) -> None:
+            sq = row_linear_sqnorms(dy, x)
+            if linear.bias is not None:
+                sq = sq + dy.reshape(dy.shape[0], -1, dy.shape[-1]).float().sum(1).pow(2).sum(1)
+            record(sq)
+
+        y.register_hook(hook)
+    return y
 
 
 def _dual_hook(mlp: nn.Module, args: tuple, out: Tensor) -> Tensor:
     """Forward hook of a wrapped MLP: its output plus the gated kept and quarantine units on the same input."""
     x, act = args[0], getattr(mlp, FORMS[mlp.route_keep.arch][2])
-    gate = mlp.route_slot.route_gate
-    kept = mlp.route_keep(x, act)
+    gate, norms = mlp.route_slot.route_gate, mlp.route_slot.row_norms
+    if gate is None or not torch.is_grad_enabled():
+        norms = None
+    kept = mlp.route_keep(x, act, None if norms is None else functools.partial(norms.add, KEEP))
     if gate is not None and gate.is_ablated:  # the deployed policy: the quarantine is not computed
         return out + kept
-    quar = mlp.route_quarantine(x, act)
+    quar = mlp.route_quarantine(x, act, None if norms is None else functools.partial(norms.add, QUARANTINE))
     if gate is None:
         return out + kept + quar
     return out + gate.kept(kept) + gate.quarantine(quar)
@@ -205,6 +231,15 @@ class DualMLPTarget(TargetBase):
 
     def _wrapped(self) -> Iterator[nn.Module]:
         return (self.mlps[i] for i in self.chosen)
+
+    # ------------------------------------------------------------------ absorption metrics (route.absorption)
+    def record_row_grads(self, on: bool) -> bool:
+        """Record each row's squared gradient norm on the kept and quarantine units in every gated backward."""
+        self._slot.row_norms = RowSqNorms() if on else None
+        return True
+
+    def pop_row_grads(self) -> dict[str, Tensor] | None:
+        return None if self._slot.row_norms is None else self._slot.row_norms.pop()
 
     # ------------------------------------------------------------------ parameters
     @torch.no_grad()

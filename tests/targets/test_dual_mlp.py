@@ -255,3 +255,31 @@ def test_trl_runs_vllm_on_the_engine_checkpoint(mode, policy, tiny_organism, tmp
         torch.testing.assert_close(served, logits(t.target, ids, ctx), rtol=1e-5, atol=1e-5)
         other = logits(t.target, ids, t.target.scaled(1.0) if policy == "deployed" else t.target.ablated())
     assert not torch.allclose(served, other, atol=1e-3), "the quarantine must matter for this test"
+
+
+def test_row_norms_follow_the_gate_and_are_recorded_once_under_gradient_checkpointing():
+    """Absorption metrics: each row's norm per group is what the gate lets it send (test_absorption.py checks the
+    values against separate backwards); a checkpointed recompute must not record the rows a second time."""
+    from route.targets import checkpointing
+
+    t = build()
+    randomize(t)
+    ids = batch()
+
+    def norms():
+        t.model.train().zero_grad(set_to_none=True)
+        assert t.record_row_grads(True)
+        with t.gate(["forget", "default", "retain", "exclusive"]):
+            loss = t.model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return t.pop_row_grads()
+
+    plain = norms()
+    checkpointing.install(t.model, t)
+    t.model.gradient_checkpointing_enable()
+    again = norms()
+    assert plain.keys() == again.keys() == {"keep", "quarantine"}
+    for group in plain:
+        torch.testing.assert_close(again[group], plain[group])
+    assert plain["keep"].tolist()[0] == 0.0 and all(v > 0 for v in plain["keep"].tolist()[1:])
+    assert [v > 0 for v in plain["quarantine"].tolist()] == [True, True, False, False]
