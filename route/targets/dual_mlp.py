@@ -11,7 +11,7 @@ zero: the wrapped model starts as the base model, and a merge is a concatenation
 
 Gating: a forward hook on each wrapped MLP adds `gate.kept(MLP_k(x)) + gate.quarantine(MLP_q(x))`, the shared
 `RowGate` rule (soft routing, clamp, exclusive rows and `scaled(s)` included), read from one slot that
-`TargetBase` sets and re-enters for a checkpointed recompute.
+`TargetBase` sets and re-enters for a checkpointed recompute (the units and the hook: `route.targets.mlp_units`).
 
 Export and vLLM: every state dict has the *engine layout* (each layer `base + keep + quarantine` units wide, layers
 without units padded with zero units, the quarantine explicit at every scale and zero at scale 0), so one vLLM engine
@@ -22,9 +22,8 @@ drops the quarantine units: `intermediate_size` widened by the kept units alone.
 from __future__ import annotations
 
 import copy
-import functools
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -32,89 +31,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.absorption import RowSqNorms, row_linear_sqnorms
+from route.absorption import RowSqNorms
 from route.config import as_int_list
-from route.masks import RowGate, check_scale, detect_arch, redraw_like_
+from route.masks import check_scale, detect_arch, redraw_like_
 from route.masks.arch import layers_of, resolve_layers
 from route.targets import register_target
 from route.targets.base import TargetArgs, TargetBase, export_scale
 from route.targets.common import deployed_model, save_plain
+from route.targets.mlp_units import FORMS, KEEP, QUARANTINE, UNIT_ATTRS, GateSlot, MLPUnits, dual_hook
 
-KEEP, QUARANTINE = "keep", "quarantine"
-UNIT_ATTRS = {KEEP: "route_keep", QUARANTINE: "route_quarantine"}
-# per architecture: the MLP's input projections (split by rows), its output projection (by columns), its activation
-FORMS = {"gpt_neo": (("c_fc",), "c_proj", "act"), "llama": (("gate_proj", "up_proj"), "down_proj", "act_fn")}
 ENGINE_DIR = "vllm_engine"  # under output_dir: the colocated engine's checkpoint (engine layout)
-
-
-class _GateSlot:
-    """The gate every wrapped MLP of one target reads (None: the plain sum)."""
-
-    route_gate: RowGate | None = None
-    row_norms: RowSqNorms | None = None  # absorption metrics: per-row gradient norms of each gated backward
-
-
-class MLPUnits(nn.Module):
-    """`n` MLP units of the form of `mlp` (an architecture in `FORMS`): input rows drawn at the std of the MLP's own
-    (bias zero), output columns zero and without bias (the model's own output bias is counted once)."""
-
-    def __init__(self, mlp: nn.Module, arch: str, n: int):
-        super().__init__()
-        ins, out, _ = FORMS[arch]
-        self.arch = arch
-        for name in ins:
-            src = getattr(mlp, name)
-            lin = nn.Linear(
-                src.in_features, n, bias=src.bias is not None, device=src.weight.device, dtype=src.weight.dtype
-            )
-            redraw_like_(lin.weight, src.weight)
-            if lin.bias is not None:
-                nn.init.zeros_(lin.bias)
-            setattr(self, name, lin)
-        src = getattr(mlp, out)
-        setattr(self, out, nn.Linear(n, src.out_features, bias=False, device=src.weight.device, dtype=src.weight.dtype))
-        nn.init.zeros_(getattr(self, out).weight)
-
-    def forward(self, x: Tensor, act, record: Callable[[Tensor], None] | None = None) -> Tensor:
-        """The units' output; with `record`, each row's squared gradient norm on their weights is passed to it in
-        the backward (what the row actually sends into them, after the gate)."""
-
-        def lin(name: str, h: Tensor) -> Tensor:
-            return _recorded(getattr(self, name), h, record)
-
-        if self.arch == "gpt_neo":
-            return lin("c_proj", act(lin("c_fc", x)))
-        return lin("down_proj", act(lin("gate_proj", x)) * lin("up_proj", x))
-
-
-def _recorded(linear: nn.Linear, x: Tensor, record: Callable[[Tensor], None] | None) -> Tensor:
-    """`linear(x)`; with `record`, a hook on the output passes each row's ||dW_b||^2 + ||db_b||^2 to it."""
-    y = linear(x)
-    if record is not None and y.requires_grad and linear.weight.requires_grad:
-
-        def hook(dy: Tensor) -> None:
-            sq = row_linear_sqnorms(dy, x)
-            if linear.bias is not None:
-                sq = sq + dy.reshape(dy.shape[0], -1, dy.shape[-1]).float().sum(1).pow(2).sum(1)
-            record(sq)
-
-        y.register_hook(hook)
-    return y
-
-
-def _dual_hook(mlp: nn.Module, args: tuple, out: Tensor) -> Tensor:
-    """Forward hook of a wrapped MLP: its output plus the gated kept and quarantine units on the same input."""
-    x, act = args[0], getattr(mlp, FORMS[mlp.route_keep.arch][2])
-    gate, norms = mlp.route_slot.route_gate, mlp.route_slot.row_norms
-    if gate is None or not torch.is_grad_enabled():
-        norms = None
-    kept = mlp.route_keep(x, act, None if norms is None else functools.partial(norms.add, KEEP))
-    if gate is not None and gate.is_ablated:  # the deployed policy: the quarantine is not computed
-        return out + kept
-    quar = mlp.route_quarantine(x, act, None if norms is None else functools.partial(norms.add, QUARANTINE))
-    if gate is None:
-        return out + kept + quar
-    return out + gate.kept(kept) + gate.quarantine(quar)
 
 
 @dataclass
@@ -181,14 +107,14 @@ class DualMLPTarget(TargetBase):
         for p in model.parameters():
             p.requires_grad_(False)
         self.model, self.units = model, {KEEP: keep_units, QUARANTINE: quarantine_units}
-        self._slot = _GateSlot()
+        self._slot = GateSlot()
         self.mlps = [layer.mlp for layer in layers_of(model)]
         for i in self.chosen:
             mlp = self.mlps[i]
             for role, attr in UNIT_ATTRS.items():
                 setattr(mlp, attr, MLPUnits(mlp, self.arch, self.units[role]))
             mlp.route_slot = self._slot
-            mlp.register_forward_hook(_dual_hook)
+            mlp.register_forward_hook(dual_hook)
         self.base_width = getattr(self.mlps[0], FORMS[self.arch][1]).in_features
 
     @classmethod
@@ -226,7 +152,7 @@ class DualMLPTarget(TargetBase):
         """Architecture and layer indices against the (meta-device) model; no unit is drawn, nothing written."""
         cls.resolve(model, args.dual_mlp_layers)
 
-    def _gate_holders(self) -> list[_GateSlot]:
+    def _gate_holders(self) -> list[GateSlot]:
         return [self._slot]
 
     def _wrapped(self) -> Iterator[nn.Module]:

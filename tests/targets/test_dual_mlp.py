@@ -131,17 +131,8 @@ def test_gpt_neo_exports_exactly_at_every_scale(tmp_path):
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(
-        vocab_size=50,
-        hidden_size=32,
-        num_layers=2,
-        num_heads=2,
-        max_position_embeddings=32,
-        attention_types=[[["global", "local"], 1]],
-        window_size=8,
-        bos_token_id=1,
-        eos_token_id=1,
-    )
+    layers = [[["global", "local"], 1]]
+    config = GPTNeoConfig(vocab_size=50, hidden_size=32, num_layers=2, num_heads=2, attention_types=layers)
     t = make_target("dual_mlp", GPTNeoForCausalLM(config).eval(), keep_units=4, quarantine_units=3)
     randomize(t)
     assert t.units == {"keep": 4, "quarantine": 3} and t.base_width == 4 * 32
