@@ -27,6 +27,15 @@ def target(kind: str):
                 for name in ("keep", "quarantine"):
                     layer.lora_B[name].weight.normal_(0, 0.2)
         return t
+    if kind == "dual_mlp":
+        torch.manual_seed(0)
+        model = build_model(tiny_config(init_range=0.2), build_tokenizer())
+        t = make_target("dual_mlp", model, keep_units=4, quarantine_units=3)
+        with torch.no_grad():  # non-zero output columns so both paths carry signal
+            for ps in t.param_groups().values():
+                for p in ps:
+                    p.normal_(0, 0.2)
+        return t
     return make_svf("axes")  # reserved axes 0 and 3, random deltas
 
 
@@ -43,7 +52,7 @@ def group_sqnorms(t) -> dict[str, float]:
     return {g: sum(float(p.grad.pow(2).sum()) for p in groups[g] if p.grad is not None) for g in ("keep", "quarantine")}
 
 
-@pytest.mark.parametrize("kind", ["dual_lora", "svf"])
+@pytest.mark.parametrize("kind", ["dual_lora", "dual_mlp", "svf"])
 def test_row_norms_equal_separate_backwards(kind):
     t = target(kind)
     ids = batch(n=4)

@@ -15,8 +15,9 @@ from tests.test_trainer import TINY, make_trainer
 
 MODES = torch.tensor([FORGET, RETAIN, DEFAULT, FORGET, DEFAULT, RETAIN])
 SIZES = {"dual_lora": dict(keep_rank=2, quarantine_rank=2), "sgtm": dict(forget_mlp_frac=0.25),
-         "svf": dict(rank=8, reserve_axes=[0, 1], progress=False, score_threshold=0.3), "logit_head": {}}
-GATED_IN_LAYERS = ("dual_lora", "sgtm", "svf")  # logit_head gates after the last layer: nothing to recompute
+         "svf": dict(rank=8, reserve_axes=[0, 1], progress=False, score_threshold=0.3), "logit_head": {},
+         "dual_mlp": dict(keep_units=2, quarantine_units=2)}
+GATED_IN_LAYERS = ("dual_lora", "dual_mlp", "sgtm", "svf")  # logit_head gates after the last layer: no recompute
 
 
 def build(name, tmp_path):
@@ -27,7 +28,7 @@ def build(name, tmp_path):
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # non-zero adapters, so every gated path carries gradient
         for n, p in target.model.named_parameters():
-            if p.requires_grad and ("lora_" in n or "svf_" in n or "logit_heads" in n):
+            if p.requires_grad and ("lora_" in n or "svf_" in n or "logit_heads" in n or ".route_" in n):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return target
 
@@ -76,7 +77,7 @@ def unfixed_is_wrong(target, reference, use_reentrant):
 
 def test_gradients_with_checkpointing_equal_those_without(tmp_path):
     names = available_targets()
-    assert names == ["dual_lora", "logit_head", "sgtm", "svf"]
+    assert names == ["dual_lora", "dual_mlp", "logit_head", "sgtm", "svf"]
     checked = []
     for name in names:
         target = build(name, tmp_path)

@@ -47,6 +47,7 @@ MODEL_ERRORS = {
     "svf reserve axes": (dict(target="svf", svf_rank=4, svf_reserve_axes=[0, 6]), "svf_reserve_axes",
                          "allowed values: 0 to 3"),
     "sgtm heads": (dict(target="sgtm", sgtm_forget_heads=1), "sgtm_forget_heads", "allowed values: [0, 2]"),
+    "dual_mlp layers": (dict(target="dual_mlp", dual_mlp_layers=[5]), "dual_mlp_layers", "allowed values: [0]"),
 }
 
 
@@ -178,7 +179,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
     with torch.no_grad():
         plain_logits = AutoModelForCausalLM.from_pretrained(tiny_organism)(ids).logits
     checked = []
-    for fields in (dict(), dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm")):
+    for fields in (dict(), dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm"), dict(target="dual_mlp")):
         config = build_config(output_dir=str(tmp_path / "run"), **TINY, **fields)
         model = AutoModelForCausalLM.from_pretrained(tiny_organism)
         trainer = RoutedGRPOTrainer(model=model, args=config, processing_class=tok,
@@ -187,7 +188,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
             assert torch.equal(trainer.target.model(ids).logits, plain_logits), config.target
         assert json.dumps(evaluate_policy(trainer.target.model, tok, env, n=32, max_new_tokens=8)) == json.dumps(plain)
         checked.append(config.target)
-    assert checked == ["dual_lora", "svf", "sgtm"]
+    assert checked == ["dual_lora", "svf", "sgtm", "dual_mlp"]
 
 
 def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeypatch, no_work):

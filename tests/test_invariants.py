@@ -19,7 +19,8 @@ SPLIT = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_ra
              gradient_accumulation_steps=2, max_completion_length=6, max_steps=2, logging_steps=1,
              save_strategy="no", report_to="none", disable_tqdm=True, train_size=32, keep_rank=2,
              quarantine_rank=2, seed=0, weight_decay=0.1)
-TARGETS = {"dual_lora": {}, "svf": dict(target="svf", svf_reserve_axes=[0, 1]), "sgtm": dict(target="sgtm")}
+TARGETS = {"dual_lora": {}, "svf": dict(target="svf", svf_reserve_axes=[0, 1]), "sgtm": dict(target="sgtm"),
+           "dual_mlp": dict(target="dual_mlp", dual_mlp_keep_units=4, dual_mlp_quarantine_units=4)}
 
 
 class AllFlagged:
@@ -70,7 +71,7 @@ def same(trainer, group, before):
     return all(torch.equal(p, b) for p, b in zip(trainer.target.param_groups()[group], before, strict=True))
 
 
-@pytest.mark.parametrize("target", ["dual_lora", "svf", "sgtm"])
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_a_fully_flagged_route_run_leaves_the_kept_part_bit_identical(target, tiny_organism, tmp_path):
     t = make(tiny_organism, tmp_path, detector=AllFlagged(), intervention="route", **TARGETS[target])
     keep, quarantine = snapshot(t, "keep"), snapshot(t, "quarantine")
@@ -162,7 +163,7 @@ def test_generation_policy_samples_from_the_named_policy(policy, tiny_organism, 
     assert got == (full if policy == "full" else deployed)
 
 
-@pytest.mark.parametrize("target", ["dual_lora", "svf", "sgtm"])
+@pytest.mark.parametrize("target", list(TARGETS))
 def test_kl_reference_is_the_base_model(target, tiny_organism, tmp_path):
     """beta > 0: TRL's reference log-probs are the base model's (adapters disabled, or a frozen copy for sgtm),
     not the trained or deployed policy's; a routed run with beta > 0 trains and keeps the forget-only invariant."""

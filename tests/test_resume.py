@@ -52,8 +52,9 @@ def _comparable(results):
     return out
 
 
-@pytest.mark.parametrize("target", [{}, dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm")],
-                         ids=["dual_lora", "svf", "sgtm"])
+@pytest.mark.parametrize("target", [{}, dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm"),
+                                    dict(target="dual_mlp", dual_mlp_keep_units=4, dual_mlp_quarantine_units=4)],
+                         ids=["dual_lora", "svf", "sgtm", "dual_mlp"])
 def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(target, tiny_organism, tmp_path,
                                                                        monkeypatch):
     monkeypatch.setattr(ArithEnv, "reward_func", varied_reward)

@@ -200,6 +200,12 @@ class TargetBase:
         (loadable without this library)."""
         save_plain(self.deployed_model(scale=check_scale(scale)), output_dir, tokenizer)
 
+    def save_engine(self, output_dir: str, tokenizer: Any = None) -> str:
+        """Save the checkpoint a vLLM engine for this target is built on (every sync's names and shapes fit it):
+        the deployed checkpoint by default; a target whose syncs have other shapes overrides it. Returns the path."""
+        self.save_deployed(output_dir, tokenizer)
+        return output_dir
+
     # ------------------------------------------------------------------ hooks (no-op defaults)
     def routing_candidates(self, flags: Sequence[bool], intervention: str) -> Tensor | None:
         """Rows the target routes itself after the backward (they run in default mode); None: flags route."""

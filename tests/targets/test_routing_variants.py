@@ -33,6 +33,12 @@ def build(name: str):
             for _, layer in t.layers:
                 for adapter in ("keep", "quarantine"):
                     layer.lora_B[adapter].weight.normal_(0, 0.2)
+    elif name == "dual_mlp":
+        t = make_target("dual_mlp", model, keep_units=4, quarantine_units=3)
+        with torch.no_grad():  # output columns start at zero: give them values so every unit carries gradient
+            for ps in t.param_groups().values():
+                for p in ps:
+                    p.normal_(0, 0.2)
     elif name == "svf":
         t = make_target("svf", model, rank=None, target_modules=["down_proj"], reserve_axes=[0, 1], progress=False)
     else:
@@ -69,7 +75,10 @@ def reference(t, ids, modes: list[str], weight: float) -> dict[str, list[torch.T
     return total
 
 
-@pytest.mark.parametrize("name", ["dual_lora", "svf", "logit_head"])
+NAMES = ["dual_lora", "dual_mlp", "svf", "logit_head"]
+
+
+@pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(("routing", "weight"), CASES)
 def test_group_gradients_and_step_follow_the_table(name, routing, weight):
     t = build(name)
@@ -105,10 +114,10 @@ def test_group_gradients_and_step_follow_the_table(name, routing, weight):
 
 
 def test_the_matrix_ran():
-    assert len(RAN) == 3 * len(CASES)
+    assert len(RAN) == len(NAMES) * len(CASES)
 
 
-@pytest.mark.parametrize("name", ["dual_lora", "logit_head"])
+@pytest.mark.parametrize("name", ["dual_lora", "dual_mlp", "logit_head"])
 def test_exclusive_rows_leave_the_quarantine_in_place_after_steps(name):
     t = build(name)
     opt = build_optimizer(t.param_groups(), lr=1e-2, weight_decay=0.01)
@@ -137,7 +146,7 @@ def test_exclusive_rows_keep_the_full_forward_values():
             assert torch.equal(t.model(input_ids=ids).logits, full)
 
 
-@pytest.mark.parametrize("name", ["dual_lora", "logit_head"])
+@pytest.mark.parametrize("name", ["dual_lora", "dual_mlp", "logit_head"])
 def test_clamp_bounds_each_coordinate_of_the_flagged_kept_gradient(name):
     """logit_head: kept output z_k = W_k h, so a flagged row's kept gradient is clamp(c_k dz, +-C)^T h."""
     t = build(name)
@@ -225,7 +234,8 @@ def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
     assert all(getattr(p, "unrouted_grad", None) is None for ps in groups.values() for p in ps)
 
 
-@pytest.mark.parametrize(("name", "field"), [("logit_head", "split_moments"), ("svf", "split_moments")])
+@pytest.mark.parametrize(("name", "field"), [("logit_head", "split_moments"), ("svf", "split_moments"),
+                                             ("dual_mlp", "split_moments")])
 def test_targets_without_unrouted_gradients_refuse_split_moments(name, field):
     from types import SimpleNamespace
 

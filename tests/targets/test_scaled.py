@@ -51,7 +51,15 @@ def _logit_head(untied: bool = False):
     return t
 
 
-BUILD = {"dual_lora": _dual_lora, "svf": _svf, "sgtm": _sgtm, "logit_head": _logit_head}
+def _dual_mlp():  # units in the first of two layers only: the second is padded with zero units in every export
+    torch.manual_seed(0)
+    model = build_model(tiny_config(init_range=0.2, num_layers=2), build_tokenizer())
+    t = make_target("dual_mlp", model, keep_units=4, quarantine_units=3, layers=[0])
+    _randomize([p for ps in t.param_groups().values() for p in ps])
+    return t
+
+
+BUILD = {"dual_lora": _dual_lora, "svf": _svf, "sgtm": _sgtm, "logit_head": _logit_head, "dual_mlp": _dual_mlp}
 
 
 def test_every_registered_target_is_covered():
@@ -99,7 +107,7 @@ def test_vllm_sync_at_a_scale_serves_the_scaled_policy(target, tmp_path):
     if target.name == "logit_head":
         target = _logit_head(untied=True)
     ids = batch()
-    target.save_deployed(str(tmp_path / "engine"))  # the engine starts from the deployed checkpoint
+    target.save_engine(str(tmp_path / "engine"))  # the engine starts from the target's engine checkpoint
     engine = FakeEngine(str(tmp_path / "engine"))
     sync = TargetWeightSync(target, "deployed", scale=0.3)
     for name, tensor in sync.named_params():
