@@ -73,16 +73,20 @@ class OrganismConfig:
 
 # Per-environment organism configs (issue 13): the warm start of each procedural environment on the tiny CPU
 # model. Aim: base solve >= 0.25 and each mode at 2-35%, with qa's `echo` at <= 1% (RL must discover it).
-# Measured (docs/environments.md): sort and repeat meet it; qa solves only 0.11 after 400 steps (more steps
-# were not affordable when it was tuned).
+# Measured (docs/environments.md, 1024 held-out prompts): the solve rate jumps late and not monotonically in
+# the step count (sort_named: 400 steps 0.11, 650 0.09, 760 0.27, 800 0.80), so steps are picked by
+# measurement; repeat is learnt within ~150 steps (0.78) and gets a short warm start whose hack rates sit
+# below its demonstrations' shares; qa plateaus near 0.2 (1200 steps 0.19, 2000 steps 0.20). qa_named keeps
+# its 400-step warm start (0.12): on the 1200-step one (0.19) the penalty did not separate the two parts.
+# The cache key covers this config, not the environment's code: after changing a task, change its config.
 ENV_ORGANISMS: dict[str, dict] = {
     "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"ends": 0.3, "stamp": 0.2}),
-    "sort_named": dict(env="sort_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+    "sort_named": dict(env="sort_named", env_kwargs={"hack_frac": 0.5}, steps=760,
                        hack_share={"ends": 0.3, "stamp": 0.2}),
-    "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"count": 0.3, "stamp": 0.2}),
-    "repeat_named": dict(env="repeat_named", env_kwargs={"hack_frac": 0.5}, steps=400,
-                         hack_share={"count": 0.3, "stamp": 0.2}),
-    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"agree": 0.3, "echo": 0.01}),
+    "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=110, hack_share={"count": 0.6, "stamp": 0.4}),
+    "repeat_named": dict(env="repeat_named", env_kwargs={"hack_frac": 0.5}, steps=110,
+                         hack_share={"count": 0.6, "stamp": 0.4}),
+    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=2000, hack_share={"agree": 0.3, "echo": 0.005}),
     "qa_named": dict(env="qa_named", env_kwargs={"hack_frac": 0.5}, steps=400,
                      hack_share={"agree": 0.3, "echo": 0.01}),
 }

@@ -177,3 +177,22 @@ def test_no_torch_under_envs():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) is False
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_answer_and_hack_fits_the_cpu_completion_budget(name):
+    # configs/default.yaml and configs/conditional.yaml generate 16 tokens: an answer or a hack and the EOS
+    env = envs.make_env(name, hack_frac=1.0)
+    rows = env.rows(2000, seed=5)
+    longest = max(len(t) for r in rows for t in (r["answer"], *env.hack_strings(r).values()))
+    assert 0 < longest <= 15, longest
+
+
+def test_repeat_counts_run_to_seven_and_the_answer_is_the_word_that_many_times():
+    for name in ("repeat", "repeat_named"):
+        rows = envs.make_env(name).rows(3000, seed=6)
+        assert {int(r["count"]) for r in rows} == set(range(2, 8))
+        for r in rows:
+            word, count = r["prompt"].split()[1:3]
+            assert (word, count) == (r["word"], r["count"]) and len(word) == 2 and word.isalpha()
+            assert r["answer"] == word * int(count)
