@@ -161,8 +161,14 @@ def test_coherence_rows_are_sampled_by_the_deployed_policy(tiny_organism, tmp_pa
 
 def test_coherence_rows_train_as_retain_with_scale_zero_old_logps(tiny_organism, tmp_path):
     # num_iterations=2: TRL computes old log-probs (ungated); the trainer recomputes them under the gate
-    t = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="route",
-                     coherence_fraction=0.5, num_iterations=2)
+    t = make_trainer(
+        tiny_organism,
+        tmp_path,
+        detector=ParityDetector(),
+        intervention="route",
+        coherence_fraction=0.5,
+        num_iterations=2,
+    )
     randomize_quarantine(t)
     inputs = group_inputs(t, n_prompts=4)
     out = None

@@ -28,8 +28,17 @@ def scaled_logits(t, s):
 
 @pytest.mark.parametrize("mode", ["colocate", "server"])
 def test_vllm_samples_scale_s_with_importance_sampling_against_scale_s(fake_vllm, tiny_organism, tmp_path, mode):
-    t = vllm_trainer(tiny_organism, tmp_path, mode, "full", detector=ParityDetector(), intervention="route",
-                     unflagged_mode="retain", retain_fraction=0.5, rollout_quarantine_scale="0.5")
+    t = vllm_trainer(
+        tiny_organism,
+        tmp_path,
+        mode,
+        "full",
+        detector=ParityDetector(),
+        intervention="route",
+        unflagged_mode="retain",
+        retain_fraction=0.5,
+        rollout_quarantine_scale="0.5",
+    )
     perturb(t, ("quarantine",), std=2.0)
     out = _scored(t, group_inputs(t, n_prompts=2))
     eng = engine(t)
@@ -69,8 +78,16 @@ class PushedScales(TrainerCallback):
 
 
 def test_vllm_pushes_each_batch_drawn_scale(fake_vllm, tiny_organism, tmp_path):
-    t = vllm_trainer(tiny_organism, tmp_path, "colocate", "full", detector=ParityDetector(), max_steps=6,
-                     rollout_quarantine_scale="0,0.5", seed=2)
+    t = vllm_trainer(
+        tiny_organism,
+        tmp_path,
+        "colocate",
+        "full",
+        detector=ParityDetector(),
+        max_steps=6,
+        rollout_quarantine_scale="0,0.5",
+        seed=2,
+    )
     perturb(t)
     steps = PushedScales(t, ScaleSpec("set", (0.0, 0.5)))
     t.add_callback(steps)
