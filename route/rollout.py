@@ -266,10 +266,18 @@ class RolloutSampler:
 
         scale = draw_scale(self.spec, self.seed, step, self.controller.scale if self.controller else None)
         total = n_rows * num_processes
-        groups = coherence_groups(self.fraction if training else 0.0, total // group_size, self.seed, step)
+        n_groups = -(-total // group_size)  # a partial group at the end only when called outside TRL's batching
+        groups = coherence_groups(self.fraction if training else 0.0, n_groups, self.seed, step)
         every = torch.tensor([groups[i // group_size] for i in range(total)], dtype=torch.bool)
         mine = every[process_index * n_rows : (process_index + 1) * n_rows]
         return RolloutPlan(step=step, scale=scale, coherence=mine, all_coherence=every)
+
+    def begin(self, trainer: Any, n_rows: int) -> tuple[RolloutPlan, float]:
+        """The plan of the batch `trainer` is about to generate (this process's `n_rows` rows) and its scoring scale."""
+        acc, training, a = trainer.accelerator, trainer.model.training, trainer.args
+        group = trainer.num_generations if training else trainer.num_generations_eval
+        plan = self.plan(trainer.state.global_step, n_rows, acc.process_index, acc.num_processes, group, training)
+        return plan, self.scoring_scale(plan, a.use_vllm and a.vllm_importance_sampling_correction)
 
     def scoring_scale(self, plan: RolloutPlan, vllm_is: bool) -> float:
         """The scale of TRL's scoring forward: the sampling policy's when vLLM's IS ratio is computed from it (its

@@ -13,11 +13,12 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
 - `_generate`: sampling runs as the policy `route.rollout` plans for the batch: `generation_policy: deployed` inside
   `target.ablated()`, `rollout_quarantine_scale` s inside `target.scaled(s)`, coherence slots at scale 0.
 - vLLM (`use_vllm`, colocate or server): TRL's own `VLLMGeneration.sync_weights` pushes the weights, once per
-  optimizer step; only its weight source is replaced (`route.vllm_sync.TargetWeightSync`): the target's
-  deployed or fully merged weights, merged in fp32 out of place. TRL's importance-sampling correction compares
-  vLLM's sampling log-probs with the trainer's forward of the *generating* policy (`_get_per_token_logps_and_entropies`
-  runs inside `target.ablated()` while TRL scores a deployed-policy batch), so the quarantine's effect on forget
-  rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio then uses old log-probs under the gate.
+  optimizer step; only its weight source is replaced (`route.vllm_sync.TargetWeightSync`): the target's merged
+  weights at the batch's rollout scale (deployed, full or `scaled(s)`), in fp32 out of place. TRL's importance-sampling
+  correction compares vLLM's sampling log-probs with the trainer's forward of the *generating* policy
+  (`_get_per_token_logps_and_entropies` runs inside `target.ablated()` / `target.scaled(s)` while TRL scores such a
+  batch), so the quarantine's effect on forget rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio
+  then uses old log-probs under the gate.
 - `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
   one backward for a batch that mixes modes. With `gradient_checkpointing`, the layers recomputed in that backward
   (after the context has exited) re-enter the gate their forward ran under (`route.targets.checkpointing`:
@@ -212,7 +213,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
     def _generate(self, prompts: list):
         # HF generate samples inside the plan's context; vLLM samples from the weights `weight_sync` pushed (a weight
         # merge is not affected by forward hooks, so the context alone would not make vLLM deployed)
-        with self.rollout.generating(self, self._plan) if self._plan is not None else contextlib.nullcontext():
+        plan = self._plan if self._plan is not None else self.rollout.begin(self, len(prompts))[0]  # a direct call
+        with self.rollout.generating(self, plan):
             return super()._generate(prompts)
 
     # ------------------------------------------------------------------ flags and modes
@@ -306,11 +308,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
-        a, acc = self.args, self.accelerator
-        group = self.num_generations if self.model.training else self.num_generations_eval
-        self._plan = self.rollout.plan(self.state.global_step, len(inputs), acc.process_index, acc.num_processes,
-                                       group, self.model.training)
-        score_scale = self.rollout.scoring_scale(self._plan, a.use_vllm and a.vllm_importance_sampling_correction)
+        self._plan, score_scale = self.rollout.begin(self, len(inputs))  # who samples this batch, who scores it
         self._score_scale = None if score_scale == 1.0 else score_scale
         try:
             output = super()._generate_and_score_completions(inputs)
