@@ -197,3 +197,27 @@ def test_coherence_rows_train_as_retain_with_scale_zero_old_logps(tiny_organism,
     torch.testing.assert_close(out["old_per_token_logps"][retain], deployed[retain])
     torch.testing.assert_close(out["old_per_token_logps"][other], full[other])
     assert not torch.allclose(deployed[retain], full[retain]), "the quarantine must matter on these rows"
+
+
+def test_the_controller_sees_the_flag_rate_of_the_rows_sampled_at_its_scale(tmp_path):
+    from collections import defaultdict
+
+    from route.rollout import RolloutSampler
+
+    config = build_config(
+        output_dir=str(tmp_path),
+        **CPU,
+        rollout_quarantine_scale="ema",
+        rollout_scale_ema_weight=0.5,
+        coherence_fraction=0.5,
+    )
+    sampler = RolloutSampler(config, target=None)
+    coherence = torch.tensor([True] * 4 + [False] * 4)
+    plan = RolloutPlan(step=0, scale=1.0, coherence=coherence, all_coherence=coherence)
+    metrics = defaultdict(list)
+    sampler.observe([True] * 4 + [True, False, False, False], plan, metrics)  # coherence rows' flags left out
+    assert sampler.controller.ema == 0.25 and sampler.controller.scale == pytest.approx(1.0 - 0.15)
+    sampler.observe([False] * 4 + [True] * 4, plan, metrics)
+    assert sampler.controller.ema == pytest.approx(0.625)
+    assert metrics["rollout/flag_rate_ema"] == [0.25, pytest.approx(0.625)]
+    assert metrics["rollout/quarantine_scale"] == [1.0, 1.0] and metrics["rollout/coherence_frac"] == [0.5, 0.5]
