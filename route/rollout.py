@@ -14,9 +14,10 @@ that feeds vLLM's importance-sampling ratio runs as the sampling policy (`scorin
 are recomputed under the gate for every row not scored as its gate (`scored_as_gate`), so the first PPO ratio is 1.
 The vLLM sync pushes the weights of `scaled(s)` (`route.vllm_sync.TargetWeightSync.use_scale`).
 
-Departures from the recipe these settings come from (a routing recipe for RL with dual adapters): the scale is
-drawn per generation batch, not per rollout (one vLLM weight push per batch), and flagged rollouts in coherence
-slots are routed into the quarantine rather than trained into the kept part.
+Choices where the issue describing these settings (a published routing recipe for RL) is silent: one scale per
+generation batch, not per rollout (one vLLM weight push per batch); rows sampled at s < 1 train through the usual
+gated forward (at full scale, off-policy by the quarantine's share, as under `generation_policy: deployed`); a flagged
+rollout in a coherence slot is routed into the quarantine, so the kept part never trains on a flagged rollout.
 """
 
 from __future__ import annotations
