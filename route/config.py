@@ -14,6 +14,7 @@ from typing import Any
 from trl import GRPOConfig
 
 from route.detectors import FLAG_CONTROLS
+from route.rollout import check_rollout
 
 # The interventions of the vocabulary; each target declares which it supports (`erase` needs one that can).
 INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")
@@ -86,6 +87,8 @@ class RoutedGRPOConfig(GRPOConfig):
     absorption_metrics (`bool`): log where each kind of rollout's gradient lands (`route.absorption`).
     unflagged_mode (`str`), retain_fraction (`float`), generation_policy (`str`). routing (`str`), route_weight
     (`float`), route_clamp (`float` or `None`): routing variants (docs/targets.md#routing-variants).
+    rollout_quarantine_scale (`str` or `None`) and the `rollout_scale_*` controller fields, coherence_fraction
+    (`float`): who samples each rollout (`route.rollout`, docs/targets.md#rollout-scale).
 
     > Quarantine target
 
@@ -143,6 +146,35 @@ class RoutedGRPOConfig(GRPOConfig):
         default="full",
         metadata={"help": "Policy that samples rollouts: full (quarantine in place) or deployed (quarantine "
                           "ablated).", "choices": list(GENERATION_POLICIES)})
+
+    rollout_quarantine_scale: str | None = field(
+        default=None,
+        metadata={"help": "Quarantine scale of the policy that samples rollouts (docs/targets.md#rollout-scale): a "
+                          "number in [0, 1] (1 = generation_policy full, 0 = deployed), uniform (a draw from U(0, 1) "
+                          "per generation batch), a comma-separated set to draw from (e.g. 0,0.5), or ema (a "
+                          "controller steering the scale so that an EMA of the monitor's flag rate approaches "
+                          "rollout_scale_target_rate). Draws are pure functions of (seed, step). The training forward "
+                          "is unchanged. None: generation_policy decides."})
+    rollout_scale_target_rate: float = field(
+        default=0.1, metadata={"help": "rollout_quarantine_scale=ema: the monitor's flag rate (share of flagged "
+                                       "rollouts, never ground truth) the controller steers toward, in [0, 1]."})
+    rollout_scale_ema_weight: float = field(
+        default=0.9, metadata={"help": "rollout_quarantine_scale=ema: weight of the past in the flag-rate EMA, "
+                                       "ema <- weight * ema + (1 - weight) * rate, in [0, 1)."})
+    rollout_scale_gain: float = field(
+        default=1.0, metadata={"help": "rollout_quarantine_scale=ema: per batch, scale <- scale + gain * "
+                                       "(target_rate - ema), then clamped; > 0."})
+    rollout_scale_min: float = field(
+        default=0.0, metadata={"help": "rollout_quarantine_scale=ema: lower clamp of the scale, in [0, 1]."})
+    rollout_scale_max: float = field(
+        default=1.0, metadata={"help": "rollout_quarantine_scale=ema: upper clamp of the scale and its start, in "
+                                       "[rollout_scale_min, 1]."})
+    coherence_fraction: float = field(
+        default=0.0,
+        metadata={"help": "Coherence slots: share of each generation batch's GRPO groups (whole groups, stochastic "
+                          "rounding) sampled by the deployed policy (scale 0) and trained into the kept part only "
+                          "(retain mode; flagged rollouts are still routed). In [0, 1); chosen per (seed, step). "
+                          "See docs/targets.md#coherence-slots."})
 
     routing: str = field(
         default="classic",
@@ -254,6 +286,7 @@ class RoutedGRPOConfig(GRPOConfig):
         choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
         choice("routing", self.routing, ROUTINGS)
         self.validate_soft_routing()
+        check_rollout(self)
         for name in ("env", "target"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: must be a registered name, got {getattr(self, name)!r}")

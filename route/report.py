@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from route.errors import ArgumentParser, check_paths, cli
+from route.rollout import EMA_DEFAULTS
 
 
 def load(paths: Iterable[str | Path]) -> list[dict]:
@@ -44,7 +45,8 @@ def _cell(values: list[float]) -> str:
 # Routing settings that change what an arm is, with their defaults: a run that departs from one is labelled with it.
 ARM_SETTINGS = {"unflagged_mode": "default", "generation_policy": "full", "route_score": "none",
                 "erase_one_sided": False, "quarantine_lr_ratio": 1.0, "flag_control": "none",
-                "routing": "classic", "route_weight": 1.0, "route_clamp": None, "split_moments": False}
+                "routing": "classic", "route_weight": 1.0, "route_clamp": None, "split_moments": False,
+                "rollout_quarantine_scale": None, "coherence_fraction": 0.0, **EMA_DEFAULTS}
 
 
 def arm_label(config: dict) -> str:

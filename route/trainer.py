@@ -10,13 +10,15 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   `routing_exploited`, `routing_candidates`) to the batch (they survive TRL's shuffle and micro-batch split),
   zeroes flagged advantages under `filter` (`route.policy.filter_advantages`), and recomputes
   `old_per_token_logps` under the per-row gate whenever TRL scored a row under another policy.
-- `_generate`: under `generation_policy: deployed`, sampling runs inside `target.ablated()`.
+- `_generate`: sampling runs as the policy `route.rollout` plans for the batch: `generation_policy: deployed` inside
+  `target.ablated()`, `rollout_quarantine_scale` s inside `target.scaled(s)`, coherence slots at scale 0.
 - vLLM (`use_vllm`, colocate or server): TRL's own `VLLMGeneration.sync_weights` pushes the weights, once per
-  optimizer step; only its weight source is replaced (`route.vllm_sync.TargetWeightSync`): the target's
-  deployed or fully merged weights, merged in fp32 out of place. TRL's importance-sampling correction compares
-  vLLM's sampling log-probs with the trainer's forward of the *generating* policy (`_get_per_token_logps_and_entropies`
-  runs inside `target.ablated()` while TRL scores a deployed-policy batch), so the quarantine's effect on forget
-  rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio then uses old log-probs under the gate.
+  optimizer step; only its weight source is replaced (`route.vllm_sync.TargetWeightSync`): the target's merged
+  weights at the batch's rollout scale (deployed, full or `scaled(s)`), in fp32 out of place. TRL's importance-sampling
+  correction compares vLLM's sampling log-probs with the trainer's forward of the *generating* policy
+  (`_get_per_token_logps_and_entropies` runs inside `target.ablated()` / `target.scaled(s)` while TRL scores such a
+  batch), so the quarantine's effect on forget rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio
+  then uses old log-probs under the gate.
 - `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
   one backward for a batch that mixes modes. With `gradient_checkpointing`, the layers recomputed in that backward
   (after the context has exited) re-enter the gate their forward ran under (`route.targets.checkpointing`:
@@ -73,6 +75,7 @@ from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 from route.monitors import detector_parts, realised_by_part
 from route.optim import build_optimizer, unwrap_optimizer
 from route.policy import filter_advantages, penalize_rewards, routing_modes
+from route.rollout import RolloutPlan, RolloutSampler, sampling_context, scored_as_gate
 from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing, configure_routing
 from route.vllm_serve import trainer_client
 from route.vllm_sync import TargetWeightSync, check_vllm_config
@@ -160,7 +163,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self.detector = detector or build_detector(args, self.env)
         self._routing: _PendingRouting | None = None
         self._loss_rows: RoutingRows | None = None
-        self._score_ablated = False  # set while TRL scores a batch that the deployed policy sampled through vLLM
+        self.rollout = RolloutSampler(args, self.target)  # who samples each batch (scale, coherence slots)
+        self._plan: RolloutPlan | None = None
+        self._score_scale: float | None = None  # set while TRL scores a batch sampled through vLLM below scale 1
         self.weight_sync = TargetWeightSync(self.target, args.generation_policy) if args.use_vllm else None
         # server mode on a CPU trainer: weights over HTTP (route.vllm_serve); beta > 0: the KL reference is the base
         with trainer_client(args), _kl_reference_is_base(args, self.target.model):
@@ -172,6 +177,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if self.weight_sync is not None:
             self.weight_sync.install(self.vllm_generation)
         self.add_callback(_GradNormLogger(self))
+        for callback in self.rollout.callbacks():
+            self.add_callback(callback)
         checkpointing.check_trainer(args, self.accelerator)  # what TRL and accelerate decided from the args
         self.target.check_accelerator(self.accelerator)
         self._absorption = self._absorption_meter(args)
@@ -204,10 +211,10 @@ class RoutedGRPOTrainer(GRPOTrainer):
 
     # ------------------------------------------------------------------ generation
     def _generate(self, prompts: list):
-        # HF generate samples inside the context; vLLM samples from the weights `weight_sync` pushed (a weight merge
-        # is not affected by forward hooks, so the context alone would not make vLLM deployed)
-        policy = self.target.ablated() if self.args.generation_policy == "deployed" else contextlib.nullcontext()
-        with policy:
+        # HF generate samples inside the plan's context; vLLM samples from the weights `weight_sync` pushed (a weight
+        # merge is not affected by forward hooks, so the context alone would not make vLLM deployed)
+        plan = self._plan if self._plan is not None else self.rollout.begin(self, len(prompts))[0]  # a direct call
+        with self.rollout.generating(self, plan):
             return super()._generate(prompts)
 
     # ------------------------------------------------------------------ flags and modes
@@ -238,6 +245,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         parts = detector_parts(self.detector, grades, rollout_ids, **context)  # the monitor's conditions, if any
         candidates = self.target.routing_candidates(flags, self.args.intervention)
         modes = self.routing_modes(flags, rollout_ids, candidates)
+        if self._plan is not None:  # coherence slots: retain mode
+            modes, candidates = self.rollout.route(modes, candidates, self._plan)
         self._routing = _PendingRouting(
             modes=modes, flags=torch.tensor([bool(f) for f in flags], dtype=torch.bool),
             exploited=torch.tensor([bool(g.exploited) for g in grades], dtype=torch.bool),
@@ -253,6 +262,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         monitor_flags = getattr(self.detector, "monitor_flags", None)  # a flag control's real monitor
         if monitor_flags is not None:
             self._log_monitor(all_grades, gather_object(monitor_flags))
+        if self._plan is not None and self.model.training:
+            self.rollout.observe(all_flags, self._plan, self._metrics["train"])
         return rewards_per_func
 
     def _log_monitor(self, grades, monitor_flags) -> None:
@@ -288,28 +299,21 @@ class RoutedGRPOTrainer(GRPOTrainer):
             if on_mode:
                 metrics[f"env/hack_rate/{mode}"].append(sum(on_mode) / len(on_mode))
 
-    @property
-    def _scores_as_deployed(self) -> bool:
-        """Whether TRL's scoring forward (old log-probs, hence the vLLM IS ratio) runs as the deployed policy.
-
-        With vLLM's IS correction on, TRL's `old_per_token_logps` are the denominator-side of its ratio against the
-        sampling log-probs, so they must come from the policy that sampled: deployed -> inside `target.ablated()`.
-        """
-        a = self.args
-        return a.use_vllm and a.vllm_importance_sampling_correction and a.generation_policy == "deployed"
-
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
-        if self._score_ablated and model is self.model:
-            with self.target.ablated():
+        # With vLLM's IS correction on, TRL's scoring forward is the numerator of its ratio against the sampling
+        # log-probs, so it must run as the policy that sampled (`route.rollout.RolloutSampler.scoring_scale`)
+        if self._score_scale is not None and model is self.model:
+            with sampling_context(self.target, self._score_scale):
                 return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
         return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def _generate_and_score_completions(self, inputs):
-        self._score_ablated = self._scores_as_deployed
+        self._plan, score_scale = self.rollout.begin(self, len(inputs))  # who samples this batch, who scores it
+        self._score_scale = None if score_scale == 1.0 else score_scale
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._score_ablated = False
+            self._score_scale, self._plan = None, None
         if self._routing is None:
             raise RuntimeError("routing: rewards were not computed for this batch (RoutedGRPOTrainer."
                                "_calculate_rewards did not run inside _generate_and_score_completions; TRL's call "
@@ -323,9 +327,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
                        "routing_hack_mode": routing.hack_mode.to(device)})
         if self.args.intervention == "filter":
             output["advantages"] = filter_advantages(output["advantages"], routing.flags)
-        # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows).
-        scored_as_gate = (modes == RETAIN) if self._scores_as_deployed else (modes != RETAIN)
-        if "old_per_token_logps" in output and not bool(scored_as_gate.all()):
+        # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows), or
+        # scaled (= no row's gate)
+        if "old_per_token_logps" in output and not bool(scored_as_gate(modes, score_scale).all()):
             output["old_per_token_logps"] = self._gated_logps(output, modes)
         return output
 

@@ -16,7 +16,8 @@ For a PEFT model, TRL's `_iter_named_params` merges the active adapters into the
 Departure from TRL: only the weight *source* is replaced. `TargetWeightSync.install(vllm_generation)` binds
 `_iter_named_params` of that one `VLLMGeneration` instance to `named_params()`, which yields
 `target.deployed_state_dict()` (`generation_policy: deployed`) or `target.merged_state_dict(quarantine=True)`
-(`full`), or `target.merged_state_dict(scale=s)` for a sync at quarantine scale s (`scale=`): merged in fp32,
+(`full`), or `target.merged_state_dict(scale=s)` for a sync at quarantine scale s (`scale=`, or `use_scale(s)` before
+a sync: the trainer sets each generation batch's rollout scale, `route.rollout`): merged in fp32,
 out of place, cast once to each weight's dtype; the training weights are only read.
 Names are the plain transformers model's (what vLLM's `load_weights` expects, as TRL's own PEFT path produces);
 tied duplicates (e.g. `lm_head.weight` tied to the embeddings) and buffers are not pushed, as in TRL. Names,
@@ -42,6 +43,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from route.rollout import only_full
 from route.targets import Target
 
 VLLM_MODES = ("colocate", "server")
@@ -66,10 +68,10 @@ def check_vllm_config(args: Any) -> None:
     if args.vllm_mode == "colocate" and getattr(args, "vllm_enable_sleep_mode", False) and not _sleep_available():
         raise ValueError("vllm_enable_sleep_mode: the installed vLLM has no sleep mode on this platform (the CPU "
                          "build refuses it); set it to false")
-    if getattr(args, "off_policy_mask_threshold", None) is not None and args.generation_policy == "deployed":
-        raise ValueError("off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed "
-                         "(it would compare the gated training forward with the deployed sampling log-probs and "
-                         "mask the forget rollouts); leave it unset")
+    if getattr(args, "off_policy_mask_threshold", None) is not None and not only_full(args):
+        raise ValueError("off_policy_mask_threshold: not supported with use_vllm and generation_policy=deployed or a "
+                         "rollout_quarantine_scale other than 1 (it would compare the gated training forward with the "
+                         "sampling log-probs of another policy and mask the forget rollouts); leave it unset")
 
 
 def _sleep_available() -> bool:
@@ -138,6 +140,25 @@ class TargetWeightSync:
         self.signature: Signature | None = None
         self._skip: frozenset[str] | None = None
         self.reload: Callable[[], contextlib.AbstractContextManager] | None = None
+
+    def use_scale(self, scale: float) -> bool:
+        """Push the policy at quarantine `scale` from the next sync on (0: the deployed weights, 1: the full merge, in
+        between `merged_state_dict(scale=scale)`); returns whether that changes what a sync pushes."""
+        from route.masks import check_scale
+
+        before = self.pushed_scale()
+        scale = check_scale(scale)
+        if 0.0 < scale < 1.0:
+            self.scale = scale
+        else:
+            self.generation_policy, self.scale = ("deployed" if scale == 0.0 else "full"), None
+        return self.pushed_scale() != before
+
+    def pushed_scale(self) -> float:
+        """The quarantine scale of the policy a sync pushes (0 deployed, 1 full)."""
+        if self.scale is not None:
+            return self.scale
+        return 0.0 if self.generation_policy == "deployed" else 1.0
 
     def state_dict(self) -> dict[str, Tensor]:
         """What one sync pushes, in push order: name -> tensor (fresh tensors; the training weights are only read)."""

@@ -52,14 +52,8 @@ def _comparable(results):
     return out
 
 
-@pytest.mark.parametrize("target", [{}, dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm"),
-                                    dict(target="dual_mlp", dual_mlp_keep_units=4, dual_mlp_quarantine_units=4)],
-                         ids=["dual_lora", "svf", "sgtm", "dual_mlp"])
-def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(target, tiny_organism, tmp_path,
-                                                                       monkeypatch):
-    monkeypatch.setattr(ArithEnv, "reward_func", varied_reward)
-    fields = dict(RUN, model_name_or_path=str(tiny_organism), **target)
-    whole = train_grpo.run(build_config(output_dir=str(tmp_path / "whole"), **fields))
+def run_until_checkpoint(config, monkeypatch) -> None:
+    """Run the main job with `config` until it has saved checkpoint-2, then interrupt it."""
 
     class Interrupting(route.trainer.RoutedGRPOTrainer):
         def __init__(self, *args, **kwargs):
@@ -69,7 +63,19 @@ def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(target, t
     with monkeypatch.context() as m:
         m.setattr(route.trainer, "RoutedGRPOTrainer", Interrupting)
         with pytest.raises(Interrupted):
-            train_grpo.run(build_config(output_dir=str(tmp_path / "cut"), **fields))
+            train_grpo.run(config)
+
+
+@pytest.mark.parametrize("target", [{}, dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm"),
+                                    dict(target="dual_mlp", dual_mlp_keep_units=4, dual_mlp_quarantine_units=4)],
+                         ids=["dual_lora", "svf", "sgtm", "dual_mlp"])
+def test_an_interrupted_and_resumed_run_ends_like_an_uninterrupted_one(target, tiny_organism, tmp_path,
+                                                                       monkeypatch):
+    monkeypatch.setattr(ArithEnv, "reward_func", varied_reward)
+    fields = dict(RUN, model_name_or_path=str(tiny_organism), **target)
+    whole = train_grpo.run(build_config(output_dir=str(tmp_path / "whole"), **fields))
+
+    run_until_checkpoint(build_config(output_dir=str(tmp_path / "cut"), **fields), monkeypatch)
     assert (tmp_path / "cut" / "checkpoint-2").is_dir() and not (tmp_path / "cut" / "results.json").exists()
     resumed = train_grpo.run(build_config(output_dir=str(tmp_path / "cut"), **fields,
                                           resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2")))
