@@ -12,6 +12,8 @@ reference) with a paired bootstrap interval, so "route beats the control" reads 
 With 5 seeds a bootstrap interval is rough (it cannot be wider than the seeds' range); it is reported as what it
 is, a resampling of the seeds we ran, not a population claim. Curves: every metric named in `--curves` (the
 absorption shares by default) in each run's `metrics.jsonl`, averaged over seeds per arm, one panel per metric (PNG).
+Late shares: each run's mean of the absorption shares over the last `--late` of its logged steps, then the mean over
+seeds with a bootstrap interval (the table that says where missed hacks' gradient ended up, per arm).
 """
 
 from __future__ import annotations
@@ -141,6 +143,44 @@ def curves(run_dirs: dict[str, list[Path]], metrics: Sequence[str]) -> dict[str,
             for k, arms in acc.items()}
 
 
+SHARES = ("absorption/missed_hack", "absorption/missed_hack/known", "absorption/missed_hack/held_out",
+          "absorption/clean")
+
+
+def late_shares(run_dirs: dict[str, list[Path]], metrics: Sequence[str] = SHARES, late: float = 1 / 3,
+                n_boot: int = 10_000) -> dict[str, dict[str, tuple]]:
+    """arm -> metric -> bootstrap interval over runs of each run's mean over its last `late` share of logged steps
+    (steps above (1 - late) x its last step). Arms whose runs logged none of `metrics` are left out."""
+    out: dict[str, dict[str, tuple]] = {}
+    for arm, dirs in run_dirs.items():
+        per_run: dict[str, list[float]] = defaultdict(list)
+        for d in dirs:
+            path = d / "metrics.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+            if not rows:
+                continue
+            start = (1 - late) * max(int(r["step"]) for r in rows)
+            for m in metrics:
+                vals = [float(r[m]) for r in rows if int(r["step"]) > start and isinstance(r.get(m), (int, float))
+                        and not math.isnan(r[m])]
+                if vals:
+                    per_run[m].append(sum(vals) / len(vals))
+        if per_run:
+            out[arm] = {m: bootstrap(per_run[m], n_boot) for m in metrics}
+    return out
+
+
+def shares_markdown(shares: dict[str, dict[str, tuple]], late: float) -> str:
+    if not shares:
+        return ""
+    head = ["arm", *(m.removeprefix("absorption/").replace("_", " ") for m in SHARES)]
+    lines = [f"**absorption shares, last {late:.2g} of training** (quarantine's share of each kind of row's squared "
+             "gradient norm; mean over seeds, 95% bootstrap interval)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {arm} | " + " | ".join(fmt(v[m]) for m in SHARES) + " |" for arm, v in shares.items()]
+    return "\n".join(lines + [""])
+
+
 def plot_curves(data: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> Path | None:
     if not data:
         return None
@@ -194,27 +234,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--curves", nargs="+", default=list(CURVES), help="metrics.jsonl keys plotted over training "
                         "(a key ending in / takes every key under it)")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--late", type=float, default=1 / 3, help="share of training (the last) the absorption-share "
+                        "table averages over")
     parser.add_argument("--output_dir", default=None, help="write compare.md, compare.json and curves.png here")
     args = parser.parse_args(argv)
     try:
         paths = _result_paths(args.results)
         results = load(paths)
         summary = compare(results, args.policies, args.reference, args.n_boot)
+        if not 0 < args.late <= 1:
+            raise ValueError(f"--late: must be in (0, 1], got {args.late}")
     except ValueError as e:
         parser.error(str(e))
-    text = markdown(summary)
+    arms = group_arms(results)
+    labels = arm_labels(arms)
+    label_of = {id(r): labels[k] for k, rs in arms.items() for r in rs}
+    dirs: dict[str, list[Path]] = defaultdict(list)
+    for path, res in zip(paths, results):
+        dirs[label_of[id(res)]].append(path.parent)
+    summary["late_shares"] = late_shares(dirs, late=args.late, n_boot=args.n_boot)
+    text = markdown(summary) + shares_markdown(summary["late_shares"], args.late)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "compare.md", text)
         write_json_atomic(out / "compare.json", summary)
-        arms = group_arms(results)
-        labels = arm_labels(arms)
-        label_of = {id(r): labels[k] for k, rs in arms.items() for r in rs}
-        dirs: dict[str, list[Path]] = defaultdict(list)
-        for path, res in zip(paths, results):
-            dirs[label_of[id(res)]].append(path.parent)
         png = plot_curves(curves(dirs, args.curves), out / "curves.png")
         print(f"wrote {out / 'compare.md'}" + (f" and {png}" if png else ""))
 

@@ -75,3 +75,26 @@ def test_cli_writes_table_json_and_curves(tmp_path, capsys):
     assert (tmp_path / "out" / "curves.png").stat().st_size > 1000
     data = compare.curves({"a": [tmp_path / "route_random_0", tmp_path / "route_random_1"]}, ["absorption/"])
     assert data == {"absorption/missed_hack": {"a": [(1, pytest.approx(1.1)), (2, pytest.approx(1.2))]}}
+
+
+def test_late_shares_average_each_runs_last_steps_then_the_seeds(tmp_path):
+    dirs = []
+    for seed, late_value in enumerate([0.6, 0.8]):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        rows = [{"step": s, "absorption/missed_hack": 0.1 if s <= 20 else late_value, "absorption/clean": 0.5}
+                for s in (10, 20, 30)]
+        rows.append({"step": 30, "train_loss": 1.0})  # the summary row carries no share
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+        dirs.append(d)
+    empty = tmp_path / "none"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"step": 30, "train_loss": 1.0}) + "\n")
+    shares = compare.late_shares({"route": dirs, "none": [empty]}, late=1 / 3, n_boot=500)
+    assert set(shares) == {"route"}, "an arm that logged no share has no row"
+    mean, lo, hi = shares["route"]["absorption/missed_hack"]
+    assert math.isclose(mean, 0.7) and 0.6 <= lo <= hi <= 0.8  # only step 30 (> 2/3 of 30) counts
+    assert shares["route"]["absorption/clean"][0] == 0.5
+    assert all(math.isnan(v) for v in shares["route"]["absorption/missed_hack/held_out"])
+    text = compare.shares_markdown(shares, 1 / 3)
+    assert "| route | 0.700" in text and "missed hack/held out" in text
