@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     for path, res in zip(paths, results):
         dirs[label_of[id(res)]].append(path.parent)
     summary["late_shares"] = late_shares(dirs, late=args.late, n_boot=args.n_boot)
-    text = markdown(summary) + shares_markdown(summary["late_shares"], args.late)
+    text = markdown(summary) + "\n" + shares_markdown(summary["late_shares"], args.late)
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)
