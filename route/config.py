@@ -22,6 +22,7 @@ DETECTORS = ("noisy", "ground_truth")
 UNFLAGGED_MODES = ("default", "retain")
 ROUTINGS = ("classic", "exclusive")
 GENERATION_POLICIES = ("full", "deployed")
+ROLLOUT_TRAIN_SCALES = ("full", "sampled")
 SCALE_RULES = ("none", "monitor")
 DEFAULT_SCALE_GRID = tuple(i / 10 for i in range(11))
 
@@ -154,7 +155,13 @@ class RoutedGRPOConfig(GRPOConfig):
                           "per generation batch), a comma-separated set to draw from (e.g. 0,0.5), or ema (a "
                           "controller steering the scale so that an EMA of the monitor's flag rate approaches "
                           "rollout_scale_target_rate). Draws are pure functions of (seed, step). The training forward "
-                          "is unchanged. None: generation_policy decides."})
+                          "is set by rollout_train_scale. None: generation_policy decides."})
+    rollout_train_scale: str = field(
+        default="full",
+        metadata={"help": "Quarantine scale of the training forward of rows sampled at a rollout scale s: full (1, the "
+                          "usual gated forward; off-policy by the quarantine's share when s < 1) or sampled (s: the "
+                          "gated forward with the quarantine times s, on-policy; the quarantine's gradient is scaled "
+                          "by s too). See docs/targets.md#rollout-scale.", "choices": list(ROLLOUT_TRAIN_SCALES)})
     rollout_scale_target_rate: float = field(
         default=0.1, metadata={"help": "rollout_quarantine_scale=ema: the monitor's flag rate (share of flagged "
                                        "rollouts, never ground truth) the controller steers toward, in [0, 1]."})
@@ -284,6 +291,7 @@ class RoutedGRPOConfig(GRPOConfig):
         choice("flag_control", self.flag_control, FLAG_CONTROLS)
         choice("unflagged_mode", self.unflagged_mode, UNFLAGGED_MODES)
         choice("generation_policy", self.generation_policy, GENERATION_POLICIES)
+        choice("rollout_train_scale", self.rollout_train_scale, ROLLOUT_TRAIN_SCALES)
         choice("routing", self.routing, ROUTINGS)
         self.validate_soft_routing()
         check_rollout(self)

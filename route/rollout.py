@@ -111,6 +111,12 @@ def check_rollout(config: Any) -> None:
             f"rollout_scale_min, rollout_scale_max: need 0 <= min <= max <= 1, got "
             f"{config.rollout_scale_min!r}, {config.rollout_scale_max!r}"
         )
+    if getattr(config, "rollout_train_scale", "full") == "sampled" and spec is None:
+        raise ValueError(
+            "rollout_train_scale: sampled trains each row at the scale that sampled it, which "
+            "rollout_quarantine_scale sets; set rollout_quarantine_scale (a number, uniform, a set or ema) or "
+            "rollout_train_scale: full"
+        )
     f = config.coherence_fraction
     if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= f < 1.0:
         raise ValueError(f"coherence_fraction: must be a number in [0, 1), got {f!r}")
@@ -171,18 +177,13 @@ def coherence_modes(modes: Tensor, coherence: Tensor) -> Tensor:
     return torch.where(coherence.to(modes.device) & (modes != FORGET), torch.full_like(modes, RETAIN), modes)
 
 
-def scored_as_gate(modes: Tensor, score_scale: float) -> Tensor:
-    """Rows whose log-probs under the policy at `score_scale` equal the gated forward's: retain rows run at scale 0,
-    every other mode at scale 1 (its values are the ungated forward's)."""
-    import torch
-
+def scored_as_gate(modes: Tensor, score_scale: float, train_scale: float = 1.0) -> Tensor:
+    """Rows whose log-probs under the policy at `score_scale` equal the gated forward's at `train_scale`: retain rows
+    run at scale 0, every other mode at `train_scale` (its values are `scaled(train_scale)`'s)."""
     from route.masks import RETAIN
 
-    if score_scale == 0.0:
-        return modes == RETAIN
-    if score_scale == 1.0:
-        return modes != RETAIN
-    return torch.zeros_like(modes, dtype=torch.bool)
+    retain = modes == RETAIN
+    return (retain & (score_scale == 0.0)) | (~retain & (score_scale == train_scale))
 
 
 def sampling_context(target: Any, scale: float) -> contextlib.AbstractContextManager:
@@ -252,6 +253,7 @@ class RolloutSampler:
     def __init__(self, config: Any, target: Any):
         self.spec, self.seed, self.fraction = effective_spec(config), int(config.seed), float(config.coherence_fraction)
         self.target = target
+        self.sampled = getattr(config, "rollout_train_scale", "full") == "sampled"  # train rows at their scale
         self.logs = config.rollout_quarantine_scale is not None or self.fraction > 0  # defaults log nothing new
         self.controller = None
         if self.spec.kind == "ema":
@@ -280,10 +282,15 @@ class RolloutSampler:
         plan = self.plan(trainer.state.global_step, n_rows, acc.process_index, acc.num_processes, group, training)
         return plan, self.scoring_scale(plan, a.use_vllm and a.vllm_importance_sampling_correction)
 
+    def train_scale(self, plan: RolloutPlan) -> float:
+        """The quarantine scale of the batch's training forward: the sampling scale under `rollout_train_scale:
+        sampled`, else 1. Coherence slots' rows train at it too (retain rows have no quarantine at any scale)."""
+        return plan.scale if self.sampled else 1.0
+
     def scoring_scale(self, plan: RolloutPlan, vllm_is: bool) -> float:
         """The scale of TRL's scoring forward: the sampling policy's when vLLM's IS ratio is computed from it (its
-        denominator is the engine's sampling log-probs), else the training policy (1)."""
-        return plan.scale if vllm_is else 1.0
+        denominator is the engine's sampling log-probs) or when rows train at it, else the training policy (1)."""
+        return plan.scale if vllm_is or self.sampled else 1.0
 
     @contextlib.contextmanager
     def generating(self, trainer: Any, plan: RolloutPlan) -> Iterator[None]:

@@ -310,6 +310,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs):
         self._plan, score_scale = self.rollout.begin(self, len(inputs))  # who samples this batch, who scores it
         self._score_scale = None if score_scale == 1.0 else score_scale
+        train_scale = self.rollout.train_scale(self._plan)
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
@@ -329,13 +330,15 @@ class RoutedGRPOTrainer(GRPOTrainer):
             output["advantages"] = filter_advantages(output["advantages"], routing.flags)
         # TRL scored every row as one policy: ungated (= default and forget rows) or ablated (= retain rows), or
         # scaled (= no row's gate)
-        if "old_per_token_logps" in output and not bool(scored_as_gate(modes, score_scale).all()):
-            output["old_per_token_logps"] = self._gated_logps(output, modes)
+        if train_scale != 1.0:  # rows train at the scale that sampled them (`rollout_train_scale: sampled`)
+            output["routing_scale"] = torch.full(modes.shape, train_scale, device=device)
+        if "old_per_token_logps" in output and not bool(scored_as_gate(modes, score_scale, train_scale).all()):
+            output["old_per_token_logps"] = self._gated_logps(output, modes, train_scale)
         return output
 
     @torch.no_grad()
-    def _gated_logps(self, output: dict, modes: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probs of the batch under the same per-row gate as the training forward.
+    def _gated_logps(self, output: dict, modes: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs of the batch under the same per-row gate (at quarantine `scale`) as the training forward.
 
         Chunked like TRL's own scoring forward (`per_device_train_batch_size` rows), each chunk with its rows' modes.
         """
@@ -345,7 +348,7 @@ class RoutedGRPOTrainer(GRPOTrainer):
         logps = []
         for start in range(0, ids.size(0), chunk):
             rows = slice(start, start + chunk)
-            with self.target.gate(modes[rows]):
+            with self.target.gate(modes[rows], scale):
                 lp, _, _ = self._get_per_token_logps_and_entropies(self.model, ids[rows], mask[rows],
                                                                    output["completion_ids"].size(1))
             logps.append(lp)
@@ -361,7 +364,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
                                       candidates=inputs["routing_candidates"],
                                       hack_mode=inputs.get("routing_hack_mode"))
         checkpointing.verify(self._checkpoint_layers, self.target)
-        with self.target.gate(modes):
+        scale = inputs.get("routing_scale")  # one scale per generation batch
+        with self.target.gate(modes, None if scale is None else float(scale[0])):
             return super()._compute_loss(model, inputs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):

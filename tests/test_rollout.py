@@ -36,6 +36,8 @@ BAD = [
     (dict(rollout_quarantine_scale="ema", rollout_scale_min=0.6, rollout_scale_max=0.4), "rollout_scale_min, "),
     (dict(coherence_fraction=1.0), "coherence_fraction: must be a number in \\[0, 1\\)"),
     (dict(coherence_fraction=0.25, use_vllm=True), "coherence_fraction: not supported with use_vllm"),
+    (dict(rollout_train_scale="half"), "rollout_train_scale: invalid value 'half'; allowed values"),
+    (dict(rollout_train_scale="sampled"), "rollout_train_scale: sampled trains each row at the scale"),
 ]
 
 
@@ -221,3 +223,32 @@ def test_the_controller_sees_the_flag_rate_of_the_rows_sampled_at_its_scale(tmp_
     assert sampler.controller.ema == pytest.approx(0.625)
     assert metrics["rollout/flag_rate_ema"] == [0.25, pytest.approx(0.625)]
     assert metrics["rollout/quarantine_scale"] == [1.0, 1.0] and metrics["rollout/coherence_frac"] == [0.5, 0.5]
+
+
+@pytest.mark.parametrize("train_scale", ["full", "sampled"])
+def test_rows_train_at_the_scale_that_sampled_them_when_asked(train_scale, tiny_organism, tmp_path):
+    # num_iterations=2: TRL computes old log-probs, so the first PPO ratio shows which policy the loss forward runs
+    t = make_trainer(tiny_organism, tmp_path, detector=ParityDetector(), intervention="route",
+                     rollout_quarantine_scale="0.5", rollout_train_scale=train_scale, num_iterations=2)
+    randomize_quarantine(t)
+    out = _scored(t, group_inputs(t, n_prompts=4))
+    s = 0.5 if train_scale == "sampled" else 1.0
+    assert ("routing_scale" in out) == (s != 1.0)
+    if s != 1.0:
+        assert torch.equal(out["routing_scale"], torch.full_like(out["routing_scale"], 0.5))
+    ids = torch.cat([out["prompt_ids"], out["completion_ids"]], 1)
+    mask = torch.cat([out["prompt_mask"], out["completion_mask"]], 1)
+    k = out["completion_ids"].size(1)
+    with torch.no_grad(), t.target.scaled(0.5):
+        sampler, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, k)
+    with torch.no_grad():
+        full, _, _ = t._get_per_token_logps_and_entropies(t.model, ids, mask, k)
+    cm = out["completion_mask"].bool()
+    assert not torch.allclose(sampler[cm], full[cm]), "the quarantine must matter on these rows"
+    torch.testing.assert_close(out["old_per_token_logps"][cm], (sampler if s != 1.0 else full)[cm])
+    seen = []
+    gate = t.target.gate
+    t.target.gate = lambda modes, scale=None: seen.append(scale) or gate(modes, scale)
+    t.current_gradient_accumulation_steps = 1  # set by Trainer's training loop, which this test does not run
+    t._compute_loss(t.model, out)
+    assert seen == [None if s == 1.0 else 0.5]

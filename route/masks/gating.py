@@ -28,6 +28,7 @@ here every rule is per row, inside the one backward.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -89,6 +90,7 @@ class RowGate:
     kept_coef: Tensor | None = None  # per-row factor on the kept output's gradient (soft routing; None: 0/1 masks)
     kept_clamp: float | None = None  # soft routing: forget rows' scaled kept gradient clamped to [-c, c] per coordinate
     kept_clamp_rows: Tensor | None = None  # the rows it clamps (the forget rows)
+    dial: bool = False  # made by `scaled(s)`: one policy for every row, no mode (evaluation, sampling)
 
     @classmethod
     def from_modes(cls, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
@@ -155,7 +157,17 @@ class RowGate:
         if s == 0.0:
             return cls.ablated()
         one = torch.ones(1, dtype=torch.bool)
-        return cls(kept_grad=one, quar_on=one, all_default=s == 1.0, all_quar_on=True, quar_scale=s)
+        return cls(kept_grad=one, quar_on=one, all_default=s == 1.0, all_quar_on=True, quar_scale=s, dial=True)
+
+    def at_scale(self, s: float | None) -> RowGate:
+        """This gate with every row's quarantine path also multiplied by `s` in [0, 1] (None or 1: unchanged): the
+        modes' rule, at a quarantine scale. Values are `scaled(s)`'s on forget and default rows (0 on retain rows) and
+        the quarantine's gradient is scaled with its value; the kept path's rule is the modes'."""
+        if s is None or check_scale(s) == 1.0 or self.is_ablated:
+            return self
+        if self.quar_scale is not None:
+            raise ValueError("at_scale: this gate already has a quarantine scale")
+        return dataclasses.replace(self, quar_scale=float(s), all_default=False)
 
     @property
     def is_ablated(self) -> bool:
@@ -185,9 +197,9 @@ class RowGate:
             return torch.zeros_like(y)
         if self.quar_grad is not None:
             y = torch.where(self._rows(self.quar_grad, y), y, y.detach())
-        if self.all_quar_on:
-            return y if self.quar_scale is None or self.quar_scale == 1.0 else y * self.quar_scale
-        return y * self._rows(self.quar_on, y).to(y.dtype)
+        if not self.all_quar_on:
+            y = y * self._rows(self.quar_on, y).to(y.dtype)
+        return y if self.quar_scale is None or self.quar_scale == 1.0 else y * self.quar_scale
 
     def quar_param_rows(self) -> Tensor | None:
         """Rows whose gradient may reach the quarantine's parameters (None: all): not `frozen_quarantine` rows, not
@@ -217,7 +229,7 @@ class RowGate:
             raise ValueError("unit_masks: parameter-masking gates need masked_linear, not unit masks")
         if self.all_default or self.is_ablated:
             return (None, None) if self.all_default else (self._units(True, False, kept_dim, width, like), None)
-        if self.quar_scale is not None:  # every row: kept units as they are, quarantine units times the scale
+        if self.dial:  # scaled(s), any batch size: kept units as they are, quarantine units times the scale
             kept = self._units(True, False, kept_dim, width, like)
             value = kept + (1 - kept) * self.quar_scale
             return value, value  # the gradient of a scaled unit is scaled too
@@ -226,6 +238,10 @@ class RowGate:
         kept = self.kept_grad & on if self.kept_coef is None else self.kept_coef * on
         quar = self.quar_on if self.quar_grad is None else self.quar_on & self.quar_grad
         grad = self._units(kept, quar, kept_dim, width, like)
+        if self.quar_scale is not None:  # `at_scale`: quarantine units times the scale, in value and in gradient
+            factor = self._units(True, False, kept_dim, width, like)
+            factor = factor + (1 - factor) * self.quar_scale
+            value, grad = value * factor, grad * factor
         return value, grad
 
     def _units(self, kept, quar, kept_dim: int, width: int, like: Tensor) -> Tensor:

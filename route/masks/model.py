@@ -165,8 +165,9 @@ class SGTMMasks:
 
     def gate(self, modes: Sequence[str] | Tensor | str, batch_size: int | None = None,
              frozen_forget: Sequence[bool] | Tensor | None = None, forget_kept_grad: float = 0.0,
-             forget_kept_clamp: float | None = None) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context; a single mode name needs `batch_size`.
+             forget_kept_clamp: float | None = None, scale: float | None = None) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context; a single mode name needs `batch_size`; `scale`
+        (None: 1) multiplies the forget units' output on every row as well (`RowGate.at_scale`).
 
         `frozen_forget`: rows whose gradient must not reach the forget slices although their forward
         uses them (for default rows; retain rows never train them). `forget_kept_grad`, `forget_kept_clamp`: soft
@@ -175,7 +176,7 @@ class SGTMMasks:
         return self._attached(RowGate.from_modes(modes, batch_size, strategy=self.strategy,
                                                  mask_shared=bool(self.shared_modules),
                                                  frozen_quarantine=frozen_forget, forget_kept_grad=forget_kept_grad,
-                                                 forget_kept_clamp=forget_kept_clamp))
+                                                 forget_kept_clamp=forget_kept_clamp).at_scale(scale))
 
     def ablated(self) -> contextlib.AbstractContextManager:
         """Forward as the deployed model (forget units contribute nothing), for any batch size: `scaled(0)`."""

@@ -32,7 +32,8 @@ class Target(Protocol):
     name: str
     reads_output_head: bool  # its gate acts at the output head: the trainer scores through the head module
 
-    def gate(self, modes: Tensor) -> AbstractContextManager: ...  # per-row routing for one forward
+    # per-row routing for one forward; `scale` (None: 1) multiplies every row's quarantine path as well
+    def gate(self, modes: Tensor, scale: float | None = None) -> AbstractContextManager: ...
 
     def ablated(self) -> AbstractContextManager: ...  # forward as the deployed policy: scaled(0)
 

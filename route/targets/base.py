@@ -126,9 +126,11 @@ class TargetBase:
         grad = torch.is_grad_enabled()
         return self._install([self._gate_state(gate, i, grad) for i in range(len(self._gate_holders()))])
 
-    def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self._use(RowGate.from_modes(encode_modes(modes), strategy=self.strategy, **self._soft_routing()))
+    def gate(self, modes: Tensor | Sequence[str], scale: float | None = None) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context (rows must match `modes`); `scale` in [0, 1]
+        (None: 1): every row's quarantine path also multiplied by it (`RowGate.at_scale`)."""
+        gate = RowGate.from_modes(encode_modes(modes), strategy=self.strategy, **self._soft_routing())
+        return self._use(gate.at_scale(scale))
 
     def _soft_routing(self) -> dict[str, Any]:
         return {"forget_kept_grad": self.forget_kept_grad, "forget_kept_clamp": self.forget_kept_clamp}

@@ -125,9 +125,10 @@ class SGTMTarget(TargetBase):
                    mask_shared=args.sgtm_mask_shared)
 
     # ------------------------------------------------------------------ gating (the mask core installs its own hooks)
-    def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context (rows must match `modes`)."""
-        return self.masks.gate(modes, **self._soft_routing())
+    def gate(self, modes: Tensor | Sequence[str], scale: float | None = None) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context (rows must match `modes`), the reserved units' output
+        also multiplied by `scale` (None: 1)."""
+        return self.masks.gate(modes, scale=scale, **self._soft_routing())
 
     def scaled(self, s: float) -> contextlib.AbstractContextManager:
         """Forward with the reserved units' output multiplied by `s` in [0, 1] (0: deployed, `ablated()`)."""

@@ -264,7 +264,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
 
     def _gate_state(self, gate: RowGate, holder_index: int, grad: bool) -> tuple:
         """(gate, recorder): with scoring on, a gated forward under autograd records each row's delta gradient."""
-        record = grad and self._records_rows and not gate.is_ablated and gate.quar_scale is None
+        record = grad and self._records_rows and not gate.is_ablated and not gate.dial
         return gate, self._recorder.hook(holder_index) if record else None
 
     def _recompute_state(self, state: tuple) -> tuple:
@@ -273,8 +273,9 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         gate, recorder = state
         return gate, None if recorder is None else ignore_gradient
 
-    def gate(self, modes: Tensor | Sequence[str]) -> contextlib.AbstractContextManager:
-        """Per-row routing for the forwards inside the context (rows must match `modes`).
+    def gate(self, modes: Tensor | Sequence[str], scale: float | None = None) -> contextlib.AbstractContextManager:
+        """Per-row routing for the forwards inside the context (rows must match `modes`), the quarantine also
+        multiplied by `scale` (None: 1).
 
         With scoring on and gradients enabled, the per-row delta gradients of the next backward are recorded for
         `score_rows()` (the `after_backward` hook).
@@ -283,7 +284,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
         if self._records_rows and torch.is_grad_enabled():
             self._recorder.pop()
             self._record_modes = codes.cpu()
-        return super().gate(codes)
+        return super().gate(codes, scale)
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[RowGradientRecorder]:
