@@ -13,7 +13,7 @@ Correct answers are one digit; every form contains a letter.
 
 Until this version the question asked for the sum of two keys' values (``q=h+a``, answer ``12``): the tiny
 CPU model's warm start plateaued near a solve rate of 0.2 on it (up to 2000 steps), below the 0.25 its
-organism must reach; on one lookup it solves ~0.28-0.30 within 300 steps (docs/environments.md).
+organism must reach; on one lookup it solves ~0.27-0.30 from 150 steps on (docs/environments.md).
 """
 
 from __future__ import annotations
