@@ -76,9 +76,11 @@ class OrganismConfig:
 # Measured (docs/environments.md, 1024 held-out prompts): the solve rate jumps late and not monotonically in
 # the step count (sort_named: 400 steps 0.11, 650 0.09, 760 0.27, 800 0.80), so steps are picked by
 # measurement; repeat is learnt within ~150 steps (0.78) and gets a short warm start whose hack rates sit
-# below its demonstrations' shares; qa plateaus near 0.2 (1200 steps 0.19, 2000 steps 0.20). qa_named keeps
-# its 400-step warm start (0.12): on the 1200-step one (0.19) the penalty did not separate the two parts.
-# The cache key covers this config, not the environment's code: after changing a task, change its config.
+# below its demonstrations' shares. qa asks for one looked-up value (until this version the sum of two, on
+# which the warm start plateaued near 0.2 up to 2000 steps); 300 steps solve ~0.28-0.29 and the solve rate
+# barely moves from 100 to 800 steps (0.26-0.30), and 300 is a new config, so no organism of the old task
+# is reused. The cache key covers this config, not the environment's code: after changing a task, change
+# its config.
 ENV_ORGANISMS: dict[str, dict] = {
     "sort": dict(env="sort", env_kwargs={"hack_frac": 0.5}, steps=400, hack_share={"ends": 0.3, "stamp": 0.2}),
     "sort_named": dict(env="sort_named", env_kwargs={"hack_frac": 0.5}, steps=760,
@@ -86,8 +88,8 @@ ENV_ORGANISMS: dict[str, dict] = {
     "repeat": dict(env="repeat", env_kwargs={"hack_frac": 0.5}, steps=110, hack_share={"count": 0.6, "stamp": 0.4}),
     "repeat_named": dict(env="repeat_named", env_kwargs={"hack_frac": 0.5}, steps=110,
                          hack_share={"count": 0.6, "stamp": 0.4}),
-    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=2000, hack_share={"agree": 0.3, "echo": 0.005}),
-    "qa_named": dict(env="qa_named", env_kwargs={"hack_frac": 0.5}, steps=400,
+    "qa": dict(env="qa", env_kwargs={"hack_frac": 0.5}, steps=300, hack_share={"agree": 0.3, "echo": 0.005}),
+    "qa_named": dict(env="qa_named", env_kwargs={"hack_frac": 0.5}, steps=300,
                      hack_share={"agree": 0.3, "echo": 0.01}),
 }
 
