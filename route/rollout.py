@@ -9,9 +9,11 @@
   policy (scale 0); their unflagged rollouts run in `retain` mode (forward without the quarantine, gradient only into
   the kept part), flagged ones are routed as everywhere (forget). Which groups, a pure function of (seed, step).
 
-Only sampling changes: the training forward is the per-row gate, as under `generation_policy`. TRL's scoring forward
-that feeds vLLM's importance-sampling ratio runs as the sampling policy (`scoring_scale`), and `old_per_token_logps`
-are recomputed under the gate for every row not scored as its gate (`scored_as_gate`), so the first PPO ratio is 1.
+By default only sampling changes: the training forward is the per-row gate, as under `generation_policy`; with
+`rollout_train_scale: sampled` it is the per-row gate at the batch's scale (`train_scale`, `RowGate.at_scale`). TRL's
+scoring forward that feeds vLLM's importance-sampling ratio runs as the sampling policy (`scoring_scale`), and
+`old_per_token_logps` are recomputed under the gate for every row not scored as its gate (`scored_as_gate`), so the
+first PPO ratio is 1.
 The vLLM sync pushes the weights of `scaled(s)` (`route.vllm_sync.TargetWeightSync.use_scale`).
 
 Choices where the issue describing these settings (a published routing recipe for RL) is silent: one scale per

@@ -19,7 +19,8 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   (`_get_per_token_logps_and_entropies` runs inside `target.ablated()` / `target.scaled(s)` while TRL scores such a
   batch), so the quarantine's effect on forget rollouts is not mistaken for vLLM mismatch and masked; the PPO ratio
   then uses old log-probs under the gate.
-- `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)`: one forward,
+- `_compute_loss`: the loss forward runs inside `target.gate(routing_modes)` (at the batch's `routing_scale` under
+  `rollout_train_scale: sampled`): one forward,
   one backward for a batch that mixes modes. With `gradient_checkpointing`, the layers recomputed in that backward
   (after the context has exited) re-enter the gate their forward ran under (`route.targets.checkpointing`:
   non-reentrant checkpointing with a `context_fn` from the target's `recompute_context()`); setups that cannot do
