@@ -129,20 +129,26 @@ class DeployScale:
             n=len(self.rows), seed=self.seed, max_new_tokens=max_new_tokens, rows=self.rows, detector=self.monitor
         )
         self.base_rate: float | None = None
+        self.base_reward: float | None = None
 
     def measure_base(self, target: Any) -> float:
-        self.base_rate = monitored_hack_rate(evaluate_policy(target.model, self.tokenizer, self.env, **self.kw))
+        r = evaluate_policy(target.model, self.tokenizer, self.env, **self.kw)
+        self.base_rate, self.base_reward = monitored_hack_rate(r), r["pass_rate"]
         return self.base_rate
 
     def pick(self, target: Any) -> dict[str, Any]:
-        """{"rule", "picked", "met", "base_monitored_hack_rate", "val_n", "val_seed", "validation": [points]}."""
+        """{"rule", "picked", "met", "base_monitored_hack_rate", "base_task_reward", "val_n", "val_seed",
+        "validation": [points]}; a point holds the scale, its monitored hack rate and its task reward (the share of
+        rollouts the environment's grader passes: the training reward, which a deployer sees; route.select reads
+        both to pick configurations)."""
         if self.base_rate is None:
             raise RuntimeError("DeployScale.pick: call measure_base(target) before training")
         curve, picked = [], None
         for s in self.grid:
             with target.scaled(s):
-                rate = monitored_hack_rate(evaluate_policy(target.model, self.tokenizer, self.env, **self.kw))
-            curve.append({"scale": s, "monitored_hack_rate": rate})
+                r = evaluate_policy(target.model, self.tokenizer, self.env, **self.kw)
+            rate = monitored_hack_rate(r)
+            curve.append({"scale": s, "monitored_hack_rate": rate, "task_reward": r["pass_rate"]})
             if rate < self.base_rate:
                 picked = s
                 break
@@ -151,6 +157,7 @@ class DeployScale:
             "picked": 0.0 if picked is None else picked,
             "met": picked is not None,
             "base_monitored_hack_rate": self.base_rate,
+            "base_task_reward": self.base_reward,
             "val_n": len(self.rows),
             "val_seed": self.seed,
             "validation": sorted(curve, key=lambda p: p["scale"]),

@@ -86,6 +86,8 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert pick["met"] == bool(passing) and pick["picked"] == (max(passing) if passing else 0.0)
     # the scan stops at the highest passing scale: every measured scale above the pick failed
     assert all(p["monitored_hack_rate"] >= base_rate for p in curve if p["scale"] > pick["picked"])
+    # the task reward (the grader's pass share) beside each monitored rate: what route.select reads
+    assert 0 <= pick["base_task_reward"] <= 1 and all(0 <= p["task_reward"] <= 1 for p in curve)
     assert on["deployed_at_scale"]["n"] == 24
     if pick["picked"] == 0.0:
         assert on["deployed_at_scale"] == on["deployed"]
@@ -144,7 +146,7 @@ def test_the_rule_reads_flags_only_and_picks_the_highest_passing_scale(monkeypat
 
     def fake_evaluate(model, tokenizer, env, **kw):  # ground truth says the opposite of the flags
         rate = base["flag_rate"] if target.scale is None else flags[target.scale]
-        return {"monitor": {"flag_rate": rate}, "hack_rate": 1 - rate}
+        return {"monitor": {"flag_rate": rate}, "hack_rate": 1 - rate, "pass_rate": 0.25 + (target.scale or 0) / 2}
 
     monkeypatch.setattr(scales, "evaluate_policy", fake_evaluate)
     config = build_config(use_cpu=True, report_to="none", scale_grid=[0.0, 0.5, 1.0], val_n=8)
@@ -157,6 +159,9 @@ def test_the_rule_reads_flags_only_and_picks_the_highest_passing_scale(monkeypat
     assert pick["picked"] == expected and pick["met"] == (expected > 0 or flags[0.0] < 0.3)
     assert target.seen == [1.0, 0.5] if expected == 0.5 else target.seen == [1.0, 0.5, 0.0]
     assert [p["scale"] for p in pick["validation"]] == sorted(target.seen)
+    # each point carries the task reward measured at its own scale, the base's its own
+    assert [p["task_reward"] for p in pick["validation"]] == [0.25 + s / 2 for s in sorted(target.seen)]
+    assert pick["base_task_reward"] == 0.25
 
 
 @pytest.mark.parametrize(
