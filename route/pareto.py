@@ -52,6 +52,11 @@ IGNORED = (
     "env",
     "intervention",
     "monitor",
+    "scale_grid",  # which scales the deployment rule may pick: not a different training run
+    "val_n",
+    "deploy_scale_rule",
+    "absorption_metrics",
+    "logging_steps",
     *SETTINGS.values(),
 )
 
@@ -88,7 +93,9 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
         if cfg["intervention"] == "route":
-            for scale, policy in ((0.0, "deployed"), (1.0, "training")):
+            picked = res.get("deploy_scale", {}).get("picked")
+            scaled = [(picked, "deployed_at_scale")] if picked not in (None, 0.0, 1.0) else []
+            for scale, policy in ((0.0, "deployed"), *scaled, (1.0, "training")):
                 out.append(
                     {
                         "env": env,

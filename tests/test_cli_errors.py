@@ -35,6 +35,8 @@ CASES = [
     ("route.sweep", ["--workers", "0"], "--workers"),
     ("route.report", [NOPE], "results"),
     ("route.pareto", [NOPE], "paths"),
+    ("route.select", [NOPE], "results"),
+    ("route.select", [NOPE, "--n_boot", "x"], "--n_boot"),
     ("route.organism", ["--output_dir", "x", "--env", "nope"], "--env"),
     ("route.organism", ["--output_dir", "x", "--steps", "0"], "--steps"),
     ("route.vhack", ["--out", "x.pt", "--k", "0"], "--k"),

@@ -100,3 +100,15 @@ def test_results_without_what_a_point_needs_are_skipped(tmp_path):
     partial = {"config": {"intervention": "none"}, "base": {}, "deployed": {}}
     assert write_pareto([partial], tmp_path) == {}
     assert set(write_pareto([partial, *RESULTS], tmp_path)) == {"sort", "arith"}
+
+
+def test_route_gets_a_point_at_the_scale_its_rule_picked_and_the_rule_fields_split_no_curve():
+    picked = result("sort", "route", 1, policy(0.6, 0.05, 0.05, 0.05), training=policy(0.4, 0.5, 0.5, 0.5),
+                    scale_grid=[0.0, 0.5, 1.0], val_n=256)
+    picked["deploy_scale"] = {"picked": 0.5}
+    picked["deployed_at_scale"] = policy(0.55, 0.2, 0.25, 0.15)
+    pts = [p for p in points([RESULTS[3], picked]) if p["arm"] != "base"]
+    assert len({p["arm"] for p in pts}) == 1  # scale_grid and val_n differ, yet one curve
+    at_half = [p for p in pts if p["setting"] == 0.5]
+    assert len(at_half) == 1 and at_half[0]["hack"] == 0.2 and at_half[0]["hack_undetectable"] == 0.15
+    assert sorted(p["setting"] for p in pts) == [0.0, 0.0, 0.5, 1.0, 1.0]
