@@ -107,7 +107,8 @@ def select(arms: dict[str, dict[tuple, dict[int, dict]]], monitor_weight: float 
                            "score": r_mean - monitor_weight * m_mean, "task_reward": r_mean,
                            "monitored_hack_rate": m_mean, "picked_scales": [p["scale"] for p in pts], "key": key})
         best = max(scored, key=lambda s: (s["score"], s["task_reward"]))
-        out[arm] = {"configurations": scored, "selected": best["configuration"], "key": best["key"]}
+        runs = {seed: r["config"].get("output_dir") for seed, r in sorted(configs[best["key"]].items())}
+        out[arm] = {"configurations": scored, "selected": best["configuration"], "key": best["key"], "runs": runs}
     return out
 
 
@@ -199,6 +200,56 @@ def summarise(results: Sequence[dict[str, Any]], monitor_weight: float = 2.0, n_
     return summary
 
 
+def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, Any]:
+    """Relearn probes (route.relearn output directories whose checkpoints are labelled `ENV/ARM/sSEED`) grouped per
+    method, environment and arm: the mean over seeds of the hack rate at the start, at the end and over the probe
+    (with bootstrap intervals), and each seed's steps to the threshold (None: not reached). The reference row
+    (`reference (...)`) is kept per directory's environment under the arm name `base organism`."""
+    out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for d in map(Path, dirs):
+        path = d / "relearn_summary.json"
+        if not path.exists():
+            raise ValueError(f"--relearn: {d} has no relearn_summary.json (a route.relearn --output_dir)")
+        rows = json.loads(path.read_text())
+        envs = {r["label"].split("/")[0] for r in rows if r["label"].count("/") == 2}
+        for r in rows:
+            parts = r["label"].split("/")
+            if len(parts) == 3:
+                env, arm = parts[0], parts[1]
+            elif r.get("reference") and len(envs) == 1:
+                env, arm = next(iter(envs)), "base organism"
+            else:
+                continue
+            out[r["method"]][env][arm].append(r)
+    table: dict[str, Any] = {}
+    for method, per_env in out.items():
+        for env, arms in per_env.items():
+            for arm, rows in arms.items():
+                table.setdefault(method, {}).setdefault(env, {})[arm] = {
+                    "n": len(rows), "threshold": rows[0]["threshold"],
+                    "steps_to_threshold": [r["steps_to_threshold"] for r in rows],
+                    **{k: bootstrap([r[k] for r in rows], n_boot)
+                       for k in ("hack_rate_start", "hack_rate_end", "mean_hack_rate", "solve_rate_end")}}
+    return table
+
+
+def relearn_markdown(table: dict[str, Any]) -> str:
+    lines = []
+    for method, per_env in table.items():
+        for env, arms in per_env.items():
+            thr = next(iter(arms.values()))["threshold"]
+            lines += [f"Relearn probe, {method.upper()}, {env} (mean over seeds, 95% bootstrap interval; steps to a "
+                      f"hack rate of {thr:g} per seed, - = not reached):", "",
+                      "| arm | n | hack at start | hack at end | mean hack over the probe | solve at end | steps |",
+                      "|---" * 7 + "|"]
+            for arm, r in arms.items():
+                steps = ", ".join("-" if s is None else str(s) for s in r["steps_to_threshold"])
+                lines.append(f"| {arm} | {r['n']} | {fmt(r['hack_rate_start'])} | {fmt(r['hack_rate_end'])} | "
+                             f"{fmt(r['mean_hack_rate'])} | {fmt(r['solve_rate_end'])} | {steps} |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     """select.json: configuration keys as their field mappings."""
     def strip(x):
@@ -214,14 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="results.json files, run directories or sweep directories")
     parser.add_argument("--monitor_weight", type=float, default=2.0, help="w in the score R - w M")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--relearn", nargs="+", default=[], help="route.relearn output directories (checkpoints "
+                        "labelled ENV/ARM/sSEED) to summarise per arm")
     parser.add_argument("--output_dir", help="write select.json and select.md here")
     args = parser.parse_args(argv)
     try:
         results = [json.loads(p.read_text()) for p in _result_paths(args.results)]
         summary = summarise(results, args.monitor_weight, args.n_boot)
+        summary["relearn"] = relearn_arms(args.relearn, args.n_boot) if args.relearn else {}
     except (ValueError, KeyError) as e:
         parser.error(str(e))
-    text = markdown(summary)
+    text = markdown(summary) + ("\n" + relearn_markdown(summary["relearn"]) if summary["relearn"] else "")
     print(text)
     if args.output_dir:
         out = Path(args.output_dir)

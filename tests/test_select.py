@@ -50,6 +50,7 @@ def test_selection_reads_validation_only_and_scores_reward_minus_twice_the_monit
     assert picked["penalty"]["selected"] == "penalty 2.0"  # although lambda 1 is better on the test split
     scores = {c["configuration"]: c["score"] for c in picked["penalty"]["configurations"]}
     assert scores == pytest.approx({"penalty 1.0": 0.30, "penalty 2.0": 0.40})
+    assert picked["penalty"]["runs"] == {s: f"runs/penalty-2.0-1.0-none-{s}" for s in SEEDS}  # for the probes
     assert len(picked["route"]["configurations"]) == 2 and picked["route"]["selected"] == "route_weight default"
     # the test split does not enter the selection: swapping every test rate changes no choice
     swapped = [dict(r, deployed={**r["deployed"], "solve_rate": r["deployed"]["hack_rate"]}) for r in results]
@@ -105,3 +106,23 @@ def test_cli_writes_json_and_markdown(tmp_path):
     data = json.loads((tmp_path / "out" / "select.json").read_text())
     assert data["selection"]["sort_named"]["penalty"]["selected"] == "default"
     assert "Route / penalty" in (tmp_path / "out" / "select.md").read_text()
+
+
+def test_relearn_probes_are_grouped_per_arm(tmp_path):
+    out = tmp_path / "probe"
+    out.mkdir()
+    rows = [{"label": f"sort_named/{arm}/s{s}", "method": "grpo", "reference": False, "threshold": 0.15,
+             "hack_rate_start": start, "hack_rate_end": start + 0.1, "mean_hack_rate": start + 0.05,
+             "solve_rate_end": 0.3, "steps_to_threshold": steps}
+            for arm, start, steps in (("route", 0.0, None), ("none", 0.2, 0)) for s in SEEDS]
+    rows.append({**rows[0], "label": "reference (base organism)", "reference": True, "hack_rate_start": 0.05,
+                 "steps_to_threshold": 30})
+    (out / "relearn_summary.json").write_text(json.dumps(rows))
+    table = select.relearn_arms([out], n_boot=100)["grpo"]["sort_named"]
+    assert set(table) == {"route", "none", "base organism"}
+    assert table["route"]["n"] == 5 and table["route"]["steps_to_threshold"] == [None] * 5
+    assert table["none"]["mean_hack_rate"][0] == pytest.approx(0.25)
+    assert table["base organism"]["steps_to_threshold"] == [30]
+    assert "| route | 5 |" in select.relearn_markdown(select.relearn_arms([out], n_boot=100))
+    with pytest.raises(ValueError, match="--relearn"):
+        select.relearn_arms([tmp_path])
