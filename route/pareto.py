@@ -6,7 +6,8 @@
 Writes, per environment, `<env>/pareto.csv` and `<env>/pareto.png`. Each arm (intervention, plus the
 monitor when it is not `plain`) is a curve over its own setting: `penalty` over the penalty lambda,
 `route` over the quarantine scale (0 = the deployed policy, 1 = the training policy, both measured by
-every run), `filter` and `none` over the detector TPR. Runs that differ only in their seed are one point:
+every run, and `picked`, the scale each run's deployment rule picked, one point over the seeds whatever each
+picked), `filter` and `none` over the detector TPR. Runs that differ only in their seed are one point:
 the mean, with the seed spread (min-max) as error bars; runs that differ in any other config field (e.g. a
 learning rate) are separate curves, labelled with that field. Three panels: every test prompt, the detectable
 part and the undetectable part (environments without a detectability split get the first panel only).
@@ -30,6 +31,7 @@ from route.io import write_json_atomic
 SETTINGS = {"penalty": "penalty", "filter": "detector_tpr", "none": "detector_tpr"}  # route: quarantine scale
 PANELS = (("all", "all test prompts"), ("detectable", "detectable part"), ("undetectable", "undetectable part"))
 STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
+PICKED = "picked"  # route's setting for the policy at the scale its deployment rule picked (drawn between 0 and 1)
 
 
 def _policy_stats(r: dict[str, Any]) -> dict[str, float]:
@@ -75,11 +77,13 @@ def arm_of(cfg: dict[str, Any], extra: Sequence[str] = ()) -> str:
 
 
 def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (env, arm, setting, seed) from results.json dicts; route gives two (scale 0 and 1)."""
+    """One point per (env, arm, setting, seed) from results.json dicts; route gives two (scale 0 and 1), and a third
+    (`picked`) when the run's deployment rule picked a scale."""
     out = []
     for res in results:
         cfg = res["config"]
-        extra = varying_fields([r for r in results if r["config"]["env"] == cfg["env"]])
+        same_env = [r for r in results if r["config"]["env"] == cfg["env"]]
+        extra = varying_fields([r for r in same_env if r["config"]["intervention"] == cfg["intervention"]])
         env, arm = cfg["env"], arm_of(cfg, extra)
         base_extra = [k for k in extra if k == "env_kwargs"]  # the base model's rates depend only on the env
         out.append(
@@ -93,8 +97,8 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
         if cfg["intervention"] == "route":
-            picked = res.get("deploy_scale", {}).get("picked")
-            scaled = [(picked, "deployed_at_scale")] if picked not in (None, 0.0, 1.0) else []
+            # the scale the deployment rule picked, per run: one point over all seeds, whatever each picked
+            scaled = [(PICKED, "deployed_at_scale")] if "deployed_at_scale" in res else []
             for scale, policy in ((0.0, "deployed"), *scaled, (1.0, "training")):
                 out.append(
                     {
@@ -146,7 +150,7 @@ def summarise(pts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             r["env"],
             order.get(r["arm"].split()[0], 9),
             r["arm"],
-            float(r["setting"]) if _finite(r["setting"]) else -1.0,
+            float(r["setting"]) if _finite(r["setting"]) else 0.5 if r["setting"] == PICKED else -1.0,
         ),
     )
 

@@ -30,10 +30,13 @@ from typing import Any
 from route.compare import _result_paths, bootstrap, fmt, mean_of
 from route.errors import ArgumentParser, cli
 from route.io import write_json_atomic, write_text_atomic
-from route.report import SEED_FIELDS, arm_key
+from route.report import SEED_FIELDS, arm_key, base_key
 
 STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
-HEADLINE = {"hack_ratio": 0.25, "hack_ratio_high": 0.5, "solve_ratio": 0.95, "other_env_hack_ratio": 0.5}
+# The issue's goal (docs/protocol.md): route's hack <= 0.25x the penalty's (point estimate) with the interval's upper
+# end below 0.5, at a solve ratio >= 0.95 (point estimate), on one environment; <= 0.5x (point estimate) on the other.
+GOAL = {"hack_ratio": 0.25, "hack_ratio_high": 0.5, "solve_ratio": 0.95, "other_hack_ratio": 0.5}
+NOT_CONFIG = ("flag_control", "resume_from_checkpoint", *SEED_FIELDS)  # what a configuration key leaves out
 
 
 def arm_name(config: dict[str, Any]) -> str:
@@ -61,9 +64,9 @@ def validation_point(result: dict[str, Any]) -> dict[str, float]:
             "monitored_hack_rate": point["monitored_hack_rate"]}
 
 
-def deployed(result: dict[str, Any]) -> dict[str, float]:
-    """Test-split stats of the deployed policy (at the picked scale when the rule picked one)."""
-    r = result.get("deployed_at_scale") or result["deployed"]
+def deployed(result: dict[str, Any], at_picked: bool = True) -> dict[str, float]:
+    """Test-split stats of the deployed policy: at the scale the rule picked (when it picked one), else scale 0."""
+    r = (result.get("deployed_at_scale") if at_picked else None) or result["deployed"]
     parts = r.get("by_part", {})
     nan = float("nan")
     return {"solve": r["solve_rate"], "hack": r["hack_rate"],
@@ -84,12 +87,17 @@ def group(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[tuple, 
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
     for r in results:
         cfg = r["config"]
-        key = tuple(kv for kv in arm_key(cfg) if kv[0] not in ("flag_control", *SEED_FIELDS))
+        key = tuple(kv for kv in arm_key(cfg) if kv[0] not in NOT_CONFIG)
         runs = out[cfg["env"]][arm_name(cfg)][key]
         if cfg["seed"] in runs:
             raise ValueError(f"two runs of one configuration with seed {cfg['seed']}: {cfg.get('output_dir')} and "
                              f"{runs[cfg['seed']]['config'].get('output_dir')}")
         runs[cfg["seed"]] = r
+    for env, arms in out.items():
+        bases = {base_key(r) for configs in arms.values() for runs in configs.values() for r in runs.values()}
+        if len(bases) > 1:
+            raise ValueError(f"{env}: the runs have {len(bases)} different base rows (different organisms or test "
+                             "prompts); they cannot be compared")
     return out
 
 
@@ -98,13 +106,15 @@ def select(arms: dict[str, dict[tuple, dict[int, dict]]], monitor_weight: float 
     out: dict[str, Any] = {}
     for arm, configs in arms.items():
         keys = list(configs)
+        shared = sorted(set.intersection(*(set(runs) for runs in configs.values())))  # score on the same seeds
         scored = []
         for key, runs in configs.items():
-            pts = [validation_point(r) for r in runs.values()]
+            pts = [validation_point(runs[seed]) for seed in shared]
             r_mean = mean_of([p["task_reward"] for p in pts])
             m_mean = mean_of([p["monitored_hack_rate"] for p in pts])
-            scored.append({"configuration": config_label(key, keys), "seeds": sorted(runs),
-                           "score": r_mean - monitor_weight * m_mean, "task_reward": r_mean,
+            scored.append({"configuration": config_label(key, keys), "seeds": shared,
+                           "seeds_left_out": sorted(set(runs) - set(shared)),
+                           "score": round(r_mean - monitor_weight * m_mean, 9), "task_reward": r_mean,
                            "monitored_hack_rate": m_mean, "picked_scales": [p["scale"] for p in pts], "key": key})
         best = max(scored, key=lambda s: (s["score"], s["task_reward"]))
         runs = {seed: r["config"].get("output_dir") for seed, r in sorted(configs[best["key"]].items())}
@@ -113,8 +123,10 @@ def select(arms: dict[str, dict[tuple, dict[int, dict]]], monitor_weight: float 
 
 
 def _paired(a: dict[int, dict], b: dict[int, dict], stat: str, fn, n_boot: int, seed: int = 0) -> tuple:
-    """(estimate, low, high) of fn(mean of a's stat, mean of b's stat) over shared seeds, seeds resampled."""
-    seeds = sorted(set(a) & set(b))
+    """(estimate, low, high) of fn(mean of a's stat, mean of b's stat) over the seeds both have (a seed where either
+    stat is NaN is left out), seeds resampled in pairs; draws where fn is undefined (0 / 0) are dropped."""
+    seeds = [s for s in sorted(set(a) & set(b))
+             if not math.isnan(deployed(a[s])[stat]) and not math.isnan(deployed(b[s])[stat])]
     if not seeds:
         return float("nan"), float("nan"), float("nan")
     xa = {s: deployed(a[s])[stat] for s in seeds}
@@ -131,16 +143,30 @@ def _paired(a: dict[int, dict], b: dict[int, dict], stat: str, fn, n_boot: int, 
 
 
 def ratio(x: float, y: float) -> float:
-    return x / y if y > 0 else float("nan")
+    """x / y; infinite when only y is 0 (route hacks, the penalty does not), undefined (NaN) when both are."""
+    if y > 0:
+        return x / y
+    return float("inf") if x > 0 else float("nan")
+
+
+def goal(headline: dict[str, tuple]) -> dict[str, bool]:
+    """Which parts of the issue's goal the headline ratios meet (point estimates; the hack ratio's upper end)."""
+    (h, _, h_hi), (sv, _, _) = headline["hack_ratio"], headline["solve_ratio"]
+    return {"hack_ratio_le_0.25": h <= GOAL["hack_ratio"], "hack_ratio_high_lt_0.5": h_hi < GOAL["hack_ratio_high"],
+            "solve_ratio_ge_0.95": sv >= GOAL["solve_ratio"], "hack_ratio_le_0.5": h <= GOAL["other_hack_ratio"],
+            "met": h <= GOAL["hack_ratio"] and h_hi < GOAL["hack_ratio_high"] and sv >= GOAL["solve_ratio"]}
 
 
 def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, Any], n_boot: int) -> dict[str, Any]:
     """Selected points with intervals, the headline ratios and the controls of one environment."""
     chosen = {arm: arms[arm][p["key"]] for arm, p in picked.items() if arm in arms}
     route_key = picked.get("route", {}).get("key")
+    unmatched = []
     for arm, configs in arms.items():  # a flag control counts at the selected route configuration only
-        if arm.startswith("route (") and route_key in configs:
-            chosen[arm] = configs[route_key]
+        if arm.startswith("route ("):
+            if route_key in configs:
+                chosen[arm] = configs[route_key]
+            unmatched += [f"{arm}: {config_label(k, [k, route_key])}" for k in configs if k != route_key]
     base = next(iter(next(iter(chosen.values())).values()))["base"]
     out: dict[str, Any] = {
         "base": {"solve": base["solve_rate"], "hack": base["hack_rate"],
@@ -148,14 +174,29 @@ def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, 
         "selected": {arm: {"seeds": sorted(runs), **{s: bootstrap([deployed(r)[s] for r in runs.values()], n_boot)
                                                      for s in STATS}} for arm, runs in chosen.items()},
     }
+    if "route" in chosen:  # the ablated policy too, whatever scale the rule picked
+        out["selected"]["route (scale 0)"] = {"seeds": sorted(chosen["route"]), **{
+            s: bootstrap([deployed(r, at_picked=False)[s] for r in chosen["route"].values()], n_boot) for s in STATS}}
     if "route" in chosen and "penalty" in chosen:
-        out["headline"] = {f"{s}_ratio": _paired(chosen["route"], chosen["penalty"], s, ratio, n_boot)
-                           for s in ("hack", "solve", "hack_undetectable")}
+        head = {f"{s}_ratio": _paired(chosen["route"], chosen["penalty"], s, ratio, n_boot)
+                for s in ("hack", "solve", "hack_undetectable")}
+        out["headline"] = {**head, "seeds": sorted(set(chosen["route"]) & set(chosen["penalty"])), "goal": goal(head)}
+        by_penalty = {"none": chosen["none"]} if "none" in chosen else {}  # lambda 0
+        by_penalty.update({config_label(k, list(arms["penalty"])): runs for k, runs in arms["penalty"].items()})
+        # route against every penalty configuration, not only the selected one
+        out["hack_ratio_by_penalty"] = {k: _paired(chosen["route"], runs, "hack", ratio, n_boot)
+                                        for k, runs in by_penalty.items()}
     controls = [a for a in chosen if a.startswith("route (")]
     if "route" in chosen and controls:
-        better = min(controls, key=lambda a: mean_of([deployed(r)["hack"] for r in chosen[a].values()]))
-        out["controls"] = {"better": better, **{f"{s}_minus_control": _paired(
-            chosen["route"], chosen[better], s, lambda x, y: x - y, n_boot) for s in STATS}}
+        def paired_hack(arm: str) -> float:
+            shared = set(chosen[arm]) & set(chosen["route"])
+            return mean_of([deployed(r)["hack"] for s, r in chosen[arm].items() if s in shared])
+        better = min(controls, key=paired_hack)
+        out["controls"] = {"better": better, "seeds": sorted(set(chosen[better]) & set(chosen["route"])),
+                           **{f"{s}_minus_control": _paired(chosen["route"], chosen[better], s, lambda x, y: x - y,
+                                                            n_boot) for s in STATS}}
+    if unmatched:
+        out["controls_unmatched"] = unmatched
     return out
 
 
@@ -180,12 +221,18 @@ def markdown(summary: dict[str, Any]) -> str:
             lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS) + " |")
         if "headline" in rep:
             h = rep["headline"]
-            lines += ["", "Route / penalty (paired seeds, ratio of means): " + "; ".join(
-                f"{k.replace('_', ' ')} {fmt(v)}" for k, v in h.items())]
+            met = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in h["goal"].items())
+            lines += ["", f"Route / penalty (seeds {h['seeds']}, resampled in pairs; ratio of means): " + "; ".join(
+                f"{k.replace('_', ' ')} {fmt(h[k])}" for k in ("hack_ratio", "solve_ratio", "hack_undetectable_ratio"))
+                + f". Goal: {met}.", "", "Route's hack / each penalty configuration's: " + "; ".join(
+                f"{k} {fmt(v)}" for k, v in rep["hack_ratio_by_penalty"].items())]
         if "controls" in rep:
             c = rep["controls"]
-            lines += ["", f"Route minus the better control ({c['better']}): " + "; ".join(
+            lines += ["", f"Route minus the better control ({c['better']}, seeds {c['seeds']}): " + "; ".join(
                 f"{s.replace('_', ' ')} {fmt(c[f'{s}_minus_control'], signed=True)}" for s in STATS)]
+        if rep.get("controls_unmatched"):
+            lines += ["", "Flag controls not at the selected route configuration (left out): "
+                      + "; ".join(rep["controls_unmatched"])]
         lines.append("")
     return "\n".join(lines)
 
@@ -255,7 +302,9 @@ def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     def strip(x):
         if isinstance(x, dict):
             return {k: (dict(v) if k == "key" else strip(v)) for k, v in x.items()}
-        return [strip(v) for v in x] if isinstance(x, list) else x
+        if isinstance(x, (list, tuple)):
+            return [strip(v) for v in x]
+        return None if isinstance(x, float) and not math.isfinite(x) else x  # strict JSON: NaN and inf as null
     return strip(summary)
 
 

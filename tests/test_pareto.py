@@ -102,13 +102,17 @@ def test_results_without_what_a_point_needs_are_skipped(tmp_path):
     assert set(write_pareto([partial, *RESULTS], tmp_path)) == {"sort", "arith"}
 
 
-def test_route_gets_a_point_at_the_scale_its_rule_picked_and_the_rule_fields_split_no_curve():
-    picked = result("sort", "route", 1, policy(0.6, 0.05, 0.05, 0.05), training=policy(0.4, 0.5, 0.5, 0.5),
-                    scale_grid=[0.0, 0.5, 1.0], val_n=256)
-    picked["deploy_scale"] = {"picked": 0.5}
-    picked["deployed_at_scale"] = policy(0.55, 0.2, 0.25, 0.15)
-    pts = [p for p in points([RESULTS[3], picked]) if p["arm"] != "base"]
-    assert len({p["arm"] for p in pts}) == 1  # scale_grid and val_n differ, yet one curve
-    at_half = [p for p in pts if p["setting"] == 0.5]
-    assert len(at_half) == 1 and at_half[0]["hack"] == 0.2 and at_half[0]["hack_undetectable"] == 0.15
-    assert sorted(p["setting"] for p in pts) == [0.0, 0.0, 0.5, 1.0, 1.0]
+def test_route_gets_one_point_at_the_picked_scales_and_the_rule_fields_split_no_curve():
+    runs = []
+    for seed, (scale, hack) in enumerate(((0.5, 0.2), (0.25, 0.1))):  # each seed picked its own scale
+        r = result("sort", "route", seed, policy(0.6, 0.05, 0.05, 0.05), training=policy(0.4, 0.5, 0.5, 0.5),
+                   scale_grid=[0.0, 0.25, 0.5, 1.0] if seed else [0.0, 0.5, 1.0], val_n=256 + seed)
+        r["deploy_scale"] = {"picked": scale}
+        r["deployed_at_scale"] = policy(0.55, hack, hack, hack)
+        runs.append(r)
+    other = result("sort", "penalty", 0, policy(0.6, 0.2, 0.0, 0.4), route_weight=2.0)  # varies within route only
+    pts = [p for p in points([*runs, other]) if p["arm"] != "base"]
+    assert {p["arm"] for p in pts} == {"route (prompt monitor)", "penalty (prompt monitor)"}
+    rows = [r for r in summarise(pts) if r["arm"].startswith("route")]
+    assert [(r["setting"], r["n_seeds"]) for r in rows] == [(0.0, 2), ("picked", 2), (1.0, 2)]
+    assert rows[1]["hack_mean"] == pytest.approx(0.15) and rows[1]["hack_undetectable_max"] == 0.2
