@@ -186,6 +186,11 @@ def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, 
         # route against every penalty configuration, not only the selected one
         out["hack_ratio_by_penalty"] = {k: _paired(chosen["route"], runs, "hack", ratio, n_boot)
                                         for k, runs in by_penalty.items()}
+        # every route configuration, selected or not, against the selected penalty: what the selection left out
+        out["route_configurations"] = {
+            config_label(k, list(arms["route"])): {s: _paired(runs, chosen["penalty"], s, ratio, n_boot)
+                                                   for s in ("hack", "solve", "hack_undetectable")}
+            for k, runs in arms["route"].items()}
     controls = [a for a in chosen if a.startswith("route (")]
     if "route" in chosen and controls:
         def paired_hack(arm: str) -> float:
@@ -226,6 +231,10 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"{k.replace('_', ' ')} {fmt(h[k])}" for k in ("hack_ratio", "solve_ratio", "hack_undetectable_ratio"))
                 + f". Goal: {met}.", "", "Route's hack / each penalty configuration's: " + "; ".join(
                 f"{k} {fmt(v)}" for k, v in rep["hack_ratio_by_penalty"].items())]
+            lines += ["", "Every route configuration / the selected penalty (hack; solve; undetectable hack): "
+                      + "; ".join(
+                f"{k}: {fmt(v['hack'])}; {fmt(v['solve'])}; {fmt(v['hack_undetectable'])}"
+                for k, v in rep["route_configurations"].items())]
         if "controls" in rep:
             c = rep["controls"]
             lines += ["", f"Route minus the better control ({c['better']}, seeds {c['seeds']}): " + "; ".join(

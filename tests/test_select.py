@@ -80,6 +80,7 @@ def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
         nev=(("route",), dict(flag_control="never", test=(0.3, 0.18))),
         # a control at a route configuration that was not selected: left out, and said so
         other=(("route",), dict(flag_control="random", route_weight=2.0, test=(0.3, 0.01))),
+        r2=(("route",), dict(route_weight=2.0, val=(0.4, 0.1), test=(0.3, 0.02))),  # scores lower: not selected
     )
     rep = select.summarise(results, n_boot=300)["envs"]["sort_named"]
     assert set(rep["selected"]) == {"none", "penalty", "route", "route (scale 0)", "route (random flags)",
@@ -98,6 +99,9 @@ def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
     # route against every penalty configuration, lambda 0 (none) included: 0.05 / 0.25
     assert rep["hack_ratio_by_penalty"]["none"][0] == pytest.approx(0.2)
     assert rep["hack_ratio_by_penalty"]["default"][0] == pytest.approx(0.25)
+    # every route configuration against the selected penalty, the unselected one included
+    assert rep["route_configurations"]["route_weight default"]["hack"][0] == pytest.approx(0.25)
+    assert rep["route_configurations"]["route_weight 2.0"]["hack"][0] == pytest.approx(0.1)
 
 
 def test_ratios_resample_seeds_in_pairs():
