@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shlex
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -306,6 +307,32 @@ def relearn_markdown(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+PROBE_ARMS = ("none", "penalty", "filter", "route")
+
+
+def probe_commands(summary: dict[str, Any], output_dir: str, steps: int = 40, every: int = 10, eval_n: int = 128,
+                   threshold: float = 0.15) -> list[str]:
+    """The protocol's relearn probes (docs/protocol.md): per environment and method, one `route.relearn` command over
+    the selected runs of every arm (labels `ENV/ARM/sSEED`), the environment's organism as the reference and the
+    `none` run's config. Runs are read from the selection's `runs` (their results.json for the organism)."""
+    lines = []
+    for env, arms in summary["selection"].items():
+        ckpts = [(f"{env}/{arm}/s{seed}", d) for arm in PROBE_ARMS if arm in arms
+                 for seed, d in sorted(arms[arm]["runs"].items(), key=lambda kv: int(kv[0]))]
+        if not ckpts or "none" not in arms:
+            raise ValueError(f"probe commands: {env} needs a none arm and selected runs")
+        none_dir = Path(next(iter(arms["none"]["runs"].values())))
+        organism = json.loads((none_dir / "results.json").read_text())["model"]
+        for method, extra in (("grpo", ""), ("sft", " --sft_n 64")):
+            lines.append(
+                f"python -m route.relearn --method {method}{extra} --steps {steps} --every {every} --eval_n {eval_n} "
+                f"--threshold {threshold} --config {shlex.quote(str(none_dir / 'cell.yaml'))} "
+                f"--reference {shlex.quote(organism)} --checkpoints {' '.join(shlex.quote(str(d)) for _, d in ckpts)} "
+                f"--labels {' '.join(lab for lab, _ in ckpts)} "
+                f"--output_dir {shlex.quote(str(Path(output_dir) / f'{env}_{method}'))}")
+    return lines
+
+
 def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     """select.json: configuration keys as their field mappings."""
     def strip(x):
@@ -325,21 +352,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
     parser.add_argument("--relearn", nargs="+", default=[], help="route.relearn output directories (checkpoints "
                         "labelled ENV/ARM/sSEED) to summarise per arm")
+    parser.add_argument("--probe_commands", metavar="DIR", help="also print the protocol's relearn probe commands "
+                        "(route.relearn per environment and method over the selected runs, outputs under DIR) and "
+                        "write them to probes.sh in --output_dir")
     parser.add_argument("--output_dir", help="write select.json and select.md here")
     args = parser.parse_args(argv)
     try:
         results = [json.loads(p.read_text()) for p in _result_paths(args.results)]
         summary = summarise(results, args.monitor_weight, args.n_boot)
         summary["relearn"] = relearn_arms(args.relearn, args.n_boot) if args.relearn else {}
+        probes = probe_commands(summary, args.probe_commands) if args.probe_commands else []
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     text = markdown(summary) + ("\n" + relearn_markdown(summary["relearn"]) if summary["relearn"] else "")
-    print(text)
+    print(text + "".join(f"\n{line}" for line in probes))
     if args.output_dir:
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "select.json", _jsonable(summary))
         write_text_atomic(out / "select.md", text)
+        if probes:
+            write_text_atomic(out / "probes.sh", "\n".join(probes) + "\n")
         print(f"wrote {out / 'select.json'} and {out / 'select.md'}")
     return 0
 

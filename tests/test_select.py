@@ -5,6 +5,7 @@ routing's effect is measured against the better flag control."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -187,3 +188,21 @@ def test_relearn_probes_are_grouped_per_arm(tmp_path):
     assert "| route | 5 |" in select.relearn_markdown(select.relearn_arms([out], n_boot=100))
     with pytest.raises(ValueError, match="--relearn"):
         select.relearn_arms([tmp_path])
+
+
+def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
+    results = grid(none=(("penalty",), dict(penalty=0.0)), p=(("penalty",), {}), f=(("filter",), {}),
+                   r=(("route",), {}))
+    for r in results:
+        r["model"] = str(tmp_path / "organism")
+        r["config"]["output_dir"] = str(tmp_path / r["config"]["output_dir"])
+        Path(r["config"]["output_dir"]).mkdir(parents=True)
+        (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
+    summary = select.summarise(results, n_boot=50)
+    lines = select.probe_commands(summary, str(tmp_path / "probes"))
+    assert [line.split()[4] for line in lines] == ["grpo", "sft"]
+    for line in lines:
+        labels = line.split("--labels ")[1].split(" --output_dir")[0].split()
+        assert labels == [f"sort_named/{a}/s{s}" for a in ("none", "penalty", "filter", "route") for s in SEEDS]
+        assert f"--reference {tmp_path / 'organism'}" in line and "penalty-0.0-1.0-none-0/cell.yaml" in line
+    assert "--sft_n 64" in lines[1] and lines[1].endswith(f"{tmp_path / 'probes' / 'sort_named_sft'}")
