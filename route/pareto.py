@@ -107,6 +107,7 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                         "setting_name": "quarantine scale",
                         "setting": scale,
                         "seed": cfg.get("seed"),
+                        "picked_scale": res["deploy_scale"].get("picked") if scale == PICKED else None,
                         **_policy_stats(res[policy]),
                     }
                 )
@@ -122,7 +123,12 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     **_policy_stats(res["deployed"]),
                 }
             )
-    return out
+    # a curve whose runs all picked scale 0 has its picked point on top of its scale-0 point: drop the duplicate
+    all_zero = defaultdict(lambda: True)
+    for p in out:
+        if p["setting"] == PICKED:
+            all_zero[(p["env"], p["arm"])] &= p["picked_scale"] == 0.0
+    return [p for p in out if not (p["setting"] == PICKED and all_zero[(p["env"], p["arm"])])]
 
 
 def _finite(v: Any) -> bool:
@@ -173,13 +179,14 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    arms = list(dict.fromkeys(r["arm"] for r in rows if not r["arm"].startswith("base")))
     panels = [
         (k, lab) for k, lab in PANELS if any(_finite(r[f"{'hack' if k == 'all' else 'hack_' + k}_mean"]) for r in rows)
     ]
     fig, axes = plt.subplots(
-        1, len(panels), squeeze=False, figsize=(0.8 + 4.4 * len(panels), 4.3), constrained_layout=True
+        1, len(panels), squeeze=False, figsize=(0.8 + 4.4 * len(panels), 4.3 + 0.15 * len(arms)),
+        layout="constrained"
     )
-    arms = list(dict.fromkeys(r["arm"] for r in rows if not r["arm"].startswith("base")))
     colors = plt.get_cmap("tab10")
     for ax, (key, label) in zip(axes[0], panels):
         h = "hack" if key == "all" else f"hack_{key}"
@@ -220,7 +227,8 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
         ax.set_ylabel("deployed solve rate")
         ax.set_title(label)
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=7)
     fig.suptitle(f"{title}: each arm over its setting (labels), mean and seed range; upper left is better")
     fig.savefig(path, dpi=130)
     plt.close(fig)

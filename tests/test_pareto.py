@@ -116,3 +116,15 @@ def test_route_gets_one_point_at_the_picked_scales_and_the_rule_fields_split_no_
     rows = [r for r in summarise(pts) if r["arm"].startswith("route")]
     assert [(r["setting"], r["n_seeds"]) for r in rows] == [(0.0, 2), ("picked", 2), (1.0, 2)]
     assert rows[1]["hack_mean"] == pytest.approx(0.15) and rows[1]["hack_undetectable_max"] == 0.2
+
+
+def test_a_picked_point_on_top_of_scale_0_is_dropped():
+    runs = []
+    for seed in (0, 1):
+        r = result("sort", "route", seed, policy(0.6, 0.05, 0.05, 0.05), training=policy(0.4, 0.5, 0.5, 0.5))
+        r["deploy_scale"] = {"picked": 0.0}
+        r["deployed_at_scale"] = r["deployed"]
+        runs.append(r)
+    assert sorted(p["setting"] for p in points(runs) if p["arm"] != "base") == [0.0, 0.0, 1.0, 1.0]
+    runs[1]["deploy_scale"] = {"picked": 0.5}  # one seed picked another scale: the point is kept, over both seeds
+    assert sum(p["setting"] == "picked" for p in points(runs)) == 2
