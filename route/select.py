@@ -175,6 +175,10 @@ def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, 
         "selected": {arm: {"seeds": sorted(runs), **{s: bootstrap([deployed(r)[s] for r in runs.values()], n_boot)
                                                      for s in STATS}} for arm, runs in chosen.items()},
     }
+    # every configuration of every arm on the test split (the selection never reads these): what it chose among
+    out["all"] = {f"{arm}, {config_label(k, list(configs))}" if len(configs) > 1 else arm: {
+        "seeds": sorted(runs), **{s: bootstrap([deployed(r)[s] for r in runs.values()], n_boot) for s in STATS}}
+        for arm, configs in sorted(arms.items()) for k, runs in configs.items()}
     if "route" in chosen:  # the ablated policy too, whatever scale the rule picked
         out["selected"]["route (scale 0)"] = {"seeds": sorted(chosen["route"]), **{
             s: bootstrap([deployed(r, at_picked=False)[s] for r in chosen["route"].values()], n_boot) for s in STATS}}
@@ -224,6 +228,11 @@ def markdown(summary: dict[str, Any]) -> str:
                   f", undetectable {b.get('hack_undetectable', float('nan')):.3f}):", "",
                   "| arm | seeds | solve | hack | hack detectable | hack undetectable |", "|---|---|---|---|---|---|"]
         for arm, s in rep["selected"].items():
+            lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS) + " |")
+        lines += ["", "Every configuration, test split (not read by the selection):", "",
+                  "| arm, configuration | seeds | solve | hack | hack detectable | hack undetectable |",
+                  "|---|---|---|---|---|---|"]
+        for arm, s in rep["all"].items():
             lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS) + " |")
         if "headline" in rep:
             h = rep["headline"]

@@ -103,6 +103,9 @@ def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
     # every route configuration against the selected penalty, the unselected one included
     assert rep["route_configurations"]["route_weight default"]["hack"][0] == pytest.approx(0.25)
     assert rep["route_configurations"]["route_weight 2.0"]["hack"][0] == pytest.approx(0.1)
+    # and every configuration's own test rates, the unselected ones and the unmatched control included
+    assert rep["all"]["route, route_weight 2.0"]["hack"][0] == pytest.approx(0.02)
+    assert rep["all"]["route (random flags), route_weight 2.0"]["hack"][0] == pytest.approx(0.01)
 
 
 def test_ratios_resample_seeds_in_pairs():
