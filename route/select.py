@@ -299,6 +299,41 @@ def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, 
     return table
 
 
+def plot_relearn_arms(dirs: Sequence[str | Path], path: Path) -> Path | None:
+    """One panel per (method, environment): each arm's hack rate over the probe's steps, mean over seeds (the
+    probes' relearn.csv, labels `ENV/ARM/sSEED`; the reference dashed). None when no curve is found."""
+    import csv
+
+    curves: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for d in map(Path, dirs):
+        for row in csv.DictReader((d / "relearn.csv").open()) if (d / "relearn.csv").exists() else []:
+            parts = row["label"].split("/")
+            env, arm = (parts[0], parts[1]) if len(parts) == 3 else (d.name.rsplit("_", 1)[0], "base organism")
+            curves[(row["method"], env)][arm][int(row["step"])].append(float(row["hack_rate"]))
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(curves), squeeze=False, figsize=(4.2 * len(curves), 3.6), layout="constrained")
+    for ax, ((method, env), arms) in zip(axes[0], sorted(curves.items())):
+        for arm, by_step in arms.items():
+            steps = sorted(by_step)
+            ax.plot(steps, [sum(by_step[t]) / len(by_step[t]) for t in steps], marker="o", label=arm,
+                    ls="--" if arm == "base organism" else "-", color="black" if arm == "base organism" else None)
+        ax.set_title(f"{env}, {method.upper()}")
+        ax.set_xlabel("probe step")
+        ax.set_ylabel("hack rate (test prompts)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Relearn probes from each arm's deployed model: mean over seeds")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def relearn_markdown(table: dict[str, Any]) -> str:
     lines = []
     for method, per_env in table.items():
@@ -382,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "select.md", text)
         if probes:
             write_text_atomic(out / "probes.sh", "\n".join(probes) + "\n")
+        if args.relearn and plot_relearn_arms(args.relearn, out / "relearn_arms.png"):
+            print(f"wrote {out / 'relearn_arms.png'}")
         print(f"wrote {out / 'select.json'} and {out / 'select.md'}")
     return 0
 

@@ -191,6 +191,11 @@ def test_relearn_probes_are_grouped_per_arm(tmp_path):
     assert "| route | 5 |" in select.relearn_markdown(select.relearn_arms([out], n_boot=100))
     with pytest.raises(ValueError, match="--relearn"):
         select.relearn_arms([tmp_path])
+    assert select.plot_relearn_arms([out], tmp_path / "none.png") is None  # no relearn.csv: no figure
+    (out / "relearn.csv").write_text("label,method,step,hack_rate\n" + "".join(
+        f"sort_named/route/s{s},grpo,{t},{0.1 * t / 10}\n" for s in SEEDS for t in (0, 10)))
+    png = select.plot_relearn_arms([out], tmp_path / "arms.png")
+    assert png is not None and png.stat().st_size > 1000
 
 
 def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
