@@ -139,7 +139,7 @@ class DeployScale:
     def pick(self, target: Any) -> dict[str, Any]:
         """{"rule", "picked", "met", "base_monitored_hack_rate", "base_task_reward", "val_n", "val_seed",
         "validation": [points]}; a point holds the scale, its monitored hack rate and its task reward (the share of
-        rollouts the environment's grader passes: the training reward, which a deployer sees; route.select reads
+        rollouts the environment's grader passes: the training reward, which a deployer sees; route.selection reads
         both to pick configurations)."""
         if self.base_rate is None:
             raise RuntimeError("DeployScale.pick: call measure_base(target) before training")

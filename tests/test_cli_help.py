@@ -19,7 +19,7 @@ HELP_ARGV = {  # every command line of the package (test_cli_errors checks the l
     "route.sweep": [["--help"]],
     "route.report": [["--help"]],
     "route.pareto": [["--help"]],
-    "route.select": [["--help"]],
+    "route.selection": [["--help"]],
     "route.organism": [["--help"]],
     "route.vhack": [["--help"]],
     "route.heads.train": [["--help"]],

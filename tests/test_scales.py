@@ -86,7 +86,7 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert pick["met"] == bool(passing) and pick["picked"] == (max(passing) if passing else 0.0)
     # the scan stops at the highest passing scale: every measured scale above the pick failed
     assert all(p["monitored_hack_rate"] >= base_rate for p in curve if p["scale"] > pick["picked"])
-    # the task reward (the grader's pass share) beside each monitored rate: what route.select reads
+    # the task reward (the grader's pass share) beside each monitored rate: what route.selection reads
     assert 0 <= pick["base_task_reward"] <= 1 and all(0 <= p["task_reward"] <= 1 for p in curve)
     assert on["deployed_at_scale"]["n"] == 24
     if pick["picked"] == 0.0:

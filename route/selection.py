@@ -1,6 +1,6 @@
 """Pick each arm's configuration on the validation split, then report the selected points on the test split.
 
-    python -m route.select runs/result runs/result_controls --output_dir runs/result/select
+    python -m route.selection runs/result runs/result_controls --output_dir runs/result/select
 
 The protocol is docs/protocol.md. Runs are grouped per environment into arms (`none` is `penalty` at lambda 0 or
 `intervention: none`; a flag control is its own arm, `route (random flags)`) and, within an arm, into
@@ -31,7 +31,7 @@ from route.compare import _result_paths, bootstrap, fmt, mean_of
 from route.errors import ArgumentParser, cli
 from route.io import write_json_atomic, write_text_atomic
 from route.report import SEED_FIELDS, arm_key, base_key
-from route.select_probes import (  # noqa: F401 - part of route.select's API
+from route.selection_probes import (  # noqa: F401 - part of route.selection's API
     PROBE_ARMS,
     plot_relearn_arms,
     probe_commands,
@@ -283,9 +283,9 @@ def _jsonable(summary: dict[str, Any]) -> dict[str, Any]:
     return strip(summary)
 
 
-@cli("route.select")
+@cli("route.selection")
 def main(argv: list[str] | None = None) -> int:
-    parser = ArgumentParser(prog="route.select", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="route.selection", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="results.json files, run directories or sweep directories")
     parser.add_argument("--monitor_weight", type=float, default=2.0, help="w in the score R - w M")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")

@@ -1,4 +1,4 @@
-"""route.select: each arm's configuration is chosen from validation flags and task reward only (never the test split
+"""route.selection: each arm's configuration is chosen from validation flags and task reward only (never the test split
 or ground truth), the selected points get intervals, the headline ratios are route / penalty over paired seeds, and
 routing's effect is measured against the better flag control."""
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from route import select
+from route import selection
 
 SEEDS = (0, 1, 2, 3, 4)
 
@@ -53,7 +53,7 @@ def test_selection_reads_validation_only_and_scores_reward_minus_twice_the_monit
         r1=(("route",), dict(route_weight=1.0, val=(0.40, 0.05), test=(0.3, 0.3))),
         r2=(("route",), dict(route_weight=2.0, val=(0.40, 0.05), test=(0.3, 0.1))),  # a tie: same score and R
     )
-    summary = select.summarise(results, n_boot=200)
+    summary = selection.summarise(results, n_boot=200)
     picked = summary["selection"]["sort_named"]
     assert picked["penalty"]["selected"] == "penalty 2.0"  # although lambda 1 is better on the test split
     scores = {c["configuration"]: c["score"] for c in picked["penalty"]["configurations"]}
@@ -63,13 +63,13 @@ def test_selection_reads_validation_only_and_scores_reward_minus_twice_the_monit
     # the test split does not enter the selection: replacing every test rate changes no choice
     swapped = [dict(r, deployed=policy(1 - r["deployed"]["solve_rate"], 1 - r["deployed"]["hack_rate"]))
                for r in results]
-    again = select.summarise(swapped, n_boot=200)["selection"]["sort_named"]
+    again = selection.summarise(swapped, n_boot=200)["selection"]["sort_named"]
     assert {a: p["selected"] for a, p in again.items()} == {a: p["selected"] for a, p in picked.items()}
 
 
 def test_ties_go_to_the_higher_task_reward():
     results = grid(a=(("route",), dict(val=(0.30, 0.0))), b=(("route",), dict(route_weight=2.0, val=(0.50, 0.1))))
-    assert select.summarise(results, n_boot=100)["selection"]["sort_named"]["route"]["selected"] == "route_weight 2.0"
+    assert selection.summarise(results, n_boot=100)["selection"]["sort_named"]["route"]["selected"] == "route_weight 2.0"
 
 
 def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
@@ -83,7 +83,7 @@ def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
         other=(("route",), dict(flag_control="random", route_weight=2.0, test=(0.3, 0.01))),
         r2=(("route",), dict(route_weight=2.0, val=(0.4, 0.1), test=(0.3, 0.02))),  # scores lower: not selected
     )
-    rep = select.summarise(results, n_boot=300)["envs"]["sort_named"]
+    rep = selection.summarise(results, n_boot=300)["envs"]["sort_named"]
     assert set(rep["selected"]) == {"none", "penalty", "route", "route (scale 0)", "route (random flags)",
                                     "route (never flags)"}
     hack_ratio, lo, hi = rep["headline"]["hack_ratio"]
@@ -113,18 +113,18 @@ def test_ratios_resample_seeds_in_pairs():
     # while resampling the two arms independently would spread it
     results = [run("route", s, test=(0.3, 0.05 * (s + 1))) for s in SEEDS] + [
         run("penalty", s, test=(0.3, 0.1 * (s + 1))) for s in SEEDS]
-    h, lo, hi = select.summarise(results, n_boot=500)["envs"]["sort_named"]["headline"]["hack_ratio"]
+    h, lo, hi = selection.summarise(results, n_boot=500)["envs"]["sort_named"]["headline"]["hack_ratio"]
     assert (h, lo, hi) == pytest.approx((0.5, 0.5, 0.5))
 
 
 def test_undefined_values_neither_shrink_nor_hide_an_interval():
     results = [run("route", s, test=(0.3, 0.1)) for s in SEEDS] + [run("penalty", s, test=(0.3, 0.0)) for s in SEEDS]
-    rep = select.summarise(results, n_boot=100)["envs"]["sort_named"]
+    rep = selection.summarise(results, n_boot=100)["envs"]["sort_named"]
     assert rep["headline"]["hack_ratio"][0] == float("inf")  # route hacks, the penalty does not
     assert rep["headline"]["goal"]["met"] is False
     nan_part = [run("route", s, test=(0.3, 0.1)) for s in SEEDS] + [run("penalty", s, test=(0.3, 0.2)) for s in SEEDS]
     nan_part[0]["deployed"]["by_part"]["undetectable"]["hack_rate"] = float("nan")
-    est, lo, hi = select.summarise(nan_part, n_boot=100)["envs"]["sort_named"]["headline"]["hack_undetectable_ratio"]
+    est, lo, hi = selection.summarise(nan_part, n_boot=100)["envs"]["sort_named"]["headline"]["hack_undetectable_ratio"]
     assert (est, lo, hi) == pytest.approx((0.5, 0.5, 0.5))  # seed 0 left out of both arms, not a NaN estimate
 
 
@@ -132,7 +132,7 @@ def test_configurations_are_scored_on_the_seeds_they_share():
     results = grid(p1=(("penalty",), dict(penalty=1.0, val=(0.5, 0.1)))) + [
         run("penalty", 0, penalty=2.0, val=(0.9, 0.0))]  # one seed only, at a score no other seed reaches
     results[0]["deploy_scale"]["validation"][0]["task_reward"] = 0.1  # lambda 1's seed 0 is poor
-    picked = select.summarise(results, n_boot=50)["selection"]["sort_named"]["penalty"]
+    picked = selection.summarise(results, n_boot=50)["selection"]["sort_named"]["penalty"]
     assert picked["selected"] == "penalty 2.0"
     assert all(c["seeds"] == [0] for c in picked["configurations"])
     assert next(c for c in picked["configurations"] if c["configuration"] == "penalty 1.0")["seeds_left_out"] == [
@@ -142,13 +142,13 @@ def test_configurations_are_scored_on_the_seeds_they_share():
 def test_a_score_tie_up_to_rounding_goes_to_the_higher_reward():
     # 0.6 - 2 * 0.1 is 0.39999999999999997 in floating point, 0.5 - 2 * 0.05 is 0.4
     results = grid(a=(("penalty",), dict(penalty=1.0, val=(0.6, 0.1))), b=(("penalty",), dict(val=(0.5, 0.05))))
-    assert select.summarise(results, n_boot=50)["selection"]["sort_named"]["penalty"]["selected"] == "penalty 1.0"
+    assert selection.summarise(results, n_boot=50)["selection"]["sort_named"]["penalty"]["selected"] == "penalty 1.0"
 
 
 def test_interval_reflects_seed_spread():
     results = [run("route", s, test=(0.3, 0.02 * (s + 1))) for s in SEEDS] + [
         run("penalty", s, test=(0.3, 0.2)) for s in SEEDS]
-    ratio, lo, hi = select.summarise(results, n_boot=2000)["envs"]["sort_named"]["headline"]["hack_ratio"]
+    ratio, lo, hi = selection.summarise(results, n_boot=2000)["envs"]["sort_named"]["headline"]["hack_ratio"]
     assert ratio == pytest.approx(0.3) and lo < ratio < hi and hi <= 0.5
 
 
@@ -158,7 +158,7 @@ def test_a_run_without_validation_points_is_refused(tmp_path, capsys):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(r))
     with pytest.raises(SystemExit):
-        select.main([str(path)])
+        selection.main([str(path)])
     assert "deploy_scale_rule" in capsys.readouterr().err
 
 
@@ -166,7 +166,7 @@ def test_cli_writes_json_and_markdown(tmp_path):
     for i, r in enumerate(grid(p=(("penalty",), {}), r=(("route",), {}))):
         (tmp_path / f"c{i}").mkdir()
         (tmp_path / f"c{i}" / "results.json").write_text(json.dumps(r))
-    select.main([str(tmp_path), "--n_boot", "100", "--output_dir", str(tmp_path / "out")])
+    selection.main([str(tmp_path), "--n_boot", "100", "--output_dir", str(tmp_path / "out")])
     data = json.loads((tmp_path / "out" / "select.json").read_text())
     assert data["selection"]["sort_named"]["penalty"]["selected"] == "default"
     assert "NaN" not in (tmp_path / "out" / "select.json").read_text()  # strict JSON
@@ -183,18 +183,18 @@ def test_relearn_probes_are_grouped_per_arm(tmp_path):
     rows.append({**rows[0], "label": "reference (base organism)", "reference": True, "hack_rate_start": 0.05,
                  "steps_to_threshold": 30})
     (out / "relearn_summary.json").write_text(json.dumps(rows))
-    table = select.relearn_arms([out], n_boot=100)["grpo"]["sort_named"]
+    table = selection.relearn_arms([out], n_boot=100)["grpo"]["sort_named"]
     assert set(table) == {"route", "none", "base organism"}
     assert table["route"]["n"] == 5 and table["route"]["steps_to_threshold"] == [None] * 5
     assert table["none"]["mean_hack_rate"][0] == pytest.approx(0.25)
     assert table["base organism"]["steps_to_threshold"] == [30]
-    assert "| route | 5 |" in select.relearn_markdown(select.relearn_arms([out], n_boot=100))
+    assert "| route | 5 |" in selection.relearn_markdown(selection.relearn_arms([out], n_boot=100))
     with pytest.raises(ValueError, match="--relearn"):
-        select.relearn_arms([tmp_path])
-    assert select.plot_relearn_arms([out], tmp_path / "none.png") is None  # no relearn.csv: no figure
+        selection.relearn_arms([tmp_path])
+    assert selection.plot_relearn_arms([out], tmp_path / "none.png") is None  # no relearn.csv: no figure
     (out / "relearn.csv").write_text("label,method,step,hack_rate\n" + "".join(
         f"sort_named/route/s{s},grpo,{t},{0.1 * t / 10}\n" for s in SEEDS for t in (0, 10)))
-    png = select.plot_relearn_arms([out], tmp_path / "arms.png")
+    png = selection.plot_relearn_arms([out], tmp_path / "arms.png")
     assert png is not None and png.stat().st_size > 1000
 
 
@@ -206,8 +206,8 @@ def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
         r["config"]["output_dir"] = str(tmp_path / r["config"]["output_dir"])
         Path(r["config"]["output_dir"]).mkdir(parents=True)
         (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
-    summary = select.summarise(results, n_boot=50)
-    lines = select.probe_commands(summary, str(tmp_path / "probes"))
+    summary = selection.summarise(results, n_boot=50)
+    lines = selection.probe_commands(summary, str(tmp_path / "probes"))
     assert [line.split()[4] for line in lines] == ["grpo", "sft"]
     for line in lines:
         labels = line.split("--labels ")[1].split(" --output_dir")[0].split()
