@@ -1,7 +1,7 @@
 """The result's relearn probes (docs/protocol.md): their commands from a selection, and their outputs per arm.
 
-`probe_commands` turns `route.selection`'s selection into one `route.relearn` command per environment and method over the
-selected runs of every arm (labels `ENV/ARM/sSEED`); `relearn_arms`, `relearn_markdown` and `plot_relearn_arms` read
+`probe_commands` turns `route.selection`'s choice into one `route.relearn` command per environment and method over
+the selected runs of every arm (labels `ENV/ARM/sSEED`); `relearn_arms`, `relearn_markdown` and `plot_relearn_arms` read
 the probes' `relearn_summary.json` / `relearn.csv` back and group them per arm. `route.selection --relearn` and
 `--probe_commands` call these. Not from a paper.
 """
