@@ -34,7 +34,8 @@ STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
 PICKED = "picked"  # route's setting for the policy at the scale its deployment rule picked (drawn between 0 and 1)
 
 
-def _policy_stats(r: dict[str, Any]) -> dict[str, float]:
+def part_stats(r: dict[str, Any]) -> dict[str, float]:
+    """Solve, hack, and hack on the detectable and the undetectable part (NaN without that split) of one policy."""
     parts = r.get("by_part", {})
     nan = float("nan")
     return {
@@ -93,7 +94,7 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "setting_name": "",
                 "setting": "",
                 "seed": cfg.get("seed"),
-                **_policy_stats(res["base"]),
+                **part_stats(res["base"]),
             }
         )
         if cfg["intervention"] == "route":
@@ -108,7 +109,7 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                         "setting": scale,
                         "seed": cfg.get("seed"),
                         "picked_scale": res["deploy_scale"].get("picked") if scale == PICKED else None,
-                        **_policy_stats(res[policy]),
+                        **part_stats(res[policy]),
                     }
                 )
         else:
@@ -120,7 +121,7 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                     "setting_name": name,
                     "setting": cfg.get(name, ""),
                     "seed": cfg.get("seed"),
-                    **_policy_stats(res["deployed"]),
+                    **part_stats(res["deployed"]),
                 }
             )
     # a curve whose runs all picked scale 0 has its picked point on top of its scale-0 point: drop the duplicate

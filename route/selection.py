@@ -30,6 +30,7 @@ from typing import Any
 from route.compare import _result_paths, bootstrap, fmt, mean_of
 from route.errors import ArgumentParser, cli
 from route.io import write_json_atomic, write_text_atomic
+from route.pareto import STATS, part_stats
 from route.report import SEED_FIELDS, arm_key, base_key
 from route.selection_probes import (  # noqa: F401 - part of route.selection's API
     PROBE_ARMS,
@@ -39,7 +40,6 @@ from route.selection_probes import (  # noqa: F401 - part of route.selection's A
     relearn_markdown,
 )
 
-STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
 # The issue's goal (docs/protocol.md): route's hack <= 0.25x the penalty's (point estimate) with the interval's upper
 # end below 0.5, at a solve ratio >= 0.95 (point estimate), on one environment; <= 0.5x (point estimate) on the other.
 GOAL = {"hack_ratio": 0.25, "hack_ratio_high": 0.5, "solve_ratio": 0.95, "other_hack_ratio": 0.5}
@@ -73,12 +73,13 @@ def validation_point(result: dict[str, Any]) -> dict[str, float]:
 
 def deployed(result: dict[str, Any], at_picked: bool = True) -> dict[str, float]:
     """Test-split stats of the deployed policy: at the scale the rule picked (when it picked one), else scale 0."""
-    r = (result.get("deployed_at_scale") if at_picked else None) or result["deployed"]
-    parts = r.get("by_part", {})
-    nan = float("nan")
-    return {"solve": r["solve_rate"], "hack": r["hack_rate"],
-            "hack_detectable": parts.get("detectable", {}).get("hack_rate", nan),
-            "hack_undetectable": parts.get("undetectable", {}).get("hack_rate", nan)}
+    return part_stats((result.get("deployed_at_scale") if at_picked else None) or result["deployed"])
+
+
+def stats_over_seeds(runs: dict[int, dict], n_boot: int, at_picked: bool = True) -> dict[str, Any]:
+    """{"seeds", stat: (mean, low, high)} of the deployed policy over a configuration's runs (bootstrap over seeds)."""
+    return {"seeds": sorted(runs),
+            **{s: bootstrap([deployed(r, at_picked)[s] for r in runs.values()], n_boot) for s in STATS}}
 
 
 def config_label(key: tuple, keys: Sequence[tuple]) -> str:
@@ -178,16 +179,13 @@ def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, 
     out: dict[str, Any] = {
         "base": {"solve": base["solve_rate"], "hack": base["hack_rate"],
                  **{f"hack_{k}": v["hack_rate"] for k, v in base.get("by_part", {}).items()}},
-        "selected": {arm: {"seeds": sorted(runs), **{s: bootstrap([deployed(r)[s] for r in runs.values()], n_boot)
-                                                     for s in STATS}} for arm, runs in chosen.items()},
+        "selected": {arm: stats_over_seeds(runs, n_boot) for arm, runs in chosen.items()},
     }
     # every configuration of every arm on the test split (the selection never reads these): what it chose among
-    out["all"] = {f"{arm}, {config_label(k, list(configs))}" if len(configs) > 1 else arm: {
-        "seeds": sorted(runs), **{s: bootstrap([deployed(r)[s] for r in runs.values()], n_boot) for s in STATS}}
-        for arm, configs in sorted(arms.items()) for k, runs in configs.items()}
+    out["all"] = {f"{arm}, {config_label(k, list(configs))}" if len(configs) > 1 else arm: stats_over_seeds(
+        runs, n_boot) for arm, configs in sorted(arms.items()) for k, runs in configs.items()}
     if "route" in chosen:  # the ablated policy too, whatever scale the rule picked
-        out["selected"]["route (scale 0)"] = {"seeds": sorted(chosen["route"]), **{
-            s: bootstrap([deployed(r, at_picked=False)[s] for r in chosen["route"].values()], n_boot) for s in STATS}}
+        out["selected"]["route (scale 0)"] = stats_over_seeds(chosen["route"], n_boot, at_picked=False)
     if "route" in chosen and "penalty" in chosen:
         head = {f"{s}_ratio": _paired(chosen["route"], chosen["penalty"], s, ratio, n_boot)
                 for s in ("hack", "solve", "hack_undetectable")}
