@@ -12,9 +12,11 @@ from typing import Any
 
 from route.sgtm.config import OptimFields
 from route.threads import THREADS_DEFAULT
+from route.tiered.key import HEAD_FIELDS, MLP_FIELDS
 
 RUNS = ("tiered", "all_data", "public_only")
 ARCHITECTURES = ("gpt_neo", "llama", "qwen2")
+KEYED_PASS_PUBLIC = ("fresh", "same")
 
 
 @dataclass
@@ -31,6 +33,22 @@ class TieredConfig(OptimFields):
     key_path: str | None = field(default=None, metadata={"help": "A key JSON (the seed's format); None: draw one."})
     head_share: float = field(default=0.25, metadata={"help": "Share of heads in a drawn key."})
     mlp_share: float = field(default=0.25, metadata={"help": "Share of MLP columns in a drawn key."})
+    head_field: str = field(
+        default="attn_heads",
+        metadata={
+            "help": "Key field of a drawn key's head swaps: attn_heads (whole heads) or attn_out_heads (only "
+            "their output-projection columns).",
+            "choices": list(HEAD_FIELDS),
+        },
+    )
+    mlp_field: str = field(
+        default="mlp_cols",
+        metadata={
+            "help": "Key field of a drawn key's MLP swaps: mlp_cols (whole columns), mlp_up_cols (input "
+            "projection only) or mlp_down_cols (output projection only).",
+            "choices": list(MLP_FIELDS),
+        },
+    )
     layout: str = field(
         default="public",
         metadata={
@@ -41,11 +59,12 @@ class TieredConfig(OptimFields):
     public_scale: float = field(
         default=0.5, metadata={"help": "Public gradients' scale after both passes (the seed's mean: 0.5)."}
     )
-    keyed_data_trains_public: bool = field(
-        default=True,
+    keyed_data_public_scale: float = field(
+        default=1.0,
         metadata={
-            "help": "Keyed-language blocks of the keyed pass also train the public parameters (the seed); "
-            "false: they train the keyed parameters only (public ones never see keyed data)."
+            "help": "Scale of the keyed-language blocks' gradient on the public parameters in the keyed pass: "
+            "1 the seed (they train every parameter), 0 the keyed parameters only (public ones never see keyed "
+            "data), in between a share."
         },
     )
     # data
@@ -54,6 +73,14 @@ class TieredConfig(OptimFields):
         metadata={
             "help": "Share of keyed-language blocks in the keyed pass's batch (the rest is public data); "
             "times batch_size must be a whole number of blocks."
+        },
+    )
+    keyed_pass_public: str = field(
+        default="fresh",
+        metadata={
+            "help": "Public blocks of the keyed pass: fresh (batch_size x (1 - keyed_mix) blocks drawn anew) or "
+            "same (the public pass's batch_size blocks, as in the seed, where both passes see one batch).",
+            "choices": list(KEYED_PASS_PUBLIC),
         },
     )
     train_blocks: int = field(default=6000, metadata={"help": "Training blocks per language."})
@@ -82,10 +109,16 @@ class TieredConfig(OptimFields):
         bad = [r for r in self.runs if r not in RUNS]
         if bad or not self.runs:
             raise ValueError(f"runs: invalid values {bad or self.runs}; allowed values: {list(RUNS)}")
-        for name, allowed in (("architecture", ARCHITECTURES), ("layout", ("public", "keyed"))):
+        for name, allowed in (
+            ("architecture", ARCHITECTURES),
+            ("layout", ("public", "keyed")),
+            ("head_field", HEAD_FIELDS),
+            ("mlp_field", MLP_FIELDS),
+            ("keyed_pass_public", KEYED_PASS_PUBLIC),
+        ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}: invalid value {getattr(self, name)!r}; allowed values: {list(allowed)}")
-        for name in ("head_share", "mlp_share", "keyed_mix", "public_scale"):
+        for name in ("head_share", "mlp_share", "keyed_mix", "public_scale", "keyed_data_public_scale"):
             if not 0.0 <= float(getattr(self, name)) <= 1.0:
                 raise ValueError(f"{name}: must be a number in [0, 1], got {getattr(self, name)!r}")
         self.check_positive(

@@ -186,23 +186,40 @@ def _pair_across_layers(slots: list[Slot], rng: random.Random) -> list[Swap]:
     return pairs
 
 
+HEAD_FIELDS = ("attn_heads", "attn_out_heads")
+MLP_FIELDS = ("mlp_cols", "mlp_up_cols", "mlp_down_cols")
+
+
 def random_key(
-    num_layers: int, kv_heads: int, mlp_dim: int, head_share: float, mlp_share: float, seed: int = 0
+    num_layers: int,
+    kv_heads: int,
+    mlp_dim: int,
+    head_share: float,
+    mlp_share: float,
+    seed: int = 0,
+    head_field: str = "attn_heads",
+    mlp_field: str = "mlp_cols",
 ) -> PermutationKey:
     """A random valid key swapping about `head_share` of all heads and `mlp_share` of all MLP columns, each
-    between two different layers; every layer contributes the same number of slots. Pure function of its args."""
+    between two different layers; every layer contributes the same number of slots. The swaps go to
+    `head_field` (whole heads, or only their output-projection columns) and `mlp_field` (whole columns, or
+    only their input or output projection). The slots drawn do not depend on the fields. Pure function of
+    its args."""
     for name, v in (("head_share", head_share), ("mlp_share", mlp_share)):
         if not 0.0 <= v <= 1.0:
             raise ValueError(f"{name}: must be in [0, 1], got {v!r}")
+    for name, v, allowed in (("head_field", head_field, HEAD_FIELDS), ("mlp_field", mlp_field, MLP_FIELDS)):
+        if v not in allowed:
+            raise ValueError(f"{name}: invalid value {v!r}; allowed values: {list(allowed)}")
     if num_layers < 2 and (head_share or mlp_share):
         raise ValueError("num_layers: a key swaps across layers, so the model needs at least 2 layers")
     rng = random.Random(f"key:{seed}")
     key = PermutationKey()
-    for f, units, share in (("attn_heads", kv_heads, head_share), ("mlp_cols", mlp_dim, mlp_share)):
+    for f, units, share in ((head_field, kv_heads, head_share), (mlp_field, mlp_dim, mlp_share)):
         per_layer = round(share * units)
         slots = [(layer, i) for layer in range(num_layers) for i in sorted(rng.sample(range(units), per_layer))]
         setattr(key, f, sorted(_pair_across_layers(slots, rng)))
     return key
 
 
-__all__ = ["FIELDS", "KIND", "PermutationKey", "WHOLE", "load_key", "random_key"]
+__all__ = ["FIELDS", "HEAD_FIELDS", "KIND", "MLP_FIELDS", "PermutationKey", "WHOLE", "load_key", "random_key"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from route.errors import ArgumentParser, at_least, check_model_path, cli
-from route.tiered.key import random_key
+from route.tiered.key import HEAD_FIELDS, MLP_FIELDS, random_key
 
 
 def _sizes(args: argparse.Namespace) -> tuple[int, int, int]:
@@ -49,6 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mlp_dim", type=int, default=None, help="MLP columns (intermediate size) per layer.")
     p.add_argument("--head_share", type=float, default=0.25, help="Share of heads in the key, in [0, 1].")
     p.add_argument("--mlp_share", type=float, default=0.25, help="Share of MLP columns in the key, in [0, 1].")
+    p.add_argument(
+        "--head_field",
+        default="attn_heads",
+        choices=HEAD_FIELDS,
+        help="Key field of the head swaps: whole heads, or only their attention output-projection columns.",
+    )
+    p.add_argument(
+        "--mlp_field",
+        default="mlp_cols",
+        choices=MLP_FIELDS,
+        help="Key field of the MLP swaps: whole columns, or only the input (up) or output (down) projection.",
+    )
     p.add_argument("--seed", type=int, default=0, help="Seed of the draw.")
     p.add_argument("--out", required=True, help="Where to write the key (JSON, the seed's format).")
     args = p.parse_args(argv)
@@ -56,9 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         at_least(f"--{name}", getattr(args, name))
     check_model_path("--model", args.model)
     layers, kv, mlp = _sizes(args)
-    key = random_key(layers, kv, mlp, args.head_share, args.mlp_share, seed=args.seed)
+    key = random_key(layers, kv, mlp, args.head_share, args.mlp_share, args.seed, args.head_field, args.mlp_field)
     key.save(args.out)
-    print(f"{args.out}: {len(key.attn_heads)} head swaps, {len(key.mlp_cols)} MLP column swaps")
+    heads, cols = len(getattr(key, args.head_field)), len(getattr(key, args.mlp_field))
+    print(f"{args.out}: {heads} head swaps ({args.head_field}), {cols} MLP column swaps ({args.mlp_field})")
 
 
 if __name__ == "__main__":

@@ -96,9 +96,12 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
     bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, file=sys.stderr)
     for step in bar:
         first = sample(public, cfg.batch_size, gen)  # the public pass
-        second = torch.cat([sample(keyed, n_keyed, gen), sample(public, cfg.batch_size - n_keyed, gen)])
+        if cfg.keyed_pass_public == "same":  # the keyed pass: the public pass's blocks plus keyed ones
+            second = torch.cat([sample(keyed, n_keyed, gen), first])
+        else:
+            second = torch.cat([sample(keyed, n_keyed, gen), sample(public, cfg.batch_size - n_keyed, gen)])
         if name == "tiered":
-            only = None if cfg.keyed_data_trains_public else torch.arange(len(second)) < n_keyed
+            only = None if cfg.keyed_data_public_scale == 1 else torch.arange(len(second)) < n_keyed
             losses = two_pass_step(
                 model,
                 key,
@@ -110,12 +113,15 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
                 public_scale=cfg.public_scale,
                 layout=cfg.layout,
                 keyed_only_rows=only,
+                keyed_rows_public_scale=cfg.keyed_data_public_scale,
             )
             train_loss = (losses["public_loss"] + losses["keyed_loss"]) / 2
         else:
-            if name == "public_only":  # the same public blocks, the keyed ones filtered out
-                second = second[n_keyed:]
-            loss = lm_loss(model, torch.cat([first, second]))
+            # every block the tiered run saw once; public_only: the keyed ones filtered out
+            batch = second if cfg.keyed_pass_public == "same" else torch.cat([first, second])
+            if name == "public_only":
+                batch = first if cfg.keyed_pass_public == "same" else torch.cat([first, second[n_keyed:]])
+            loss = lm_loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
@@ -221,7 +227,16 @@ def run(cfg: TieredConfig) -> dict:
     key = (
         load_key(cfg.key_path)
         if cfg.key_path
-        else random_key(layout.num_layers, layout.kv_heads, layout.mlp_dim, cfg.head_share, cfg.mlp_share, cfg.seed)
+        else random_key(
+            layout.num_layers,
+            layout.kv_heads,
+            layout.mlp_dim,
+            cfg.head_share,
+            cfg.mlp_share,
+            cfg.seed,
+            cfg.head_field,
+            cfg.mlp_field,
+        )
     )
     key.validate(layout)
     runs, start = {}, time.perf_counter()

@@ -52,13 +52,15 @@ def two_pass_step(
     public_scale: float = 0.5,
     layout: str = "public",
     keyed_only_rows: Tensor | None = None,
+    keyed_rows_public_scale: float = 0.0,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] = lm_loss,
 ) -> dict[str, float]:
     """One two-pass optimizer step; the model is in the public configuration before and after.
 
     `masks`: `keyed_masks(model, key)`, computed once by the caller for speed (computed here if None).
     `keyed_only_rows` (bool per row of `keyed_batch`, not in the seed): those rows' gradient reaches the
-    keyed parameters only (the public ones never learn from them). Returns the two passes' losses and
+    public parameters scaled by `keyed_rows_public_scale` (0: the keyed parameters only, the public ones
+    never learn from them; 1: the seed). Returns the two passes' losses and
     the gradient norm before clipping.
     """
     if layout not in LAYOUTS:
@@ -76,7 +78,9 @@ def two_pass_step(
             keyed_loss = loss_fn(model, keyed_batch)
             keyed_loss.backward()
         else:
-            keyed_loss = _keyed_pass_split(model, key, keyed_batch, keyed_only_rows, masks, loss_fn)
+            keyed_loss = _keyed_pass_split(
+                model, key, keyed_batch, keyed_only_rows, masks, loss_fn, keyed_rows_public_scale
+            )
         scale_public_gradients(model, key, public_scale, masks)
         if layout == "public":
             unapply_key(model, key)
@@ -95,15 +99,19 @@ def two_pass_step(
     }
 
 
-def _keyed_pass_split(model, key, batch: Tensor, only: Tensor, masks: Masks, loss_fn) -> Tensor:
-    """The keyed pass with `only` rows training the keyed parameters alone; the same mean loss over the batch."""
+def _keyed_pass_split(model, key, batch: Tensor, only: Tensor, masks: Masks, loss_fn, public_scale: float) -> Tensor:
+    """The keyed pass with `only` rows' gradient on the public parameters scaled by `public_scale` (0: the keyed
+    parameters alone); the same mean loss over the batch."""
     n = len(batch)
     saved = {p: p.grad for p in model.parameters()}
     for p in saved:
         p.grad = None
     loss_only = loss_fn(model, batch[only])
     (loss_only * (int(only.sum()) / n)).backward()
-    mask_public_gradients(model, key, masks)
+    if public_scale == 0:
+        mask_public_gradients(model, key, masks)
+    else:
+        scale_public_gradients(model, key, public_scale, masks)
     with torch.no_grad():
         for p, g in saved.items():
             if g is not None:

@@ -219,3 +219,32 @@ def test_keyed_only_rows_never_reach_the_public_parameters():
     with torch.no_grad():
         full = lm_loss(apply_key(qwen(), KEY), keyed_batch)
     assert out["keyed_loss"] == pytest.approx(float(full), rel=1e-5)
+
+
+def test_keyed_rows_public_scale_interpolates_between_keyed_only_and_the_seed():
+    """SGD without clipping is linear in the gradient: with the keyed-only rows' public share s, every public
+    entry moves by (1 - s) x its keyed-only step + s x its seed step; the keyed entries move the same for every s."""
+    pub, batch, only = ids(seed=4), ids(seed=5), torch.tensor([True, True, False, False])
+    start = weights(qwen())
+    moved = {}
+    for s in (0.0, 0.25, 1.0):
+        model = qwen()
+        masks = keyed_masks(model, KEY)
+        rows = None if s == 1.0 else only  # 1.0: the seed's keyed pass, no rows singled out
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        two_pass_step(
+            model, KEY, opt, pub, batch, masks=masks, grad_clip=None, keyed_only_rows=rows, keyed_rows_public_scale=s
+        )
+        moved[s] = {n: w - start[n] for n, w in weights(model).items()}
+    checked = 0
+    for n, p in model.named_parameters():
+        m = masks.get(p)
+        public = torch.ones_like(p, dtype=torch.bool) if m is None else ~m
+        want = 0.75 * moved[0.0][n] + 0.25 * moved[1.0][n]
+        torch.testing.assert_close(moved[0.25][n][public], want[public], rtol=1e-4, atol=1e-6, msg=n)
+        if m is not None:
+            torch.testing.assert_close(moved[0.25][n][m], moved[0.0][n][m], rtol=1e-4, atol=1e-6, msg=n)
+            torch.testing.assert_close(moved[1.0][n][m], moved[0.0][n][m], rtol=1e-4, atol=1e-6, msg=n)
+        checked += 1
+    assert checked == len(start)
+    assert any(not torch.allclose(moved[0.0][n], moved[1.0][n]) for n in start), "the share changes the step"

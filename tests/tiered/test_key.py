@@ -5,7 +5,7 @@ import json
 import pytest
 from transformers import GPTNeoForCausalLM, LlamaForCausalLM
 
-from route.tiered import PermutationKey, load_key, model_layout, random_key
+from route.tiered import FIELDS, PermutationKey, load_key, model_layout, random_key
 from route.tiered.keygen import main as keygen_main
 from tests.tiny_sgtm import gpt_neo_config, llama_config
 
@@ -91,6 +91,24 @@ def test_random_keys_are_valid_cross_layer_seeded_and_cover_the_share():
         random_key(3, 4, 64, 0.5, 1.5)
 
 
+@pytest.mark.parametrize("head_field", ["attn_heads", "attn_out_heads"])
+@pytest.mark.parametrize("mlp_field", ["mlp_cols", "mlp_up_cols", "mlp_down_cols"])
+def test_random_keys_put_the_same_slots_in_the_chosen_fields(head_field, mlp_field):
+    whole = random_key(3, 4, 64, 0.5, 0.25, seed=3)
+    key = random_key(3, 4, 64, 0.5, 0.25, seed=3, head_field=head_field, mlp_field=mlp_field)
+    key.validate(model_layout(GPTNeoForCausalLM(gpt_neo_config(num_layers=3, attention_types=[[["global"], 3]]))))
+    assert getattr(key, head_field) == whole.attn_heads and getattr(key, mlp_field) == whole.mlp_cols
+    filled = {f for f in FIELDS if getattr(key, f)}
+    assert filled == {head_field, mlp_field}
+
+
+def test_random_key_fields_are_checked():
+    with pytest.raises(ValueError, match=r"head_field: invalid value 'mlp_cols'; allowed values: \['attn_heads'"):
+        random_key(3, 4, 64, 0.5, 0.25, head_field="mlp_cols")
+    with pytest.raises(ValueError, match=r"mlp_field: invalid value 'attn_heads'; allowed values: \['mlp_cols'"):
+        random_key(3, 4, 64, 0.5, 0.25, mlp_field="attn_heads")
+
+
 def test_keygen_cli_writes_a_valid_key(tmp_path, capsys):
     out = tmp_path / "k.json"
     keygen_main(
@@ -114,6 +132,32 @@ def test_keygen_cli_writes_a_valid_key(tmp_path, capsys):
     key = load_key(out)
     key.validate(GPTNeoForCausalLM(gpt_neo_config()))
     assert len(key.attn_heads) == 2 and len(key.mlp_cols) == 32
+    part = tmp_path / "partial.json"
+    keygen_main(
+        [
+            "--num_layers",
+            "2",
+            "--num_heads",
+            "4",
+            "--mlp_dim",
+            "64",
+            "--head_share",
+            "0.5",
+            "--mlp_share",
+            "0.5",
+            "--seed",
+            "1",
+            "--head_field",
+            "attn_out_heads",
+            "--mlp_field",
+            "mlp_down_cols",
+            "--out",
+            str(part),
+        ]
+    )
+    partial = load_key(part)
+    assert (partial.attn_out_heads, partial.mlp_down_cols) == (key.attn_heads, key.mlp_cols)
+    assert not partial.attn_heads and not partial.mlp_cols
     with pytest.raises(SystemExit):
         keygen_main(["--help"])
     text = capsys.readouterr().out
@@ -126,6 +170,8 @@ def test_keygen_cli_writes_a_valid_key(tmp_path, capsys):
         "--head_share",
         "--mlp_share",
         "--seed",
+        "--head_field",
+        "--mlp_field",
         "--out",
     ):
         assert option in text

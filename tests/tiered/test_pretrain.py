@@ -8,7 +8,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from route.tiered import load_key
+from route.tiered import load_key, model_layout, random_key
 from route.tiered.config import TieredConfig
 from route.tiered.data import build_data
 from route.tiered.pretrain import evaluate, main, run
@@ -119,6 +119,8 @@ def test_probes_write_csv_and_png(run_dir, tmp_path):
         ("mlp_share", 1.5, "mlp_share"),
         ("architecture", "gpt2", "architecture: invalid value"),
         ("num_layers", 1, "num_layers"),
+        ("head_field", "attn_out", r"head_field: invalid value 'attn_out'; allowed values: \['attn_heads', 'attn_out"),
+        ("mlp_field", "mlp_heads", r"mlp_field: invalid value 'mlp_heads'; allowed values: \['mlp_cols', 'mlp_up"),
         ("keyed_mix", 0.4, r"keyed_mix: 0.4 x batch_size 16 = 6.4 .*whole number"),  # would run as 0.375
     ],
 )
@@ -132,3 +134,44 @@ def test_help_lists_every_field(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert all(f"--{f.name}" in text for f in dataclasses.fields(TieredConfig))
+
+
+@pytest.mark.parametrize("keyed_pass_public", ["fresh", "same"])
+def test_the_baselines_see_exactly_the_tiered_runs_blocks(monkeypatch, keyed_pass_public):
+    """Per step, all_data trains on every block the tiered run's two passes saw (each once) and public_only on the
+    same blocks without the keyed ones; with `same` the keyed pass's public rows are the public pass's blocks."""
+    import torch
+
+    import route.tiered.pretrain as pretrain
+
+    seen: dict[str, list] = {"tiered": [], "all_data": [], "public_only": []}
+    name = {"run": None}
+    real_loss, real_step = pretrain.lm_loss, pretrain.two_pass_step
+
+    def step(model, key, opt, first, second, **kw):
+        seen["tiered"].append((first.clone(), second.clone()))
+        return real_step(model, key, opt, first, second, **kw)
+
+    def loss(model, batch):
+        seen[name["run"]].append(batch.clone())
+        return real_loss(model, batch)
+
+    monkeypatch.setattr(pretrain, "two_pass_step", step)
+    monkeypatch.setattr(pretrain, "lm_loss", loss)
+    cfg = TieredConfig(**{**TINY, "steps": 2, "eval_every": 2, "keyed_pass_public": keyed_pass_public})
+    data = build_data(cfg.train_blocks, cfg.eval_blocks, cfg.seq_len, cfg.seed)
+    layout = model_layout(pretrain.build_model(cfg, len(data["tokenizer"])))
+    key = random_key(layout.num_layers, layout.kv_heads, layout.mlp_dim, cfg.head_share, cfg.mlp_share, cfg.seed)
+    for run_name in ("tiered", "all_data", "public_only"):
+        name["run"] = run_name
+        pretrain.train_run(run_name, cfg, data, key)
+    n_keyed = round(cfg.batch_size * cfg.keyed_mix)
+    assert len(seen["tiered"]) == len(seen["all_data"]) == len(seen["public_only"]) == cfg.steps
+    for (first, second), every, public in zip(seen["tiered"], seen["all_data"], seen["public_only"], strict=True):
+        if keyed_pass_public == "same":
+            assert torch.equal(second[n_keyed:], first) and len(second) == cfg.batch_size + n_keyed
+            blocks, public_blocks = second, first
+        else:
+            assert len(second) == cfg.batch_size and not torch.equal(second[n_keyed:], first[: len(second) - n_keyed])
+            blocks, public_blocks = torch.cat([first, second]), torch.cat([first, second[n_keyed:]])
+        assert torch.equal(every, blocks) and torch.equal(public, public_blocks)
