@@ -67,6 +67,10 @@ class TieredConfig(OptimFields):
             "data), in between a share."
         },
     )
+    keyed_data_trains_public: bool | None = field(
+        default=None,
+        metadata={"help": "Deprecated, kept for old configs: true is keyed_data_public_scale 1, false is 0."},
+    )
     # data
     keyed_mix: float = field(
         default=0.5,
@@ -104,6 +108,9 @@ class TieredConfig(OptimFields):
     save_models: bool = field(default=True, metadata={"help": "Save the models (for the probes) and the key."})
 
     def __post_init__(self):
+        if self.keyed_data_trains_public is not None:  # the old switch: mapped onto the share, then dropped
+            self.keyed_data_public_scale = 1.0 if self.keyed_data_trains_public else 0.0
+            self.keyed_data_trains_public = None
         if isinstance(self.runs, str):
             self.runs = [r.strip() for r in self.runs.split(",") if r.strip()]
         bad = [r for r in self.runs if r not in RUNS]

@@ -52,10 +52,7 @@ def load_run(run_dir: str | Path) -> dict:
             raise ValueError(
                 f"run_dir: {run_dir} has no {need}; run python -m route.tiered.pretrain with save_models: true first"
             )
-    saved = json.loads((run_dir / "results.json").read_text())["config"]
-    if "keyed_data_trains_public" in saved:  # runs written before the share replaced the switch
-        saved["keyed_data_public_scale"] = 1.0 if saved.pop("keyed_data_trains_public") else 0.0
-    cfg = TieredConfig(**saved)
+    cfg = TieredConfig(**json.loads((run_dir / "results.json").read_text())["config"])
     data = build_data(cfg.train_blocks, cfg.eval_blocks, cfg.seq_len, cfg.seed)
     models = {
         name: AutoModelForCausalLM.from_pretrained(run_dir / "models" / name)

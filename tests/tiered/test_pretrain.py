@@ -9,7 +9,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from route.tiered import load_key, model_layout, random_key
-from route.tiered.config import TieredConfig
+from route.tiered.config import TieredConfig, parse_tiered_config
 from route.tiered.data import build_data
 from route.tiered.pretrain import evaluate, main, run
 from route.tiered.probes import main as probes_main
@@ -175,3 +175,20 @@ def test_the_baselines_see_exactly_the_tiered_runs_blocks(monkeypatch, keyed_pas
             assert len(second) == cfg.batch_size and not torch.equal(second[n_keyed:], first[: len(second) - n_keyed])
             blocks, public_blocks = torch.cat([first, second]), torch.cat([first, second[n_keyed:]])
         assert torch.equal(every, blocks) and torch.equal(public, public_blocks)
+
+
+@pytest.mark.parametrize("old,share", [(True, 1.0), (False, 0.0)])
+def test_probes_read_runs_written_before_the_public_share_replaced_the_switch(run_dir, tmp_path, old, share):
+    import shutil
+
+    from route.tiered.probes import load_run
+
+    copy = tmp_path / "old_run"
+    shutil.copytree(run_dir, copy)
+    results = json.loads((copy / "results.json").read_text())
+    del results["config"]["keyed_data_public_scale"]
+    results["config"]["keyed_data_trains_public"] = old
+    (copy / "results.json").write_text(json.dumps(results))
+    assert load_run(copy)["cfg"].keyed_data_public_scale == share
+    flag = parse_tiered_config(["--keyed_data_trains_public", str(old).lower()])  # the old flag still works
+    assert flag.keyed_data_public_scale == share and flag.keyed_data_trains_public is None
