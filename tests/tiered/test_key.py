@@ -110,51 +110,13 @@ def test_random_key_fields_are_checked():
 
 
 def test_keygen_cli_writes_a_valid_key(tmp_path, capsys):
-    out = tmp_path / "k.json"
-    keygen_main(
-        [
-            "--num_layers",
-            "2",
-            "--num_heads",
-            "4",
-            "--mlp_dim",
-            "64",
-            "--head_share",
-            "0.5",
-            "--mlp_share",
-            "0.5",
-            "--seed",
-            "1",
-            "--out",
-            str(out),
-        ]
-    )
+    out, part = tmp_path / "k.json", tmp_path / "partial.json"
+    sizes = "--num_layers 2 --num_heads 4 --mlp_dim 64 --head_share 0.5 --mlp_share 0.5 --seed 1".split()
+    keygen_main([*sizes, "--out", str(out)])
     key = load_key(out)
     key.validate(GPTNeoForCausalLM(gpt_neo_config()))
     assert len(key.attn_heads) == 2 and len(key.mlp_cols) == 32
-    part = tmp_path / "partial.json"
-    keygen_main(
-        [
-            "--num_layers",
-            "2",
-            "--num_heads",
-            "4",
-            "--mlp_dim",
-            "64",
-            "--head_share",
-            "0.5",
-            "--mlp_share",
-            "0.5",
-            "--seed",
-            "1",
-            "--head_field",
-            "attn_out_heads",
-            "--mlp_field",
-            "mlp_down_cols",
-            "--out",
-            str(part),
-        ]
-    )
+    keygen_main([*sizes, "--head_field", "attn_out_heads", "--mlp_field", "mlp_down_cols", "--out", str(part)])
     partial = load_key(part)
     assert (partial.attn_out_heads, partial.mlp_down_cols) == (key.attn_heads, key.mlp_cols)
     assert not partial.attn_heads and not partial.mlp_cols
