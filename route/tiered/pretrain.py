@@ -2,11 +2,14 @@
 
 Tiered Alignment's asymmetric updates (`route.tiered.train.two_pass_step`): per step a public pass on
 public data in the public configuration, keyed gradients masked, the key applied, a keyed pass on keyed
-data (by default half keyed-language and half public blocks, so the keyed configuration keeps the public
-skill), public gradients scaled by 1/2, clip and AdamW step (in the public layout: see `train`). Two
-baselines see the same data per step as one batch: `all_data` (one model trained normally on everything)
-and `public_only` (the same blocks with the keyed-language ones dropped: data filtering, so every run
-sees the same public data). The model is the SGTM model class of the
+data (keyed-language blocks plus public ones, fresh or the public pass's own with `keyed_pass_public`, so
+the keyed configuration keeps the public skill), public gradients scaled by 1/2, clip and AdamW step (in
+the public layout: see `train`). Two baselines see every block of a step once, as one batch: `all_data`
+(one model trained normally on everything) and `public_only` (the same blocks with the keyed-language
+ones dropped: data filtering, so every run sees the same public data). Not in the seed:
+`keyed_data_public_scale` weighs the keyed-language blocks' gradient on the public parameters, and a
+drawn key may use partial swaps (`head_field`, `mlp_field`); configs/tiered_default.yaml uses both
+(docs/tiered.md has why), configs/tiered_seed.yaml neither. The model is the SGTM model class of the
 chosen architecture with every unit retain (`route.sgtm`), the tiny size of SGTM pretraining.
 
 Writes, atomically, to `output_dir`: `results.json` (config, key, held-out losses per run and

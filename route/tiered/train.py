@@ -60,8 +60,8 @@ def two_pass_step(
     `masks`: `keyed_masks(model, key)`, computed once by the caller for speed (computed here if None).
     `keyed_only_rows` (bool per row of `keyed_batch`, not in the seed): those rows' gradient reaches the
     public parameters scaled by `keyed_rows_public_scale` (0: the keyed parameters only, the public ones
-    never learn from them; 1: the seed). Returns the two passes' losses and
-    the gradient norm before clipping.
+    never learn from them; 1: the seed). Returns the two passes' losses and the gradient norm before
+    clipping.
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: invalid value {layout!r}; allowed values: {list(LAYOUTS)}")
