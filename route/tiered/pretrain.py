@@ -82,6 +82,19 @@ def evaluate(model, held: dict[str, torch.Tensor], batch_size: int, key: Permuta
         unapply_key(model, key)
 
 
+def step_blocks(cfg: TieredConfig, public: torch.Tensor, keyed: torch.Tensor, n_keyed: int, gen, name: str):
+    """One step's blocks: the public pass's, the keyed pass's (its first `n_keyed` rows keyed-language, then
+    fresh public blocks or the public pass's own), and a baseline's batch: every block the tiered run saw, once
+    (`all_data`), or those without the keyed ones (`public_only`)."""
+    first = sample(public, cfg.batch_size, gen)
+    rows = sample(keyed, n_keyed, gen)
+    if cfg.keyed_pass_public == "same":
+        second = torch.cat([rows, first])
+        return first, second, first if name == "public_only" else second
+    second = torch.cat([rows, sample(public, cfg.batch_size - n_keyed, gen)])
+    return first, second, torch.cat([first, second[n_keyed:] if name == "public_only" else second])
+
+
 def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> tuple[dict, torch.nn.Module]:
     """One run: curves of held-out losses and the final losses (per configuration for `tiered`)."""
     from tqdm.auto import tqdm
@@ -98,11 +111,7 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
     curve, start = [], time.perf_counter()
     bar = tqdm(range(1, cfg.steps + 1), desc=name, disable=not cfg.progress, file=sys.stderr)
     for step in bar:
-        first = sample(public, cfg.batch_size, gen)  # the public pass
-        if cfg.keyed_pass_public == "same":  # the keyed pass: the public pass's blocks plus keyed ones
-            second = torch.cat([sample(keyed, n_keyed, gen), first])
-        else:
-            second = torch.cat([sample(keyed, n_keyed, gen), sample(public, cfg.batch_size - n_keyed, gen)])
+        first, second, baseline = step_blocks(cfg, public, keyed, n_keyed, gen, name)
         if name == "tiered":
             only = None if cfg.keyed_data_public_scale == 1 else torch.arange(len(second)) < n_keyed
             losses = two_pass_step(
@@ -120,11 +129,7 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
             )
             train_loss = (losses["public_loss"] + losses["keyed_loss"]) / 2
         else:
-            # every block the tiered run saw once; public_only: the keyed ones filtered out
-            batch = second if cfg.keyed_pass_public == "same" else torch.cat([first, second])
-            if name == "public_only":
-                batch = first if cfg.keyed_pass_public == "same" else torch.cat([first, second[n_keyed:]])
-            loss = lm_loss(model, batch)
+            loss = lm_loss(model, baseline)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             opt.step()
