@@ -292,13 +292,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe_commands", metavar="DIR", help="also print the protocol's relearn probe commands "
                         "(route.relearn per environment and method over the selected runs, outputs under DIR) and "
                         "write them to probes.sh in --output_dir")
+    parser.add_argument("--probe_steps", type=int, default=40, help="--probe_commands: training steps per probe")
+    parser.add_argument("--probe_every", type=int, default=10, help="--probe_commands: measure every k steps")
     parser.add_argument("--output_dir", help="write select.json and select.md here")
     args = parser.parse_args(argv)
     try:
         results = [json.loads(p.read_text()) for p in _result_paths(args.results)]
         summary = summarise(results, args.monitor_weight, args.n_boot)
         summary["relearn"] = relearn_arms(args.relearn, args.n_boot) if args.relearn else {}
-        probes = probe_commands(summary, args.probe_commands) if args.probe_commands else []
+        probes = (probe_commands(summary, args.probe_commands, args.probe_steps, args.probe_every)
+                  if args.probe_commands else [])
     except (ValueError, KeyError) as e:
         parser.error(str(e))
     text = markdown(summary) + ("\n" + relearn_markdown(summary["relearn"]) if summary["relearn"] else "")

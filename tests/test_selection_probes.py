@@ -53,3 +53,16 @@ def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
         assert labels == [f"sort_named/{a}/s{s}" for a in ("none", "penalty", "filter", "route") for s in SEEDS]
         assert f"--reference {tmp_path / 'organism'}" in line and "penalty-0.0-1.0-none-0/cell.yaml" in line
     assert "--sft_n 64" in lines[1] and lines[1].endswith(f"{tmp_path / 'probes' / 'sort_named_sft'}")
+
+
+def test_cli_writes_probes_sh_with_the_probe_length(tmp_path):
+    results = grid(none=(("penalty",), dict(penalty=0.0)), r=(("route",), {}))
+    for r in results:
+        r["model"] = str(tmp_path / "organism")
+        r["config"]["output_dir"] = str(tmp_path / "runs" / r["config"]["output_dir"])
+        Path(r["config"]["output_dir"]).mkdir(parents=True)
+        (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
+    selection.main([str(tmp_path / "runs"), "--n_boot", "50", "--output_dir", str(tmp_path / "out"),
+                    "--probe_commands", str(tmp_path / "probes"), "--probe_steps", "120", "--probe_every", "20"])
+    lines = (tmp_path / "out" / "probes.sh").read_text().splitlines()
+    assert len(lines) == 2 and all("--steps 120 --every 20 " in line for line in lines)
