@@ -12,6 +12,15 @@ from route import selection, selection_probes
 from tests.test_selection import SEEDS, grid
 
 
+def write_runs(results: list[dict], root: Path, tmp_path: Path) -> None:
+    """Each result into its own run directory under root, with the organism path the probes read."""
+    for r in results:
+        r["model"] = str(tmp_path / "organism")
+        r["config"]["output_dir"] = str(root / r["config"]["output_dir"])
+        Path(r["config"]["output_dir"]).mkdir(parents=True)
+        (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
+
+
 def test_relearn_probes_are_grouped_per_arm(tmp_path):
     out = tmp_path / "probe"
     out.mkdir()
@@ -40,11 +49,7 @@ def test_relearn_probes_are_grouped_per_arm(tmp_path):
 def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
     results = grid(none=(("penalty",), dict(penalty=0.0)), p=(("penalty",), {}), f=(("filter",), {}),
                    r=(("route",), {}))
-    for r in results:
-        r["model"] = str(tmp_path / "organism")
-        r["config"]["output_dir"] = str(tmp_path / r["config"]["output_dir"])
-        Path(r["config"]["output_dir"]).mkdir(parents=True)
-        (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
+    write_runs(results, tmp_path, tmp_path)
     summary = selection.summarise(results, n_boot=50)
     lines = selection_probes.probe_commands(summary, str(tmp_path / "probes"))
     assert [line.split()[4] for line in lines] == ["grpo", "sft"]
@@ -57,11 +62,7 @@ def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
 
 def test_cli_writes_probes_sh_with_the_probe_length(tmp_path):
     results = grid(none=(("penalty",), dict(penalty=0.0)), r=(("route",), {}))
-    for r in results:
-        r["model"] = str(tmp_path / "organism")
-        r["config"]["output_dir"] = str(tmp_path / "runs" / r["config"]["output_dir"])
-        Path(r["config"]["output_dir"]).mkdir(parents=True)
-        (Path(r["config"]["output_dir"]) / "results.json").write_text(json.dumps(r))
+    write_runs(results, tmp_path / "runs", tmp_path)
     selection.main([str(tmp_path / "runs"), "--n_boot", "50", "--output_dir", str(tmp_path / "out"),
                     "--probe_commands", str(tmp_path / "probes"), "--probe_steps", "120", "--probe_every", "20"])
     lines = (tmp_path / "out" / "probes.sh").read_text().splitlines()
