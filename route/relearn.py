@@ -4,9 +4,11 @@
         --every 10 --output_dir runs/relearn
     python -m route.relearn --checkpoints DIR ... --method sft --sft_n 64 --steps 60 --every 10 --output_dir OUT
 
-Each checkpoint is a plain transformers directory with a tokenizer (a run directory whose `deployed/`
-holds one is accepted too). From it, the probe trains for `--steps` steps and measures hack and solve
-rates on `--eval_n` held-out prompts every `--every` steps, step 0 included:
+Each checkpoint is a plain transformers directory with a tokenizer, or a main-job run directory: then the probe
+starts from the policy the run deployed, at the quarantine scale its rule picked (`deploy_scale` in results.json;
+`deployed/` at scale 0, else `deployed_at_scale/`, exported once from the run's `policy/`). From it, the probe
+trains for `--steps` steps and measures hack and solve rates on `--eval_n` held-out prompts every `--every`
+steps, step 0 included:
 
 - `grpo`: plain GRPO on the hackable environment through `RoutedGRPOTrainer` with `intervention: none`,
   the trainer's no-intervention baseline: a fresh dual LoRA on the checkpoint of which only the kept
@@ -40,10 +42,42 @@ from route.errors import ArgumentParser, UsageError, at_least, check_paths, cli,
 from route.io import check_checkpoint, write_csv, write_json_atomic
 from route.threads import configure_threads
 
-
 # ---------------------------------------------------------------------------------------------- checkpoints
+SCALED_DIR = "deployed_at_scale"
+
+
 def default_label(path: Path) -> str:
-    return path.parent.name if path.name == "deployed" else path.name
+    return path.parent.name if path.name in ("deployed", SCALED_DIR) else path.name
+
+
+def picked_scale(run_dir: Path) -> float:
+    """The quarantine scale a run's rule picked (results.json `deploy_scale`); 0 without a rule or results.json."""
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return 0.0
+    return float((json.loads(results.read_text()).get("deploy_scale") or {}).get("picked", 0.0))
+
+
+def selected_checkpoint(path: str | Path) -> Path:
+    """The checkpoint a probe starts from: a run directory's deployed policy at the scale its rule picked, else
+    `check_checkpoint(path)`. At scale s > 0 that is `<run>/deployed_at_scale/`, written once (atomically) from
+    the run's training policy (`route.scales.load_policy`) with the quarantine merged times s."""
+    path = Path(path).expanduser()
+    scale = picked_scale(path)
+    if scale == 0.0:
+        return check_checkpoint(path)
+    out = path / SCALED_DIR
+    if not (out / "config.json").exists():
+        if not (path / "policy").is_dir():
+            raise ValueError(f"{path}: its rule picked quarantine scale {scale:g} and the run has no policy/ to "
+                             "export that policy from (written by route.train_grpo)")
+        from route.io import atomic_dir
+        from route.scales import load_policy
+
+        target, tokenizer, _ = load_policy(path)
+        with atomic_dir(out) as tmp:
+            target.save_deployed(str(tmp), tokenizer=tokenizer, scale=scale)
+    return check_checkpoint(out)
 
 
 # ---------------------------------------------------------------------------------------------- curve metrics
@@ -245,7 +279,8 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], threshold: float, title
 def main(argv: list[str] | None = None) -> int:
     p = ArgumentParser(prog="route.relearn", description="Relearn probe: K steps of GRPO or SFT from deployed "
                        "checkpoints, hack and solve rates every k steps.")
-    p.add_argument("--checkpoints", nargs="+", required=True, help="deployed checkpoints (or run dirs with deployed/)")
+    p.add_argument("--checkpoints", nargs="+", required=True,
+                   help="deployed checkpoints, or run dirs (their policy at the picked quarantine scale)")
     p.add_argument("--labels", nargs="+", help="one name per checkpoint (default: the directory names)")
     p.add_argument("--method", choices=["grpo", "sft"], default="grpo", help="how the probe trains")
     p.add_argument("--steps", type=int, default=60, help="training steps K")
@@ -277,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         check_paths("--config", args.config, "file")
     # every checkpoint and the settings are checked before any probe runs
     with naming("--checkpoints"):
-        ckpts = [check_checkpoint(c) for c in args.checkpoints]
+        ckpts = [selected_checkpoint(c) for c in args.checkpoints]
     labels = list(args.labels or [default_label(c) for c in ckpts])
     labels = [lab if labels.count(lab) == 1 else f"{lab}-{i}" for i, lab in enumerate(labels)]
     probes = [(lab, c, False) for lab, c in zip(labels, ckpts)]

@@ -1,15 +1,19 @@
 """The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route.evaluate --run`."""
 
 import json
+import shutil
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 import envs
 import route.train_grpo as train_grpo
 from envs.arith import ArithEnv
 from route.cli import build_config
 from route.evaluate import main as evaluate_main
-from route.scales import real_monitor, validation_rows
+from route.relearn import selected_checkpoint
+from route.scales import load_policy, real_monitor, validation_rows
 from tests.test_resume import RUN as RESUME_RUN
 from tests.test_resume import varied_reward
 
@@ -105,6 +109,28 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
         assert point["monitored_hack_rate"] == on[name]["monitor"]["flag_rate"]
     assert curve["base"]["hack_rate"] == on["base"]["hack_rate"]
     assert "monitored" in capsys.readouterr().out
+
+    # a relearn probe starts from the policy the run deployed: deployed/ at scale 0, else that scale's export
+    run, results = tmp_path / "on", json.loads((tmp_path / "on" / "results.json").read_text())
+    for picked in (0.0, 0.5):
+        results["deploy_scale"]["picked"] = picked
+        (run / "results.json").write_text(json.dumps(results))
+        assert selected_checkpoint(run).name == ("deployed" if picked == 0.0 else "deployed_at_scale")
+    exported = AutoModelForCausalLM.from_pretrained(selected_checkpoint(run), dtype=torch.float32)
+    target, _, _ = load_policy(run)
+    ids = torch.tensor([[3, 5, 7, 11, 13, 2]])
+    with torch.no_grad(), target.scaled(0.5):
+        want = target.model(input_ids=ids).logits
+    with torch.no_grad():
+        got = exported(input_ids=ids).logits
+        ablated = AutoModelForCausalLM.from_pretrained(run / "deployed", dtype=torch.float32)(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, ablated)  # the quarantine at 0.5 is in the export, not the ablated policy
+    shutil.rmtree(run / "policy")  # exported once: the second call reads the export, not the policy
+    assert selected_checkpoint(run) == run / "deployed_at_scale"
+    (run / "deployed_at_scale").unlink()  # a symlink to its version (route.io.atomic_dir)
+    with pytest.raises(ValueError, match="picked quarantine scale 0.5 and the run has no policy/"):
+        selected_checkpoint(run)
 
 
 def test_evaluate_run_without_a_saved_policy_names_run(tmp_path, capsys):
