@@ -130,14 +130,16 @@ def select(arms: dict[str, dict[tuple, dict[int, dict]]], monitor_weight: float 
     return out
 
 
-def _paired(a: dict[int, dict], b: dict[int, dict], stat: str, fn, n_boot: int, seed: int = 0) -> tuple:
+def _paired(a: dict[int, dict], b: dict[int, dict], stat: str, fn, n_boot: int, seed: int = 0,
+            a_at_picked: bool = True) -> tuple:
     """(estimate, low, high) of fn(mean of a's stat, mean of b's stat) over the seeds both have (a seed where either
-    stat is NaN is left out), seeds resampled in pairs; draws where fn is undefined (0 / 0) are dropped."""
+    stat is NaN is left out), seeds resampled in pairs; draws where fn is undefined (0 / 0) are dropped. `a` at the
+    picked scale, or at scale 0 when not `a_at_picked`."""
     seeds = [s for s in sorted(set(a) & set(b))
-             if not math.isnan(deployed(a[s])[stat]) and not math.isnan(deployed(b[s])[stat])]
+             if not math.isnan(deployed(a[s], a_at_picked)[stat]) and not math.isnan(deployed(b[s])[stat])]
     if not seeds:
         return float("nan"), float("nan"), float("nan")
-    xa = {s: deployed(a[s])[stat] for s in seeds}
+    xa = {s: deployed(a[s], a_at_picked)[stat] for s in seeds}
     xb = {s: deployed(b[s])[stat] for s in seeds}
 
     def value(sample):
@@ -190,6 +192,9 @@ def report_env(arms: dict[str, dict[tuple, dict[int, dict]]], picked: dict[str, 
         head = {f"{s}_ratio": _paired(chosen["route"], chosen["penalty"], s, ratio, n_boot)
                 for s in ("hack", "solve", "hack_undetectable")}
         out["headline"] = {**head, "seeds": sorted(set(chosen["route"]) & set(chosen["penalty"])), "goal": goal(head)}
+        # the same runs' ablated policy (scale 0, gradient routing's own deployment), whatever the rule picked
+        out["ablated"] = {f"{s}_ratio": _paired(chosen["route"], chosen["penalty"], s, ratio, n_boot,
+                                                a_at_picked=False) for s in ("hack", "solve", "hack_undetectable")}
         by_penalty = {"none": chosen["none"]} if "none" in chosen else {}  # lambda 0
         by_penalty.update({config_label(k, list(arms["penalty"])): runs for k, runs in arms["penalty"].items()})
         # route against every penalty configuration, not only the selected one
@@ -245,6 +250,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 f"{k.replace('_', ' ')} {fmt(h[k])}" for k in ("hack_ratio", "solve_ratio", "hack_undetectable_ratio"))
                 + f". Goal: {met}.", "", "Route's hack / each penalty configuration's: " + "; ".join(
                 f"{k} {fmt(v)}" for k, v in rep["hack_ratio_by_penalty"].items())]
+            lines += ["", "Route's ablated policy (scale 0, not the rule's pick) / penalty: " + "; ".join(
+                f"{k.replace('_', ' ')} {fmt(rep['ablated'][k])}" for k in rep["ablated"])]
             lines += ["", "Every route configuration / the selected penalty (hack; solve; undetectable hack): "
                       + "; ".join(
                 f"{k}: {fmt(v['hack'])}; {fmt(v['solve'])}; {fmt(v['hack_undetectable'])}"

@@ -97,6 +97,11 @@ def test_headline_ratios_and_the_better_control_are_paired_over_seeds():
     # the selected point is the policy at the picked scale; the ablated one is reported beside it
     assert rep["selected"]["route"]["hack"][0] == pytest.approx(0.05)
     assert rep["selected"]["route (scale 0)"]["hack"][0] == pytest.approx(0.9)
+    # and its ratio to the penalty too (0.9 / 0.2 hack, 0.9 / 0.3 solve), in the report's text as well
+    assert rep["ablated"]["hack_ratio"][0] == pytest.approx(4.5)
+    assert rep["ablated"]["solve_ratio"][0] == pytest.approx(3.0)
+    assert "ablated policy (scale 0, not the rule's pick) / penalty: hack ratio 4.5" in selection.markdown(
+        selection.summarise(results, n_boot=300))
     # route against every penalty configuration, lambda 0 (none) included: 0.05 / 0.25
     assert rep["hack_ratio_by_penalty"]["none"][0] == pytest.approx(0.2)
     assert rep["hack_ratio_by_penalty"]["default"][0] == pytest.approx(0.25)
