@@ -68,11 +68,12 @@ def selected_checkpoint(path: str | Path) -> Path:
         return check_checkpoint(path)
     out = path / SCALED_DIR
     if not (out / "config.json").exists():
-        if not (path / "policy").is_dir():
-            raise ValueError(f"{path}: its rule picked quarantine scale {scale:g} and the run has no policy/ to "
-                             "export that policy from (written by route.train_grpo)")
         from route.io import atomic_dir
-        from route.scales import load_policy
+        from route.scales import POLICY_DIR, load_policy
+
+        if not (path / POLICY_DIR).is_dir():
+            raise ValueError(f"{path}: its rule picked quarantine scale {scale:g} and the run has no {POLICY_DIR}/ "
+                             "to export that policy from (written by route.train_grpo)")
 
         target, tokenizer, _ = load_policy(path)
         with atomic_dir(out) as tmp:

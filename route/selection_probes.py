@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from route.compare import bootstrap, fmt
+from route.relearn import picked_scale
 
 
 def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, Any]:
@@ -110,11 +111,16 @@ def probe_commands(summary: dict[str, Any], output_dir: str, steps: int = 40, ev
                    threshold: float = 0.15) -> list[str]:
     """The protocol's relearn probes (docs/protocol.md): per environment and method, one `route.relearn` command over
     the selected runs of every arm (labels `ENV/ARM/sSEED`), the environment's organism as the reference and the
-    `none` run's config. Runs are read from the selection's `runs` (their results.json for the organism)."""
+    `none` run's config. Runs are read from the selection's `runs` (their results.json for the organism). A run
+    directory is probed from the policy at its picked scale; when a selected route run's rule picked a scale above
+    0, route's ablated policies (`deployed/`) are probed too, as arm `route@0`."""
     lines = []
     for env, arms in summary["selection"].items():
         ckpts = [(f"{env}/{arm}/s{seed}", d) for arm in PROBE_ARMS if arm in arms
                  for seed, d in sorted(arms[arm]["runs"].items(), key=lambda kv: int(kv[0]))]
+        route = [(lab, d) for lab, d in ckpts if lab.split("/")[1] == "route"]
+        if any(picked_scale(Path(d)) > 0 for _, d in route):
+            ckpts += [(lab.replace("/route/", "/route@0/"), str(Path(d) / "deployed")) for lab, d in route]
         if not ckpts or "none" not in arms:
             raise ValueError(f"probe commands: {env} needs a none arm and selected runs")
         none_dir = Path(next(iter(arms["none"]["runs"].values())))

@@ -60,6 +60,22 @@ def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
     assert "--sft_n 64" in lines[1] and lines[1].endswith(f"{tmp_path / 'probes' / 'sort_named_sft'}")
 
 
+def test_route_runs_that_kept_quarantine_are_probed_at_both_scales(tmp_path):
+    results = grid(none=(("penalty",), dict(penalty=0.0)), r=(("route",), dict(scale=0.25)))
+    write_runs(results, tmp_path, tmp_path)
+    line = selection_probes.probe_commands(selection.summarise(results, n_boot=50), str(tmp_path / "probes"))[0]
+    labels = line.split("--labels ")[1].split(" --output_dir")[0].split()
+    ckpts = line.split("--checkpoints ")[1].split(" --labels")[0].split()
+    assert labels == [f"sort_named/{a}/s{s}" for a in ("none", "route", "route@0") for s in SEEDS]
+    # the run directory (probed at the picked scale) and, for route@0, its ablated policy
+    assert len(ckpts) == 15 and ckpts[10:] == [f"{c}/deployed" for c in ckpts[5:10]]
+    assert all(c.endswith(f"route-2.0-1.0-none-{s}") for c, s in zip(ckpts[5:10], SEEDS, strict=True))
+    # at scale 0 the two are one policy: probed once
+    flat = grid(none=(("penalty",), dict(penalty=0.0)), r=(("route",), {}))
+    write_runs(flat, tmp_path / "flat", tmp_path)
+    assert "route@0" not in selection_probes.probe_commands(selection.summarise(flat, n_boot=50), "p")[0]
+
+
 def test_cli_writes_probes_sh_with_the_probe_length(tmp_path):
     results = grid(none=(("penalty",), dict(penalty=0.0)), r=(("route",), {}))
     write_runs(results, tmp_path / "runs", tmp_path)
