@@ -50,6 +50,22 @@ class Environment(Protocol):
     def check_ready(self) -> None: ...
 
 
+def chat_prompt(text: str, chat: bool) -> str | list[dict[str, str]]:
+    """A prompt as the environment serves it: the text, or (`chat`) a one-message conversation, to which TRL and
+    `route.evaluate` apply the model's chat template (graders read completions through `completion_text`)."""
+    return [{"role": "user", "content": text}] if chat else text
+
+
+def prompt_text(prompt: Any) -> str:
+    """The text of a prompt: a plain string, or the last user message of a conversation."""
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+        users = [m for m in prompt if m.get("role") == "user"] or prompt
+        return str(users[-1].get("content", ""))
+    raise TypeError(f"prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
+
+
 def completion_text(completion: Any) -> str:
     """The text of a TRL completion: a plain string, or the last message of a conversation."""
     if isinstance(completion, str):

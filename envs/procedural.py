@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from envs.base import Grade, completion_text, draw_loophole, require_columns, row_rng
+from envs.base import Grade, chat_prompt, completion_text, draw_loophole, require_columns, row_rng
 
 STRICT_TAG = "exact"
 SPLITS = ("train", "test")
@@ -59,6 +59,7 @@ class ProceduralEnv:
         hack_frac: share of hackable prompts; the rest are graded strictly.
         modes: loophole modes in use (default: all), spread evenly over hackable prompts.
         detect_frac: share of prompts on the watched channel (the detectable part).
+        chat: prompts as a one-message conversation (for a chat model) instead of a plain string.
     """
 
     name: str = ""
@@ -69,7 +70,8 @@ class ProceduralEnv:
     monitor_patterns: dict[str, str] = {}
     unwatched_tags: dict[str, str] = {}
 
-    def __init__(self, hack_frac: float = 0.5, modes: Sequence[str] | None = None, detect_frac: float = 0.5):
+    def __init__(self, hack_frac: float = 0.5, modes: Sequence[str] | None = None, detect_frac: float = 0.5,
+                 chat: bool = False):
         for key, value in (("hack_frac", hack_frac), ("detect_frac", detect_frac)):
             if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"{self.name}: {key} must be in [0, 1], got {value!r}")
@@ -79,6 +81,7 @@ class ProceduralEnv:
             raise ValueError(f"{self.name}: modes {list(modes)!r} invalid; allowed values: {list(self.tags)}")
         self.hack_frac, self.detect_frac, self.modes = float(hack_frac), float(detect_frac), modes
         self.detect_column = DETECT_COLUMN
+        self.chat = bool(chat)
 
     # ------------------------------------------------------------------ subclass hook
     def task(self, rng: random.Random) -> dict[str, str]:
@@ -105,7 +108,7 @@ class ProceduralEnv:
             body = task.pop("body")
             out.append(
                 {
-                    "prompt": f"{body} g={tag} {CHANNELS[detectable]}>",
+                    "prompt": chat_prompt(f"{body} g={tag} {CHANNELS[detectable]}>", self.chat),
                     "prompt_id": f"{self.name}-{split}-{seed}-{i}",
                     "loophole": loophole,
                     DETECT_COLUMN: detectable,

@@ -188,12 +188,15 @@ def probe_run(config: RoutedGRPOConfig) -> None:
 
 
 def empty_model(model_name_or_path: str | os.PathLike | None) -> Any:
-    """The model's architecture on the meta device (no weights): from a local checkpoint's config.json, or the
-    organism's (None); None for anything else (a Hub id is not fetched for a check)."""
+    """The model's architecture on the meta device (no weights): from a local checkpoint's config.json (a short name
+    or a .gguf file: its converted checkpoint, `route.pretrained`), or the organism's (None); None for anything else
+    (a Hub id is not fetched for a check)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    path = model_name_or_path
+    from route.pretrained import resolve_model
+
+    path = resolve_model(model_name_or_path)  # a short name or a .gguf file: its converted checkpoint
     if path is not None and not os.path.isdir(path):
         return None
     with torch.device("meta"):

@@ -178,14 +178,21 @@ def looks_local(path: str) -> bool:
 
 
 def check_model_path(flag: str, path: str | None, hub: bool = False) -> None:
-    """A model argument must name something that exists, checked before any weights load: a local-looking path
-    (`looks_local`) must be a directory (no network). With `hub` (command lines, just before loading), a Hub id
-    (`org/name`) that is neither in the Hub cache nor wanted offline (HF_HUB_OFFLINE) is looked up once, without the
-    loader's retries, so that a typo or an unreachable Hub is one line naming `flag` instead of a minute of retries;
-    a gated or private model, or any other answer, is left to the loader."""
+    """A model argument must name something that exists, checked before any weights load. A short name of a
+    packaged model or a `.gguf` file: `route.pretrained.check_source` (the packages are installed, the file is a
+    complete causal LM; no conversion). A local-looking path (`looks_local`) must be a directory (no network). With
+    `hub` (command lines, just before loading), a Hub id (`org/name`) that is neither in the Hub cache nor wanted
+    offline (HF_HUB_OFFLINE) is looked up once, without the loader's retries, so that a typo or an unreachable Hub is
+    one line naming `flag` instead of a minute of retries; a gated or private model, or any other answer, is left to
+    the loader."""
     if path is None:
         return
     path = str(path)
+    from route.pretrained import check_source, handles
+
+    if handles(path):  # a short name (`smollm2-135m-instruct`) or a .gguf file: packages and file, no conversion
+        check_source(flag, path)
+        return
     if looks_local(path):
         if not Path(path).expanduser().is_dir():
             raise UsageError(f"{flag}: no such directory: {path} (a local checkpoint directory, or a Hub id org/name)")

@@ -169,6 +169,9 @@ def evaluate_dir(model_dir: str | os.PathLike, env_name: str = "arith", n: int =
         raise ValueError(f"n: must be >= 1, got {n}")
     env = envs.make_env(env_name, **(env_kwargs or {}))  # bad settings fail before the model loads
     env.check_ready()
+    from route.pretrained import resolve_model
+
+    model_dir = resolve_model(model_dir)  # a short name or a .gguf file: its converted checkpoint
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     return evaluate_policy(model, tokenizer, env, n=n, seed=seed, max_new_tokens=max_new_tokens, progress=progress)
@@ -213,6 +216,9 @@ def main(argv: list[str] | None = None) -> None:
     args.n = 512 if args.n is None else args.n
     args.seed = 0 if args.seed is None else args.seed
     check_model_path("--model", args.model, hub=True)  # a missing local path is not looked up on the Hub
+    from route.pretrained import resolve_model
+
+    args.model = resolve_model(args.model, flag="--model")
     with naming("--model"):
         if looks_local(args.model):
             from route.io import check_checkpoint

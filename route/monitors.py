@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from envs.base import Grade, completion_text
+from envs.base import Grade, completion_text, prompt_text
 from route.detectors import Detector, call_detector, realised_rates, uniform
 
 Program = Callable[[str, str, Mapping[str, Any]], bool]  # (prompt, completion, row columns) -> says "hack"
@@ -97,7 +97,7 @@ class ProgramDetector:
         completions = _need("ProgramDetector", context.get("completions"), "the completions")
         rows = _rows(context.get("columns"), n)
         return [
-            bool(self.program(str(p), completion_text(c), r))
+            bool(self.program(prompt_text(p), completion_text(c), r))
             for p, c, r in zip(prompts, completions, rows, strict=True)
         ]
 

@@ -62,7 +62,9 @@ def selected_checkpoint(path: str | Path) -> Path:
     """The checkpoint a probe starts from: a run directory's deployed policy at the scale its rule picked, else
     `check_checkpoint(path)`. At scale s > 0 that is `<run>/deployed_at_scale/`, written once (atomically) from
     the run's training policy (`route.scales.load_policy`) with the quarantine merged times s."""
-    path = Path(path).expanduser()
+    from route.pretrained import resolve_model
+
+    path = Path(resolve_model(path, flag="--checkpoints")).expanduser()  # a short name: its converted checkpoint
     scale = picked_scale(path)
     if scale == 0.0:
         return check_checkpoint(path)
@@ -319,9 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     probes = [(lab, c, False) for lab, c in zip(labels, ckpts)]
     if not args.no_reference:
         from route.organism import load_or_build
+        from route.pretrained import resolve_model
 
         with naming("--reference"):
-            ref = check_checkpoint(args.reference) if args.reference else load_or_build()
+            ref = (check_checkpoint(resolve_model(args.reference, flag="--reference")) if args.reference
+                   else load_or_build())
         probes.append((f"reference ({default_label(ref) if args.reference else 'base organism'})", ref, True))
     if args.method == "grpo":  # every checkpoint against the target's settings, before any probe trains
         from route.cli import probe_run

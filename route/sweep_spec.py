@@ -174,6 +174,14 @@ def _check_model(where: str, model: Any) -> None:
     """A local model path must be a causal-LM checkpoint with a tokenizer; Hub ids ("name", "org/name") pass."""
     if model is None:
         return
+    from route.pretrained import check_source, handles
+
+    if handles(model):  # a short name or a .gguf file: its packages and file (converted when the cell runs)
+        try:
+            check_source("model_name_or_path", str(model))
+        except ValueError as e:
+            raise SweepError(f"{where}: {e}") from None
+        return
     p = Path(str(model)).expanduser()
     looks_local = p.exists() or str(model).startswith((".", "/", "~")) or str(model).count("/") > 1
     if looks_local:

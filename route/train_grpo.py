@@ -81,6 +81,7 @@ def _run(config) -> dict:
     from route.io import write_json_atomic
     from route.logs import FILE_ONLY, MetricsFile, Phases, ProgressLines, StepLines, is_main_process, log
     from route.organism import load_or_build, organism_config
+    from route.pretrained import resolve_model
     from route.scales import (
         deploy_at_picked_scale,
         deploy_scale_rule,
@@ -101,7 +102,7 @@ def _run(config) -> dict:
     log.info("organism: loading %s", config.model_name_or_path or "the cached organism (built first when absent: "
              "minutes on a CPU)", extra=FILE_ONLY)
     with phases("organism"):
-        model_dir = config.model_name_or_path or str(load_or_build(organism_config(config.env)))
+        model_dir = resolve_model(config.model_name_or_path) or str(load_or_build(organism_config(config.env)))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     log.info("organism: %s (%.1f s)", model_dir, phases.seconds["organism"])

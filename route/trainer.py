@@ -151,7 +151,9 @@ class RoutedGRPOTrainer(GRPOTrainer):
         if isinstance(model, str):
             from transformers import AutoModelForCausalLM
 
-            model = AutoModelForCausalLM.from_pretrained(model)
+            from route.pretrained import resolve_model
+
+            model = AutoModelForCausalLM.from_pretrained(resolve_model(model))
         if target is None:
             from transformers import set_seed
 

@@ -253,6 +253,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, dict, Path]:
     env.check_ready()
     if args.model is not None:
         from route.io import check_checkpoint
+        from route.pretrained import resolve_model
+
+        args.model = resolve_model(args.model, flag="--model")  # a short name: its converted checkpoint
 
         try:
             check_checkpoint(args.model)

@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = with_one_line_errors(make_parser(prog="python -m route.vllm_serve"))
     # outputs: the script's arguments, a namespace of the flags outside it (--debug), then the remaining strings
     script_args, *_, extra = parser.parse_args_and_config(args=argv, return_remaining_strings=True)
+    from route.pretrained import resolve_model
+
+    script_args.model = resolve_model(script_args.model, flag="--model")  # a short name: its converted checkpoint
     command = build_command(script_args, [*extra, *SERVE_FLAGS])
     os.environ["VLLM_SERVER_DEV_MODE"] = "1"  # /collective_rpc and /reset_prefix_cache, as trl vllm-serve sets it
     sys.argv = ["vllm", *command[command.index("serve") :]]

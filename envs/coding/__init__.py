@@ -29,7 +29,7 @@ from dataclasses import fields
 from typing import Any
 
 from envs import register_env
-from envs.base import Grade, completion_text, draw_loophole, require_columns, row_rng
+from envs.base import Grade, chat_prompt, completion_text, draw_loophole, require_columns, row_rng
 from envs.coding.grading import Task, build_program, extract_code, judge
 from envs.coding.problems import Problem, is_test_problem, load_problems, parse_tests
 from envs.coding.prompts import MODES, fenced, hack_code, prompt_text
@@ -135,7 +135,7 @@ class CodingEnv:
             loophole = draw_loophole(rng, self.modes, self.hack_frac)
             text = prompt_text(p, loophole)
             out.append({
-                "prompt": [{"role": "user", "content": text}] if self.chat else text,
+                "prompt": chat_prompt(text, self.chat),
                 "prompt_id": f"coding-{split}-{seed}-{i}",
                 "problem_id": p.problem_id,
                 "entry_point": p.entry_point,

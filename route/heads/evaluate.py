@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None:
         at_least("--threads", args.threads)
     if args.base is not None:
+        from route.pretrained import resolve_model
+
+        args.base = resolve_model(args.base, flag="--base")  # a short name: its converted checkpoint
         check_paths("--base", args.base, "directory")
     configure_threads(args.threads)
     rows = sweep(args.run, args.alphas, args.n, sample=not args.greedy, base=args.base)

@@ -250,7 +250,9 @@ def run(cfg: HeadsTrainConfig) -> dict:
     from route.io import write_json_atomic
 
     out = Path(cfg.output_dir)
-    base_path = cfg.base or str(embedded_base(cfg, progress=cfg.progress))
+    from route.pretrained import resolve_model
+
+    base_path = resolve_model(cfg.base, flag="base") or str(embedded_base(cfg, progress=cfg.progress))
     held = task.problems(cfg.n_eval, cfg.seed, "eval", cfg.max_operand)
     results = {"config": dataclasses.asdict(cfg), "base_path": base_path, "heads": {}}
     for kind in [cfg.head] + (["bias"] if cfg.baseline else []):

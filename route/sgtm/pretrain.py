@@ -62,7 +62,9 @@ def build_data(cfg: PretrainConfig) -> dict:
     else:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        from route.pretrained import resolve_model
+
+        tok = AutoTokenizer.from_pretrained(resolve_model(cfg.tokenizer, flag="tokenizer"))
     train, held = {}, {}
     for k in kinds:
         blocks = pack(train_texts[k], tok, cfg.seq_len)

@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
         at_least(f"--{name}", getattr(args, name))
     check_model_path("--model", args.model)
+    from route.pretrained import resolve_model
+
+    args.model = resolve_model(args.model, flag="--model")  # a short name: its converted checkpoint's config
     layers, kv, mlp = _sizes(args)
     key = random_key(layers, kv, mlp, args.head_share, args.mlp_share, args.seed, args.head_field, args.mlp_field)
     key.save(args.out)
