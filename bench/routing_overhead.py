@@ -1,10 +1,14 @@
 """Step time of RoutedGRPOTrainer (route, dual_lora r+r) against TRL's GRPOTrainer with one plain LoRA of rank 2r.
 
     python bench/routing_overhead.py [--model DIR] [--steps 40] [--rank 8]
+    python bench/routing_overhead.py --model smollm2-135m-instruct --batch 8 --num_generations 4 \
+        --max_completion_length 16 --steps 6 --warmup 1          # the real pretrained model (route.pretrained)
 
 Same model, config, data and seed for both; a step is one optimizer step including generation,
 scoring and the gated loss. The two trainers alternate in blocks so that machine drift hits
 both; the median over all timed steps (warm-up steps dropped) is compared. Prints `ratio: X.XX`.
+`--model` takes a directory or a short name (`route.pretrained`); a model whose tokenizer has a chat template
+gets the environment's prompts as chat messages (`chat: true`), as a chat model is trained.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, RawHelpFormatter, cli  # noqa: E402
+from route.errors import ArgumentParser, RawHelpFormatter, at_least, check_model_path, cli  # noqa: E402
 
 
 class StepTimer:
@@ -40,7 +44,8 @@ class StepTimer:
         raise AttributeError(name)
 
 
-def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> list[float]:
+def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str, batch: int = 64, generations: int = 8,
+              tokens: int = 16) -> list[float]:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,17 +53,18 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> lis
 
     import envs
     from route.cli import build_config
-    from route.targets.dual_lora import DEFAULT_MODULES
+    from route.targets.common import DEFAULT_MODULES
     from route.trainer import RoutedGRPOTrainer
 
     torch.manual_seed(0)
+    tok = AutoTokenizer.from_pretrained(model_dir)
     config = build_config(
         output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
-        per_device_train_batch_size=64, num_generations=8, max_completion_length=16, max_steps=steps,
-        logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, train_size=2048,
-        intervention="route", keep_rank=rank, quarantine_rank=rank, detector_tpr=0.5, detector_fpr=0.05)
+        per_device_train_batch_size=batch, num_generations=generations, max_completion_length=tokens,
+        max_steps=steps, logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
+        train_size=max(2048, batch * steps), intervention="route", keep_rank=rank, quarantine_rank=rank,
+        detector_tpr=0.5, detector_fpr=0.05, env_kwargs={"chat": bool(tok.chat_template)})
     env = envs.make_env(config.env, **config.env_kwargs)
-    tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     data = env.dataset(config.train_size, seed=0, split="train")
     timer = StepTimer()
@@ -77,26 +83,40 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> lis
 @cli("bench.routing_overhead")
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
-    parser.add_argument("--model", help="model directory (default: the cached organism, built if missing)")
+    parser.add_argument("--model", help="model directory or short name, e.g. smollm2-135m-instruct (default: the "
+                        "cached organism, built if missing)")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per block")
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block")
     parser.add_argument("--rank", type=int, default=8, help="rank r of each routed adapter (plain LoRA gets 2r)")
+    parser.add_argument("--batch", type=int, default=64, help="rollouts per optimizer step")
+    parser.add_argument("--num_generations", type=int, default=8, help="rollouts per prompt")
+    parser.add_argument("--max_completion_length", type=int, default=16, help="new tokens per rollout")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch threads (default: every core; 1 beside other work)")
     args = parser.parse_args(argv)
+    for name in ("steps", "blocks", "rank", "batch", "num_generations", "max_completion_length", "threads"):
+        at_least(f"--{name}", getattr(args, name))
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    from route.organism import load_or_build
+    from route.threads import configure_threads
 
-    model_dir = args.model or str(load_or_build())
+    configure_threads(args.threads)
+    from route.organism import load_or_build
+    from route.pretrained import resolve_model
+
+    check_model_path("--model", args.model)
+    model_dir = resolve_model(args.model, flag="--model") or str(load_or_build())
     times: dict[str, list[float]] = {"route": [], "plain": []}
     with tempfile.TemporaryDirectory() as tmp:
         for block in range(args.blocks):
             for kind in ("plain", "route"):
-                t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}")
+                t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}", args.batch,
+                              args.num_generations, args.max_completion_length)
                 times[kind] += t[args.warmup:]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model: {model_dir}")
+    print(f"model: {model_dir}; batch {args.batch} ({args.num_generations} per prompt), "
+          f"{args.max_completion_length} new tokens, torch threads {torch.get_num_threads()}")
     print(f"plain LoRA r={2 * args.rank} (TRL GRPOTrainer): median step {med['plain'] * 1e3:.1f} ms "
           f"over {len(times['plain'])} steps")
     print(f"routed dual_lora r={args.rank}+{args.rank} (RoutedGRPOTrainer): median step {med['route'] * 1e3:.1f} ms "

@@ -1,7 +1,8 @@
 """Forward+backward step time of the svf target (top-r, gated) against PEFT LoRA of rank r, and SVD setup time.
 
-    python bench/svf_overhead.py [--model DIR] [--rank 8] [--batch 64] [--seq 40] [--repeats 40] [--threads 1]
+    python bench/svf_overhead.py [--model DIR|NAME] [--rank 8] [--batch 64] [--seq 40] [--repeats 40] [--threads 1]
                                  [--skip-large] [--device cpu|cuda]
+    python bench/svf_overhead.py --model smollm2-135m-instruct --batch 8 --seq 48 --repeats 6 --warmup 1 --skip-large
 
 Step: zero_grad, a causal-LM loss forward and its backward on the same random token batch, on two copies of the
 same model adapting the same modules (every attention and MLP projection): svf with rank r and a one-axis quarantine,
@@ -10,7 +11,8 @@ PEFT LoRA of rank r (alpha = r). The two alternate step by step (the order flips
 both; after `--warmup` dropped repeats the medians are compared: `ratio: X.XX` is svf / LoRA (target <= 1.10).
 
 SVD setup: the time to build the svf target (every module's SVD, full rank, canonical signs) with an empty cache
-(cold) and again from the cache (warm), for the model organism (`route.organism.load_or_build()`) and, unless
+(cold) and again from the cache (warm), for the model (`--model`: a directory or a short name such as
+`smollm2-135m-instruct`, `route.pretrained`; default the organism, `route.organism.load_or_build()`) and, unless
 `--skip-large`, for a randomly initialised Qwen2-0.5B-shaped model built from a config (hidden 896, 24 layers, MLP
 4864, 14 heads / 2 KV heads; vocabulary cut to 1024, since embeddings are not adapted).
 """
@@ -103,7 +105,8 @@ def qwen_05b_shaped():
 @cli("bench.svf_overhead")
 def main(argv: list[str] | None = None) -> None:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=None, help="model directory (default: the cached organism)")
+    parser.add_argument("--model", default=None, help="model directory or short name, e.g. smollm2-135m-instruct "
+                        "(default: the cached organism)")
     parser.add_argument("--rank", type=int, default=8, help="svf rank r and LoRA rank r")
     parser.add_argument("--batch", type=int, default=64, help="rows per step (a GRPO micro-batch of the default run)")
     parser.add_argument("--seq", type=int, default=40, help="tokens per row")
@@ -118,9 +121,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
+    from route.errors import check_model_path
     from route.organism import load_or_build
+    from route.pretrained import resolve_model
 
-    model_dir = args.model or str(load_or_build())
+    check_model_path("--model", args.model)
+    model_dir = resolve_model(args.model, flag="--model") or str(load_or_build())
+    name = args.model or "organism"
     print(f"model: {model_dir}; device {args.device}; torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
         times = step_times(model_dir, args.rank, args.batch, args.seq, args.repeats, args.warmup, args.device,
@@ -132,9 +139,10 @@ def main(argv: list[str] | None = None) -> None:
               f"over {len(times['svf'])} steps")
         print(f"ratio: {med['svf'] / med['lora']:.2f}")
 
-        organism = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device)
-        cold, warm = svd_setup(organism, None, f"{tmp}/organism")
-        print(f"SVD setup, organism (full rank): cold {cold:.2f} s, cached {warm:.2f} s")
+        model = AutoModelForCausalLM.from_pretrained(model_dir).to(args.device)
+        n = sum(p.numel() for p in model.parameters())
+        cold, warm = svd_setup(model, None, f"{tmp}/model")
+        print(f"SVD setup, {name} ({n / 1e6:.1f}M params, full rank): cold {cold:.2f} s, cached {warm:.2f} s")
         if not args.skip_large:
             large = qwen_05b_shaped().to(args.device)
             n = sum(p.numel() for p in large.parameters())

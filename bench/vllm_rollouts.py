@@ -1,11 +1,15 @@
 """Rollout throughput of the real vLLM engine (CPU build) against transformers' `generate`, and one weight sync's cost.
 
-    python bench/vllm_rollouts.py [--model DIR] [--reps 5] [--dtype auto]
+    python bench/vllm_rollouts.py [--model DIR|NAME] [--reps 5] [--dtype auto] [--enforce_eager]
+    python bench/vllm_rollouts.py --model smollm2-135m-instruct      # the real pretrained model (route.pretrained)
 
-On the organism (built or reused from the cache when --model is unset) at the default batch (8 prompts x 8 rollouts,
-16 new tokens, temperature 1, no top-k/top-p): completions per second of `generate` (TRL's path without vLLM: the
-prompts repeated, left-padded, sampled in one batch) and of the engine as TRL's colocate mode builds it (`LLM(...)`
-with TRL's arguments, in this process), alternating, median over `--reps` timed batches after one warm-up each.
+On the organism (built or reused from the cache when --model is unset; a short name is converted once, and a model
+whose tokenizer has a chat template gets the environment's prompts through it, as TRL does) at the default batch (8
+prompts x 8 rollouts, 16 new tokens, temperature 1, no top-k/top-p): completions per second of `generate` (TRL's path
+without vLLM: the prompts repeated, left-padded, sampled in one batch) and of the engine as TRL's colocate mode builds
+it (`LLM(...)` with TRL's arguments, in this process), alternating, median over `--reps` timed batches after one
+warm-up each; every completion is 16 tokens on both sides (end of sequence ignored). The engine's context is
+the longest prompt plus the new tokens.
 Then the cost of one weight sync as the trainer does it: TRL's own `VLLMGeneration.sync_weights` with the
 `TargetWeightSync` source (dual_lora, both policies), split into the export (`policy_state_dict`) and the push.
 Prints `ratio: X.XX` (engine / generate completions per second). Needs the `__main__` guard: vLLM may spawn.
@@ -31,15 +35,18 @@ PROMPTS, ROLLOUTS, NEW_TOKENS = 8, 8, 16
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=RawHelpFormatter)
-    p.add_argument("--model", default=None, help="organism directory (default: build or reuse the cached organism)")
+    p.add_argument("--model", default=None, help="model directory or short name, e.g. smollm2-135m-instruct "
+                   "(default: build or reuse the cached organism)")
     p.add_argument("--reps", type=int, default=5, help="timed batches per side (default: 5)")
     p.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy (default: 5)")
     p.add_argument("--dtype", default="auto", help="engine dtype; auto is what TRL gets (bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling and generation seed (default: 0)")
+    p.add_argument("--enforce_eager", action="store_true", help="no graph compilation in the engine (TRL's call "
+                   "compiles; eager starts in seconds)")
     return p.parse_args(argv)
 
 
-def engine(model_dir: str, dtype: str, seed: int):
+def engine(model_dir: str, dtype: str, seed: int, max_model_len: int = 64, enforce_eager: bool = False):
     """The engine as TRL 1.16's colocate init builds it (external launcher: in this process)."""
     from vllm import LLM
 
@@ -51,13 +58,14 @@ def engine(model_dir: str, dtype: str, seed: int):
         model=model_dir,
         tensor_parallel_size=1,
         gpu_memory_utilization=0.1,
-        max_model_len=64,
+        max_model_len=max_model_len,
         max_num_seqs=PROMPTS * ROLLOUTS,
         distributed_executor_backend="external_launcher",
         seed=seed,
         max_num_batched_tokens=4096,
         logprobs_mode="processed_logprobs",
         dtype=dtype,
+        **({"enforce_eager": True} if enforce_eager else {}),
     )
 
 
@@ -73,21 +81,28 @@ def main(argv: list[str] | None = None) -> None:
     from vllm import SamplingParams
 
     import envs
+    from route.errors import check_model_path
+    from route.evaluate import _prompt_text
     from route.organism import OrganismConfig, load_or_build
+    from route.pretrained import resolve_model
     from route.targets import make_target
     from route.vllm_sync import TargetWeightSync, engine_reload, policy_state_dict
 
-    model_dir = str(args.model or load_or_build(OrganismConfig()))
+    check_model_path("--model", args.model)
+    model_dir = str(resolve_model(args.model, flag="--model") or load_or_build(OrganismConfig()))
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    prompts = [r["prompt"] for r in envs.make_env("arith").dataset(PROMPTS, seed=args.seed, split="train")]
+    env = envs.make_env("arith", chat=bool(tok.chat_template))
+    prompts = [_prompt_text(tok, r["prompt"]) for r in env.dataset(PROMPTS, seed=args.seed, split="train")]
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     t0 = time.perf_counter()
-    llm = engine(model_dir, args.dtype, args.seed)
+    llm = engine(model_dir, args.dtype, args.seed, max(map(len, ids)) + NEW_TOKENS, args.enforce_eager)
     startup = time.perf_counter() - t0
-    sampling = SamplingParams(n=ROLLOUTS, temperature=1.0, max_tokens=NEW_TOKENS, logprobs=0)
-    enc = tok([p for p in prompts for _ in range(ROLLOUTS)], return_tensors="pt", padding=True)
-    ids = [tok(p)["input_ids"] for p in prompts]
+    # every completion NEW_TOKENS long on both sides (a chat model ends its turn early, at different points per side)
+    sampling = SamplingParams(n=ROLLOUTS, temperature=1.0, max_tokens=NEW_TOKENS, logprobs=0, ignore_eos=True)
+    enc = tok([p for p in prompts for _ in range(ROLLOUTS)], return_tensors="pt", padding=True,
+              add_special_tokens=False)
 
     def run_hf() -> int:
         with torch.no_grad():
@@ -98,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
                 pad_token_id=tok.pad_token_id,
             )
         return out.shape[0]
@@ -139,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = sum(p.numel() for p in hf.parameters())
     print(
-        f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
+        f"model {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
         f"tokens, engine dtype {llm.llm_engine.model_config.dtype}, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}"
     )
