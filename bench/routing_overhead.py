@@ -8,7 +8,9 @@ Same model, config, data and seed for both; a step is one optimizer step includi
 scoring and the gated loss. The two trainers alternate in blocks so that machine drift hits
 both; the median over all timed steps (warm-up steps dropped) is compared. Prints `ratio: X.XX`.
 `--model` takes a directory or a short name (`route.pretrained`); a model whose tokenizer has a chat template
-gets the environment's prompts as chat messages (`chat: true`), as a chat model is trained.
+gets the environment's prompts as chat messages (`chat: true`), as a chat model is trained. `--targets` times other
+targets too, each in its own blocks against the same plain-LoRA baseline (`TARGET_FIELDS`: svf of rank 2r with r
+reserved axes, dual_mlp's and sgtm's defaults, logit_head); `ratio:` stays dual_lora's (the first target's).
 """
 
 from __future__ import annotations
@@ -44,8 +46,18 @@ class StepTimer:
         raise AttributeError(name)
 
 
+TARGET_FIELDS = {
+    "dual_lora": lambda r: dict(keep_rank=r, quarantine_rank=r),
+    "svf": lambda r: dict(svf_rank=2 * r, svf_reserve_axes=list(range(r))),
+    "dual_mlp": lambda r: {},
+    "sgtm": lambda r: {},
+    "logit_head": lambda r: {},
+}
+
+
 def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str, batch: int = 64, generations: int = 8,
               tokens: int = 16) -> list[float]:
+    """Step times of `kind`: "plain" (TRL's GRPOTrainer, one LoRA of rank 2r) or a target name (RoutedGRPOTrainer)."""
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -62,13 +74,14 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str, batch:
         output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
         per_device_train_batch_size=batch, num_generations=generations, max_completion_length=tokens,
         max_steps=steps, logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0,
-        train_size=max(2048, batch * steps), intervention="route", keep_rank=rank, quarantine_rank=rank,
-        detector_tpr=0.5, detector_fpr=0.05, env_kwargs={"chat": bool(tok.chat_template)})
+        train_size=max(2048, batch * steps), intervention="route", detector_tpr=0.5, detector_fpr=0.05,
+        env_kwargs={"chat": bool(tok.chat_template)},
+        **({"target": kind, **TARGET_FIELDS[kind](rank)} if kind != "plain" else TARGET_FIELDS["dual_lora"](rank)))
     env = envs.make_env(config.env, **config.env_kwargs)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     data = env.dataset(config.train_size, seed=0, split="train")
     timer = StepTimer()
-    if kind == "route":
+    if kind != "plain":
         trainer = RoutedGRPOTrainer(model=model, args=config, env=env, processing_class=tok, train_dataset=data,
                                     callbacks=[timer])
     else:
@@ -92,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=64, help="rollouts per optimizer step")
     parser.add_argument("--num_generations", type=int, default=8, help="rollouts per prompt")
     parser.add_argument("--max_completion_length", type=int, default=16, help="new tokens per rollout")
+    parser.add_argument("--targets", nargs="+", default=["dual_lora"], choices=list(TARGET_FIELDS),
+                        help="routed targets to time (the first one's ratio is printed as `ratio:`)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch threads (default: every core; 1 beside other work)")
     args = parser.parse_args(argv)
@@ -107,10 +122,11 @@ def main(argv: list[str] | None = None) -> None:
 
     check_model_path("--model", args.model)
     model_dir = resolve_model(args.model, flag="--model") or str(load_or_build())
-    times: dict[str, list[float]] = {"route": [], "plain": []}
+    kinds = ["plain", *dict.fromkeys(args.targets)]
+    times: dict[str, list[float]] = {k: [] for k in kinds}
     with tempfile.TemporaryDirectory() as tmp:
         for block in range(args.blocks):
-            for kind in ("plain", "route"):
+            for kind in kinds:
                 t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}", args.batch,
                               args.num_generations, args.max_completion_length)
                 times[kind] += t[args.warmup:]
@@ -119,9 +135,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.max_completion_length} new tokens, torch threads {torch.get_num_threads()}")
     print(f"plain LoRA r={2 * args.rank} (TRL GRPOTrainer): median step {med['plain'] * 1e3:.1f} ms "
           f"over {len(times['plain'])} steps")
-    print(f"routed dual_lora r={args.rank}+{args.rank} (RoutedGRPOTrainer): median step {med['route'] * 1e3:.1f} ms "
-          f"over {len(times['route'])} steps")
-    print(f"ratio: {med['route'] / med['plain']:.2f}")
+    for kind in kinds[1:]:
+        what = f"dual_lora r={args.rank}+{args.rank}" if kind == "dual_lora" else kind
+        print(f"routed {what} (RoutedGRPOTrainer): median step {med[kind] * 1e3:.1f} ms over {len(times[kind])} "
+              f"steps ({med[kind] / med['plain']:.2f}x plain LoRA)")
+    print(f"ratio: {med[kinds[1]] / med['plain']:.2f}")
 
 
 if __name__ == "__main__":

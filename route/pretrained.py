@@ -126,7 +126,8 @@ def packaged_file(flag: str, model: PackagedGGUF) -> tuple[Path, str]:
 
 
 def causal_architectures() -> list[str]:
-    """GGUF architecture names that transformers loads as a causal LM."""
+    """The architectures transformers loads from GGUF as a causal LM (model types; a GGUF file's
+    `general.architecture` may spell some differently: `qwen2moe`, `gpt-oss`, `_model_type`)."""
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -134,6 +135,7 @@ def causal_architectures() -> list[str]:
 
 
 def _model_type(architecture: str) -> str:
+    """transformers' model type of a GGUF `general.architecture` (the spellings its GGUF loader maps)."""
     return {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
             "minimax-m2": "minimax_m2"}.get(architecture, architecture)
 
@@ -169,7 +171,7 @@ def inspect_gguf(flag: str, path: str | os.PathLike) -> dict[str, Any]:
 
     architecture = field("general.architecture")
     allowed = causal_architectures()
-    if architecture not in allowed:
+    if _model_type(str(architecture)) not in allowed:
         raise ValueError(f"{flag}: {path} holds a {architecture!r} model, not a causal language model transformers "
                          f"loads from GGUF; allowed values of general.architecture: {allowed}")
     tokens = {k: field(f"tokenizer.ggml.{k}_token_id") for k in ("bos", "eos", "unknown", "padding")}
@@ -212,11 +214,11 @@ def resolve_model(name_or_path: str | os.PathLike | None, flag: str = "model_nam
     with _lock(out):
         if _verified(out):
             return str(out)
-        _say(progress, f"pretrained: converting {path.name} into {out} (once)")
-        start = time.perf_counter()
         if value in MODELS and _file_sha256(path) != sha:
             raise ValueError(f"{flag}: {path} does not match the SHA-256 of {name} ({sha}); reinstall it: "
                              f"{MODELS[value].install}")
+        _say(progress, f"pretrained: converting {path.name} into {out} (once)")
+        start = time.perf_counter()
         convert_gguf(path, out, flag=flag, source={**source, "gguf": path.name, "gguf_sha256": sha})
         _say(progress, f"pretrained: {name} converted in {time.perf_counter() - start:.1f} s")
     return str(out)
@@ -246,6 +248,13 @@ def _lock(out: Path) -> Iterator[None]:
 
 
 def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    return _sha256_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """SHA-256 of a file, once per process for each (path, size, mtime)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 24), b""):
