@@ -1,15 +1,16 @@
 """Step time of RoutedGRPOTrainer (route, dual_lora r+r) against TRL's GRPOTrainer with one plain LoRA of rank 2r.
 
-    python bench/routing_overhead.py [--model DIR] [--steps 40] [--rank 8]
+    python bench/routing_overhead.py [--model DIR] [--steps 40] [--rank 8] [--threads N]
 
-Same model, config, data and seed for both; a step is one optimizer step including generation,
+Same model, config, data and seed for both, at the default experiment's shapes unless `--batch`,
+`--generations` or `--new_tokens` say otherwise; a step is one optimizer step including generation,
 scoring and the gated loss. The two trainers alternate in blocks so that machine drift hits
 both; the median over all timed steps (warm-up steps dropped) is compared. Prints `ratio: X.XX`.
+Torch runs on `--threads` threads (default 1: on a shared machine more threads measure the contention).
 """
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, RawHelpFormatter, cli  # noqa: E402
+from route.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 
 class StepTimer:
@@ -40,7 +41,8 @@ class StepTimer:
         raise AttributeError(name)
 
 
-def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> list[float]:
+def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str, batch: int = 64, generations: int = 8,
+              new_tokens: int = 16) -> list[float]:
     import torch
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,13 +50,14 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str) -> lis
 
     import envs
     from route.cli import build_config
-    from route.targets.dual_lora import DEFAULT_MODULES
+    from route.targets.common import DEFAULT_MODULES
     from route.trainer import RoutedGRPOTrainer
 
     torch.manual_seed(0)
     config = build_config(
         output_dir=out, use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
-        per_device_train_batch_size=64, num_generations=8, max_completion_length=16, max_steps=steps,
+        per_device_train_batch_size=batch, num_generations=generations, max_completion_length=new_tokens,
+        max_steps=steps,
         logging_steps=1000, save_strategy="no", report_to="none", disable_tqdm=True, seed=0, train_size=2048,
         intervention="route", keep_rank=rank, quarantine_rank=rank, detector_tpr=0.5, detector_fpr=0.05)
     env = envs.make_env(config.env, **config.env_kwargs)
@@ -82,10 +85,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, default=2, help="alternating blocks per trainer")
     parser.add_argument("--warmup", type=int, default=5, help="steps dropped at the start of each block")
     parser.add_argument("--rank", type=int, default=8, help="rank r of each routed adapter (plain LoRA gets 2r)")
+    parser.add_argument("--batch", type=int, default=64, help="rollouts per step (the default experiment's)")
+    parser.add_argument("--generations", type=int, default=8, help="rollouts per prompt")
+    parser.add_argument("--new_tokens", type=int, default=16, help="max new tokens per rollout")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: stable on a shared machine)")
     args = parser.parse_args(argv)
+    for name in ("steps", "blocks", "rank", "batch", "generations", "new_tokens", "threads"):
+        at_least(f"--{name}", getattr(args, name))
+    at_least("--warmup", args.warmup, 0)
+    if args.warmup >= args.steps:
+        raise ValueError(f"--warmup: must be below --steps ({args.steps}), got {args.warmup}")
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(args.threads)
     from route.organism import load_or_build
 
     model_dir = args.model or str(load_or_build())
@@ -93,10 +105,12 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for block in range(args.blocks):
             for kind in ("plain", "route"):
-                t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}")
+                t = timed_run(kind, model_dir, args.steps, args.rank, f"{tmp}/{kind}{block}", args.batch,
+                              args.generations, args.new_tokens)
                 times[kind] += t[args.warmup:]
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"model: {model_dir}")
+    print(f"model: {model_dir}; batch {args.batch} ({args.generations} per prompt), {args.new_tokens} new tokens; "
+          f"torch threads {torch.get_num_threads()}")
     print(f"plain LoRA r={2 * args.rank} (TRL GRPOTrainer): median step {med['plain'] * 1e3:.1f} ms "
           f"over {len(times['plain'])} steps")
     print(f"routed dual_lora r={args.rank}+{args.rank} (RoutedGRPOTrainer): median step {med['route'] * 1e3:.1f} ms "

@@ -3,11 +3,12 @@
     python bench/vllm_rollouts.py [--model DIR] [--reps 5] [--dtype auto]
 
 On the organism (built or reused from the cache when --model is unset) at the default batch (8 prompts x 8 rollouts,
-16 new tokens, temperature 1, no top-k/top-p): completions per second of `generate` (TRL's path without vLLM: the
-prompts repeated, left-padded, sampled in one batch) and of the engine as TRL's colocate mode builds it (`LLM(...)`
-with TRL's arguments, in this process), alternating, median over `--reps` timed batches after one warm-up each.
-Then the cost of one weight sync as the trainer does it: TRL's own `VLLMGeneration.sync_weights` with the
-`TargetWeightSync` source (dual_lora, both policies), split into the export (`policy_state_dict`) and the push.
+16 new tokens, temperature 1, no top-k/top-p; `--prompts`, `--rollouts`, `--new_tokens` change it): completions per
+second of `generate` (TRL's path without vLLM: the prompts repeated, left-padded, sampled in one batch) and of the
+engine as TRL's colocate mode builds it (`LLM(...)` with TRL's arguments, in this process), alternating, median over
+`--reps` timed batches after one warm-up each. Then the cost of one weight sync as the trainer does it: TRL's own
+`VLLMGeneration.sync_weights` with the `TargetWeightSync` source (dual_lora, both policies), split into the export
+(`policy_state_dict`) and the push.
 Prints `ratio: X.XX` (engine / generate completions per second). Needs the `__main__` guard: vLLM may spawn.
 """
 
@@ -24,9 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, RawHelpFormatter, cli  # noqa: E402
-
-PROMPTS, ROLLOUTS, NEW_TOKENS = 8, 8, 16
+from route.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -36,10 +35,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--syncs", type=int, default=5, help="timed weight syncs per policy (default: 5)")
     p.add_argument("--dtype", default="auto", help="engine dtype; auto is what TRL gets (bfloat16 on CPU)")
     p.add_argument("--seed", type=int, default=0, help="prompt sampling and generation seed (default: 0)")
-    return p.parse_args(argv)
+    p.add_argument("--prompts", type=int, default=8, help="prompts per batch (default: 8)")
+    p.add_argument("--rollouts", type=int, default=8, help="rollouts per prompt (default: 8)")
+    p.add_argument("--new_tokens", type=int, default=16, help="new tokens per rollout (default: 16)")
+    args = p.parse_args(argv)
+    for name in ("reps", "syncs", "prompts", "rollouts", "new_tokens"):
+        at_least(f"--{name}", getattr(args, name))
+    return args
 
 
-def engine(model_dir: str, dtype: str, seed: int):
+def engine(model_dir: str, dtype: str, seed: int, max_num_seqs: int):
     """The engine as TRL 1.16's colocate init builds it (external launcher: in this process)."""
     from vllm import LLM
 
@@ -52,7 +57,7 @@ def engine(model_dir: str, dtype: str, seed: int):
         tensor_parallel_size=1,
         gpu_memory_utilization=0.1,
         max_model_len=64,
-        max_num_seqs=PROMPTS * ROLLOUTS,
+        max_num_seqs=max_num_seqs,
         distributed_executor_backend="external_launcher",
         seed=seed,
         max_num_batched_tokens=4096,
@@ -64,6 +69,7 @@ def engine(model_dir: str, dtype: str, seed: int):
 @cli("bench.vllm_rollouts")
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
+    n_prompts, rollouts, new_tokens = args.prompts, args.rollouts, args.new_tokens
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     import torch
@@ -80,13 +86,13 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = str(args.model or load_or_build(OrganismConfig()))
     tok = AutoTokenizer.from_pretrained(model_dir)
     tok.padding_side = "left"
-    prompts = [r["prompt"] for r in envs.make_env("arith").dataset(PROMPTS, seed=args.seed, split="train")]
+    prompts = [r["prompt"] for r in envs.make_env("arith").dataset(n_prompts, seed=args.seed, split="train")]
     hf = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     t0 = time.perf_counter()
-    llm = engine(model_dir, args.dtype, args.seed)
+    llm = engine(model_dir, args.dtype, args.seed, n_prompts * rollouts)
     startup = time.perf_counter() - t0
-    sampling = SamplingParams(n=ROLLOUTS, temperature=1.0, max_tokens=NEW_TOKENS, logprobs=0)
-    enc = tok([p for p in prompts for _ in range(ROLLOUTS)], return_tensors="pt", padding=True)
+    sampling = SamplingParams(n=rollouts, temperature=1.0, max_tokens=new_tokens, logprobs=0)
+    enc = tok([p for p in prompts for _ in range(rollouts)], return_tensors="pt", padding=True)
     ids = [tok(p)["input_ids"] for p in prompts]
 
     def run_hf() -> int:
@@ -97,7 +103,7 @@ def main(argv: list[str] | None = None) -> None:
                 temperature=1.0,
                 top_k=0,
                 top_p=1.0,
-                max_new_tokens=NEW_TOKENS,
+                max_new_tokens=new_tokens,
                 pad_token_id=tok.pad_token_id,
             )
         return out.shape[0]
@@ -112,9 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     for _ in tqdm(range(args.reps), desc="rollouts"):
         for name, fn in (("generate", run_hf), ("engine", run_engine)):
             t = time.perf_counter()
-            assert fn() == PROMPTS * ROLLOUTS
+            assert fn() == n_prompts * rollouts
             times[name].append(time.perf_counter() - t)
-    rate = {k: PROMPTS * ROLLOUTS / statistics.median(v) for k, v in times.items()}
+    rate = {k: n_prompts * rollouts / statistics.median(v) for k, v in times.items()}
 
     target = make_target("dual_lora", AutoModelForCausalLM.from_pretrained(model_dir), keep_rank=8, quarantine_rank=8)
     with torch.no_grad():
@@ -139,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
     params = sum(p.numel() for p in hf.parameters())
     print(
-        f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {PROMPTS}x{ROLLOUTS}, {NEW_TOKENS} new "
+        f"organism {model_dir} ({params / 1e6:.2f}M parameters), batch {n_prompts}x{rollouts}, {new_tokens} new "
         f"tokens, engine dtype {llm.llm_engine.model_config.dtype}, OMP_NUM_THREADS="
         f"{os.environ.get('OMP_NUM_THREADS', 'unset')}, torch threads {torch.get_num_threads()}"
     )

@@ -182,7 +182,16 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert set(results["heads"]) == {"iav", "bias"}
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .<name>.v<id>: atomic versions
     assert visible == ["bias", "iav", "results.json"]  # no trainer leftovers
-    assert results["base"]["n"] == 8 and 0.0 <= results["heads"]["iav"]["eval"]["follow_rate"] <= 1.0
+    assert results["base"]["n"] == 8
+    # the written rates are those of the saved heads: re-measured from disk with the run's seed and decoding (the same
+    # weights and operations, so the same samples), and each is a count out of n
+    cfg = results["config"]
+    again = {r["head"]: r for r in evaluate.sweep([str(out)], [cfg["eval_alpha"]], progress=False,
+                                                  sample=cfg["eval_sample"])}
+    for head in ("iav", "bias"):
+        written = results["heads"][head]["eval"]
+        assert (again[head]["follow_rate"], again[head]["accuracy"]) == (written["follow_rate"], written["accuracy"])
+        assert all(float(written[k] * 8).is_integer() for k in ("follow_rate", "accuracy")), written
     assert "follows format" in capsys.readouterr().out
     evaluate.main(["--run", str(out), "--alphas", "0", "1", "--n", "4"])
     with open(out / "alpha_sweep.csv") as f:

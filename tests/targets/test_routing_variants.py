@@ -2,10 +2,11 @@
 
 On targets with one gated layer the table of docs/targets.md#routing-variants is exact: a row's gradient into the
 kept (quarantine) parameters is its ordinary gradient times c_k (c_q) of its mode. The reference runs one ungated
-backward per row and combines them by the table; the gated run does one backward for the whole batch.
+backward per row and combines them by the table; the gated run does one backward for the whole batch. The two sum in
+different orders, so they are compared in float64 (tests/fp.py); the step is checked against AdamW's formula on the
+routed gradient itself.
 """
 
-import copy
 
 import pytest
 import torch
@@ -14,17 +15,23 @@ from route.masks import RowGate
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.policy import routing_modes
-from route.targets import make_target
+from route.targets import available_targets, make_target
+from tests.fp import assert_adamw, assert_close_net64
 from tests.targets.helpers import batch
 
 FLAGS = [True, False, True, False]
 IDS = [f"r{i}" for i in range(len(FLAGS))]
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 CASES = [(routing, w) for routing in ("classic", "exclusive") for w in WEIGHTS]
-RAN: set = set()
+EXCLUDED = {"sgtm": "its gate acts on the model's own units in every layer, so the per-row table is not exact there"}
+NAMES = [n for n in available_targets() if n not in EXCLUDED]
 
 
-def build(name: str):
+def test_every_target_is_in_the_matrix_or_excluded_with_its_reason():
+    assert sorted(NAMES + list(EXCLUDED)) == available_targets() and len(NAMES) >= 4
+
+
+def build(name: str, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
     model = build_model(tiny_config(init_range=0.2), build_tokenizer())  # one decoder layer
     if name == "dual_lora":
@@ -46,6 +53,7 @@ def build(name: str):
         with torch.no_grad():
             t.heads.keep.weight.normal_(0, 0.2)
             t.heads.quarantine.weight.normal_(0, 0.2)
+    t.model.to(dtype)
     return t
 
 
@@ -75,46 +83,38 @@ def reference(t, ids, modes: list[str], weight: float) -> dict[str, list[torch.T
     return total
 
 
-NAMES = ["dual_lora", "dual_mlp", "svf", "logit_head"]
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(("routing", "weight"), CASES)
 def test_group_gradients_and_step_follow_the_table(name, routing, weight):
-    t = build(name)
+    t = build(name, torch.float64)
     codes = routing_modes(FLAGS, IDS, intervention="route", routing=routing)
     modes = [("forget", "retain", "default", "exclusive")[c] for c in codes.tolist()]
     assert modes[0] == "forget" and modes[1] == ("exclusive" if routing == "exclusive" else "default")
     ids = batch(len(FLAGS))
     expected = reference(t, ids, modes, weight)
-    ref = copy.deepcopy(t)
 
     t.set_soft_routing(weight)
     with t.gate(codes):
         row_loss(t, ids).backward()
     got = grads(t)
+    compared = 0
     for group in ("keep", "quarantine"):
         for g, e in zip(got[group], expected[group], strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+            assert_close_net64(g, e)
+            compared += 1
+    assert compared == sum(len(t.param_groups()[k]) for k in ("keep", "quarantine")) > 0
     if weight == 1.0:
         assert any(bool(g.abs().sum() > 0) for g in got["keep"])  # unflagged rows still train the kept part
-    # the step: SkipZeroAdamW on the routed gradients equals the same step on the reference gradients
-    opt = build_optimizer(t.param_groups(), lr=1e-2, weight_decay=0.01)
-    ref_groups = ref.param_groups()
-    for group in ("keep", "quarantine"):
-        for p, e in zip(ref_groups[group], expected[group], strict=True):
-            p.grad = e.clone()
-    ref_opt = build_optimizer(ref_groups, lr=1e-2, weight_decay=0.01)
-    opt.step()
-    ref_opt.step()
-    for group in ("keep", "quarantine"):
-        for p, q in zip(t.param_groups()[group], ref_groups[group], strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    RAN.add((name, routing, weight))
-
-
-def test_the_matrix_ran():
-    assert len(RAN) == len(NAMES) * len(CASES)
+    # the step: SkipZeroAdamW's first step on the routed gradients, parameter by parameter; one without gradient stays
+    groups = {k: t.param_groups()[k] for k in ("keep", "quarantine")}
+    before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
+    build_optimizer(t.param_groups(), lr=1e-2, weight_decay=0.01).step()
+    stepped = 0
+    for group, ps in groups.items():
+        for p, w0, g in zip(ps, before[group], got[group], strict=True):
+            assert_adamw(p.detach(), w0, [g], lr=1e-2, weight_decay=0.01, msg=f"{name} {group}")
+            stepped += int(bool(g.any()))
+    assert stepped > 0, "the step trained something"
 
 
 @pytest.mark.parametrize("name", ["dual_lora", "dual_mlp", "logit_head"])
