@@ -296,6 +296,26 @@ def test_sleep_mode_refused_on_cpu(engine_organism, tmp_path, engine_env):
         vllm.EngineArgs(model=str(engine_organism), enable_sleep_mode=True).create_engine_config()
 
 
+def test_the_rollouts_bench_runs_in_a_smoke_form(engine_organism, engine_env, monkeypatch, capfd):
+    """bench/vllm_rollouts.py in this process at tiny shapes (its own engine, as in a full run): the ratio and the
+    weight-sync lines it prints."""
+    import re
+
+    from bench.vllm_rollouts import main
+
+    restore_env_after(monkeypatch)  # the bench sets RANK, MASTER_PORT, ... as TRL's colocate init does
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        main(["--model", str(engine_organism), "--reps", "1", "--syncs", "1", "--prompts", "2", "--rollouts", "2",
+              "--new_tokens", "4", "--dtype", "float32"])
+    finally:
+        torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it process-wide
+        torch.set_num_threads(threads)
+    out = capfd.readouterr().out  # fd-level: vLLM asks sys.stdout for its fileno
+    assert re.search(r"^ratio: [0-9.]+$", out, re.M) and "batch 2x2, 4 new tokens" in out, out
+    assert len(re.findall(r"^weight sync \((deployed|full)\): [0-9.]+ ms", out, re.M)) == 2, out
+
+
 # ---------------------------------------------------------------------- server mode
 def free_port() -> int:
     with socket.socket() as s:
