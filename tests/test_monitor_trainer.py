@@ -14,6 +14,7 @@ def assert_part_rates(logged: dict, grades, parts, flags) -> None:
     for part in ("detectable", "undetectable"):
         idx = [i for i, p in enumerate(parts) if p == part]
         hacked = [i for i in idx if grades[i].exploited]
+        assert 0 < len(hacked) < len(idx), "each part holds hacks and clean rollouts"
         assert logged[f"routing/hack_rate/{part}"] == pytest.approx(len(hacked) / len(idx)), part
         if hacked:
             caught = sum(flags[i] for i in hacked) / len(hacked)
@@ -35,6 +36,21 @@ class Recorder:
         return flags
 
 
+def constructed_grades(t):
+    """Replace the environment's grades by a pattern with exploits on both parts at different rates (the tiny organism
+    rarely hacks, so its own grades would make every per-part rate 0)."""
+    from envs.base import Grade
+
+    grade = t.env.grade
+
+    def graded(prompts, completions, **columns):
+        real = grade(prompts, completions, **columns)
+        return [Grade(g.solved, True, True, g.mode) if (i % 3 == 0) == bool(d) or i % 4 == 1 else g
+                for i, (g, d) in enumerate(zip(real, columns["detectable"], strict=True))]
+
+    t.env.grade = graded
+
+
 def test_detector_gets_prompts_completions_columns_and_parts_are_logged(tiny_organism, tmp_path):
     rec = Recorder()
     t = make_trainer(
@@ -47,6 +63,7 @@ def test_detector_gets_prompts_completions_columns_and_parts_are_logged(tiny_org
         max_steps=1,
         per_device_train_batch_size=16,  # 4 prompts: both parts in the (seeded, so fixed) first batch
     )
+    constructed_grades(t)
     t.train()
     assert len(rec.calls) >= 1
     ctx = rec.calls[0]
@@ -73,6 +90,7 @@ def test_config_monitor_builds_the_prompt_conditional_detector(tiny_organism, tm
         return flags
 
     monkeypatch.setattr(PromptConditionalDetector, "__call__", recording)
+    constructed_grades(t)
     t.train()
     logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
     assert len(calls) == len(logged) == 1
