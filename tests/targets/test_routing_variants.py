@@ -16,7 +16,7 @@ from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.policy import routing_modes
 from route.targets import available_targets, make_target
-from tests.fp import assert_adamw, assert_close_net64
+from tests.fp import assert_adamw, assert_close_net64, dot_tolerance
 from tests.targets.helpers import batch
 
 FLAGS = [True, False, True, False]
@@ -188,7 +188,10 @@ def test_clamp_bounds_each_coordinate_of_the_flagged_kept_gradient(name):
         (dz,) = torch.autograd.grad(out.loss * ids.shape[0], out.logits)
         dz = ((1 - weight) * dz).clamp(-clamp, clamp)
         expected = torch.einsum("btv,bth->vh", dz, h)
-        torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-7)
+        # one dot product over the b * t rows per entry, summed in another order by the routed backward; dz and h are
+        # the same values either way (the same forward), so the bound of one sum applies (tests/fp.py)
+        tol = dot_tolerance(torch.einsum("btv,bth->vh", dz.abs(), h.abs()), dz.shape[0] * dz.shape[1], dz.dtype)
+        assert bool(((got[0] - expected).abs() <= tol).all()), float(((got[0] - expected).abs() - tol).max())
 
 
 def test_defaults_reproduce_the_classic_gate_bitwise():
@@ -231,7 +234,7 @@ def test_sgtm_refuses_soft_routing_under_parameter_masking_and_routes_exclusive_
 @pytest.mark.parametrize("routing", ["classic", "exclusive"])
 def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
     """One gated layer: `unrouted_grad` is the gradient of the ungated forward, `.grad` the routed one."""
-    t = build("dual_lora")
+    t = build("dual_lora", torch.float64)  # the ungated and the gated backward sum apart (tests/fp.py)
     ids = batch(len(FLAGS))
     row_loss(t, ids).backward()  # ungated: the gradient with no routing
     ungated = {k: [p.grad.clone() for p in ps] for k, ps in t.param_groups().items() if ps}
@@ -244,7 +247,7 @@ def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
     groups = t.param_groups()
     for group in ("keep", "quarantine"):
         for p, e in zip(groups[group], ungated[group], strict=True):
-            torch.testing.assert_close(p.unrouted_grad, e, rtol=1e-4, atol=1e-6)
+            assert_close_net64(p.unrouted_grad, e)
     routed_differs = [not torch.allclose(p.grad, p.unrouted_grad) for ps in groups.values() for p in ps]
     assert any(routed_differs)
     opt = build_optimizer(groups, lr=1e-2, split_moments=True)
