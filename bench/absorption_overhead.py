@@ -3,7 +3,8 @@
     python bench/absorption_overhead.py [--model DIR] [--steps 60] [--target dual_lora] [--threads 1]
 
 One trainer at the default experiment's shapes (configs/default.yaml: arith, batch 64, 8 generations, 16 new tokens,
-dual_lora r=8+8, route, noisy detector 0.5 / 0.05) on the cached organism. The metrics are switched on and off on
+dual_lora r=8+8, route, noisy detector 0.5 / 0.05; `--batch`, `--generations`, `--new_tokens` and `--rank` change
+them) on the cached organism. The metrics are switched on and off on
 alternate optimizer steps (the meter and the target's per-row recording together), so machine drift and the policy's
 changing completion lengths hit both; the first `--warmup` steps are dropped and the medians compared. A step is one
 optimizer step including generation, scoring, the gated loss and its backward. Prints `ratio: X.XXX` (on / off).
@@ -11,7 +12,6 @@ optimizer step including generation, scoring, the gated loss and its backward. P
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import tempfile
@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.routing_overhead import StepTimer  # noqa: E402
+from route.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 
 class Alternate(StepTimer):
@@ -37,14 +38,24 @@ class Alternate(StepTimer):
         super().on_step_begin(args, state, control, **kw)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+@cli("bench.absorption_overhead")
+def main(argv: list[str] | None = None) -> None:
+    parser = ArgumentParser(description=__doc__, formatter_class=RawHelpFormatter)
     parser.add_argument("--model", help="model directory (default: the cached organism, built if missing)")
     parser.add_argument("--steps", type=int, default=60, help="optimizer steps (half with the metrics on)")
     parser.add_argument("--warmup", type=int, default=6, help="steps dropped at the start")
-    parser.add_argument("--target", default="dual_lora", help="quarantine target (dual_lora or svf)")
+    parser.add_argument("--target", default="dual_lora", choices=["dual_lora", "svf"], help="quarantine target")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    args = parser.parse_args()
+    parser.add_argument("--batch", type=int, default=64, help="rollouts per step")
+    parser.add_argument("--generations", type=int, default=8, help="rollouts per prompt")
+    parser.add_argument("--new_tokens", type=int, default=16, help="max new tokens per rollout")
+    parser.add_argument("--rank", type=int, default=8, help="dual_lora: rank of each adapter")
+    args = parser.parse_args(argv)
+    for name in ("steps", "threads", "batch", "generations", "new_tokens", "rank"):
+        at_least(f"--{name}", getattr(args, name))
+    at_least("--warmup", args.warmup, 0)
+    if args.steps - args.warmup < 2:
+        raise ValueError(f"--steps: must leave >= 2 timed steps after --warmup {args.warmup}, got {args.steps}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,9 +74,9 @@ def main() -> None:
             gradient_checkpointing=False,
             learning_rate=1e-3,
             beta=0.0,
-            per_device_train_batch_size=64,
-            num_generations=8,
-            max_completion_length=16,
+            per_device_train_batch_size=args.batch,
+            num_generations=args.generations,
+            max_completion_length=args.new_tokens,
             max_steps=args.steps,
             logging_steps=1000,
             save_strategy="no",
@@ -79,6 +90,7 @@ def main() -> None:
             detector_tpr=0.5,
             detector_fpr=0.05,
             absorption_metrics=True,
+            **({"keep_rank": args.rank, "quarantine_rank": args.rank} if args.target == "dual_lora" else {}),
         )
         env = envs.make_env(config.env, **config.env_kwargs)
         trainer = RoutedGRPOTrainer(

@@ -11,7 +11,9 @@ device, through the same decoding loop (`route.heads.decode`):
   about a quarter of it: half the width, half the depth), next-token log-probs summed per token.
 Models are Llama-shaped with random weights (hidden >= 1024 by default, so the model's work, not
 Python, dominates). Each method runs in its own fresh process, so its peak memory (CUDA: peak
-allocated; CPU: peak resident set above the process's footprint before any model exists) is its own.
+allocated; CPU: peak resident set above the process's footprint before any model exists) is its own;
+`--in-process` runs them one after another in this process instead (a smoke run: latencies hold, the
+CPU peak memory is then the whole process's and is not a measurement).
 Per-token latency = (time for N tokens - time for 1 token) / (N - 1), median over repeats: prefill
 excluded. Ratios are against genarm_1x measured in the same run.
 """
@@ -24,7 +26,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from queue import Empty
+from queue import Empty, SimpleQueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -148,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rm_beta", type=float, default=1.0, help="GenARM-style: second model's log-probs / rm_beta")
     p.add_argument("--methods", nargs="+", default=list(METHODS), help=f"subset of {list(METHODS)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the models and prompts")
+    p.add_argument("--in-process", action="store_true", help="measure in this process (a smoke run; see above)")
     a = p.parse_args(argv)
     if a.device not in ("cpu", "cuda") and not a.device.startswith("cuda:"):
         raise ValueError(f"--device: invalid value {a.device!r}; allowed values: ['cpu', 'cuda']")
@@ -161,6 +164,11 @@ def main(argv: list[str] | None = None) -> None:
     ctx = mp.get_context("spawn")
     rows = {}
     for method in a.methods:
+        if a.in_process:
+            queue = SimpleQueue()
+            measure(method, a, queue)
+            rows[method] = queue.get()
+            continue
         queue = ctx.Queue()
         proc = ctx.Process(target=measure, args=(method, a, queue))
         proc.start()
@@ -187,7 +195,8 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['peak_bytes'] / 2**20:>10.0f}{r['peak_bytes'] / max(1, ref['peak_bytes']):>14.2f}"
             f"{r['extra_params'] / 1e6:>13.1f}M{r['extra_params'] / r['base_params']:>12.2f}"
         )
-    print("ratios: against genarm_1x (base + a second model of the same size) in this run")
+    print("ratios: against genarm_1x (base + a second model of the same size) in this run"
+          + ("; --in-process: peak memory is the whole process's, not a measurement" if a.in_process else ""))
 
 
 if __name__ == "__main__":

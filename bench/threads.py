@@ -2,6 +2,7 @@
 
     python bench/threads.py                    # 100 warm-start steps of the default organism, four phases
     python bench/threads.py --steps 50 --competitor python
+    python bench/threads.py --worker chosen --steps 1 --workload tiny    # one phase's workload, in this process
 
 The workload is `--steps` supervised warm-start steps (`route.organism.sft`) of the default organism config
 (batch 128, the full-size model; 2,000 demonstrations instead of 20,000 to start faster), from a fresh model,
@@ -14,7 +15,8 @@ without OMP_NUM_THREADS / MKL_NUM_THREADS / ROUTE_THREADS (plain `python` on a u
 3. and 4. the same with torch's default thread count (one per core), the behaviour before threads were chosen.
 
 It prints seconds per phase, the 1-minute load average before and after each (the machine may be shared), and
-for each thread setting the ratio loaded / idle. Target: the chosen setting's ratio <= 1.5.
+for each thread setting the ratio loaded / idle. Target: the chosen setting's ratio <= 1.5. `--workload tiny` runs the
+test organism's config instead (a smoke run of the script, not a measurement).
 """
 
 from __future__ import annotations
@@ -35,20 +37,24 @@ COMPETITORS = {
 }
 
 
-def worker(steps: int, mode: str, threads: int | None) -> dict:
+WORKLOADS = ("default", "tiny")
+
+
+def worker(steps: int, mode: str, threads: int | None, workload: str = "default") -> dict:
     """Run the workload in this process; `mode` "default" restores torch's own thread count after `import route`."""
     import torch
 
     default = torch.get_num_threads()  # torch's choice: nothing in the environment says otherwise
     import envs
-    from route.organism import build_model, build_tokenizer, demonstrations, organism_config, sft
+    from route.organism import build_model, build_tokenizer, demonstrations, organism_config, sft, tiny_config
     from route.threads import configure_threads
 
     if mode == "default":
         torch.set_num_threads(default)
     elif threads is not None:
         configure_threads(threads)
-    cfg = dataclasses.replace(organism_config(), n_train=2000)  # fewer demonstrations: same steps, quicker setup
+    base = organism_config() if workload == "default" else tiny_config(batch_size=8)
+    cfg = dataclasses.replace(base, n_train=min(base.n_train, 2000))  # fewer demonstrations: quicker setup
     tokenizer = build_tokenizer()
     model = build_model(cfg, tokenizer)
     pairs = demonstrations(cfg, envs.make_env(cfg.env, **cfg.env_kwargs))
@@ -58,11 +64,11 @@ def worker(steps: int, mode: str, threads: int | None) -> dict:
     return {"seconds": time.perf_counter() - start, "threads": torch.get_num_threads()}
 
 
-def phase(steps: int, mode: str, threads: int | None, competitor: str | None) -> dict:
+def phase(steps: int, mode: str, threads: int | None, competitor: str | None, workload: str = "default") -> dict:
     """One worker process (plain environment), with a competitor process beside it when `competitor` is set."""
     env = {k: v for k, v in os.environ.items() if k not in THREAD_ENV}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(steps)]
+    cmd = [sys.executable, __file__, "--worker", mode, "--steps", str(steps), "--workload", workload]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     rival = None
@@ -80,7 +86,7 @@ def phase(steps: int, mode: str, threads: int | None, competitor: str | None) ->
     return {**result, "load_before": load_before, "load_after": os.getloadavg()[0]}
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> None:  # no `import route` before a worker reads torch's default threads
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--steps", type=int, default=100, help="timed warm-start steps per phase (default: 100)")
     p.add_argument(
@@ -95,6 +101,12 @@ def main(argv: list[str] | None = None) -> None:
         default="matmul",
         help="the other CPU-bound process (default: matmul, a 1-thread torch loop)",
     )
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="default",
+        help="default: the default organism (the measurement); tiny: the test organism's config (a smoke run)",
+    )
     p.add_argument("--worker", choices=["chosen", "default"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads: must be >= 1, got {args.threads}")
     if args.worker:
-        print(json.dumps(worker(args.steps, args.worker, args.threads)))
+        print(json.dumps(worker(args.steps, args.worker, args.threads, args.workload)))
         return
     print(
         f"{args.steps} warm-start steps of the default organism (batch 128); {os.cpu_count()} CPUs; "
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = {}
     for mode in ("chosen", "default"):
         for competitor in (None, args.competitor):
-            r = phase(args.steps, mode, args.threads, competitor)
+            r = phase(args.steps, mode, args.threads, competitor, args.workload)
             rows[mode, bool(competitor)] = r
             print(
                 f"  {mode:7s} threads {r['threads']}  {'beside competitor' if competitor else 'idle':17s} "

@@ -251,3 +251,34 @@ def refresh_tied_layers(model: nn.Module) -> None:
             owner.setdefault(id(p), module)
         if tied and isinstance(getattr(module, "quant_method", None), UnquantizedEmbeddingMethod):
             module.quant_method.process_weights_after_loading(module)
+
+
+def engine_logprobs(llm: Any, ids: list[list[int]]) -> list[Tensor]:
+    """The engine's log-prob of every token of each sequence after the first (its prompt log-probs, one forward)."""
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": i} for i in ids], SamplingParams(max_tokens=1, prompt_logprobs=0),
+                        use_tqdm=False)
+    return [torch.tensor([lp[t].logprob for t, lp in zip(i[1:], o.prompt_logprobs[1:], strict=True)])
+            for i, o in zip(ids, outs, strict=True)]
+
+
+def model_logprobs(model: nn.Module, ids: list[list[int]],
+                   ctx: contextlib.AbstractContextManager | None = None) -> list[Tensor]:
+    """The same log-probs from `model`'s forward (in eval mode, inside `ctx`, e.g. `target.ablated()`), in fp32."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        with torch.no_grad(), ctx or contextlib.nullcontext():
+            for i in ids:
+                logits = model(input_ids=torch.tensor([i])).logits[0, :-1].float()
+                out.append(logits.log_softmax(-1).gather(1, torch.tensor(i[1:]).view(-1, 1)).view(-1))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def max_gap(a: list[Tensor], b: list[Tensor]) -> float:
+    """The largest per-token difference between two lists of log-prob vectors."""
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))

@@ -2,6 +2,7 @@
 
     python scripts/check_trl.py                       # newest TRL on the package index
     python scripts/check_trl.py --trl 1.17.0 --tests tests/test_trainer.py
+    python scripts/check_trl.py --python /path/to/other/python --skip-tests   # an interpreter you already have
 
 Not part of CI (it installs from the package index). Steps:
 
@@ -114,17 +115,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trl", default=None, help="TRL version to install (default: the newest on the index)")
     p.add_argument("--tests", nargs="+", default=DEFAULT_TESTS, help=f"pytest paths (default: {DEFAULT_TESTS})")
     p.add_argument("--skip-tests", action="store_true", help="only compare signatures")
+    p.add_argument(
+        "--python",
+        default=None,
+        help="compare against the TRL this interpreter has (no venv, nothing installed; --venv, --trl unused)",
+    )
     args = p.parse_args(argv)
-    env_dir = Path(args.venv)
-    python = str(env_dir / "bin" / "python")
-    if not Path(python).exists():
-        print(f"creating {env_dir} (--system-site-packages)", flush=True)
-        venv.create(env_dir, system_site_packages=True, with_pip=True)
-    spec = f"trl=={args.trl}" if args.trl else "trl"
-    subprocess.run([python, "-m", "pip", "install", "-q", "--upgrade", spec], check=True)
+    if args.python:
+        python, where = args.python, args.python
+    else:
+        env_dir = Path(args.venv)
+        python, where = str(env_dir / "bin" / "python"), str(env_dir)
+        if not Path(python).exists():
+            print(f"creating {env_dir} (--system-site-packages)", flush=True)
+            venv.create(env_dir, system_site_packages=True, with_pip=True)
+        spec = f"trl=={args.trl}" if args.trl else "trl"
+        subprocess.run([python, "-m", "pip", "install", "-q", "--upgrade", spec], check=True)
     names = watched_names()
-    old, new = run_describe(sys.executable, names), run_describe(python, names)
-    print(f"TRL installed here: {old['trl']}; in {env_dir}: {new['trl']}")
+    old, new = describe(names), run_describe(python, names)  # this interpreter in this process, the other in its own
+    print(f"TRL installed here: {old['trl']}; in {where}: {new['trl']}")
     rc = 0
     if not args.skip_tests:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}

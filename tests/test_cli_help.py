@@ -12,7 +12,7 @@ import pytest
 
 from route.errors import HelpFormatter
 
-HELP_ARGV = {  # every command line of the package (test_cli_errors checks the list is complete)
+HELP_ARGV = {  # every command line of the package (test_every_command_line_is_listed)
     "route.train_grpo": [["--help"]],
     "route.evaluate": [["--help"]],
     "route.relearn": [["--help"]],
@@ -32,6 +32,7 @@ HELP_ARGV = {  # every command line of the package (test_cli_errors checks the l
     **{
         f"bench.{name}": [["--help"]]
         for name in (
+            "absorption_overhead",
             "coding_throughput",
             "gpu_check",
             "heads_decode",
@@ -72,6 +73,12 @@ def help_of(module: str, monkeypatch, capsys) -> tuple[str, list[argparse.Argume
         monkeypatch.undo()
         _HELP[module] = ("\n".join(texts), parsers)
     return _HELP[module]
+
+
+def test_every_command_line_is_listed():
+    from tests.test_cli_errors import CASES  # the table checked against every `@cli(...)` main of the package
+
+    assert set(HELP_ARGV) == {m for m, _, _ in CASES}
 
 
 @pytest.mark.parametrize("module", list(HELP_ARGV))

@@ -178,9 +178,12 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
     ids = tok(["mul 347*6 g=exact>2082"] * 2, return_tensors="pt").input_ids
     with torch.no_grad():
         plain_logits = AutoModelForCausalLM.from_pretrained(tiny_organism)(ids).logits
+    from route.targets import available_targets
+
+    fields = {"svf": dict(svf_reserve_axes=[0, 1])}
     checked = []
-    for fields in (dict(), dict(target="svf", svf_reserve_axes=[0, 1]), dict(target="sgtm"), dict(target="dual_mlp")):
-        config = build_config(output_dir=str(tmp_path / "run"), **TINY, **fields)
+    for name in available_targets():
+        config = build_config(output_dir=str(tmp_path / "run"), **TINY, target=name, **fields.get(name, {}))
         model = AutoModelForCausalLM.from_pretrained(tiny_organism)
         trainer = RoutedGRPOTrainer(model=model, args=config, processing_class=tok,
                                     train_dataset=env.dataset(8, seed=0, split="train"))
@@ -188,7 +191,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
             assert torch.equal(trainer.target.model(ids).logits, plain_logits), config.target
         assert json.dumps(evaluate_policy(trainer.target.model, tok, env, n=32, max_new_tokens=8)) == json.dumps(plain)
         checked.append(config.target)
-    assert checked == ["dual_lora", "svf", "sgtm", "dual_mlp"]
+    assert checked == available_targets() and len(checked) >= 5
 
 
 def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeypatch, no_work):

@@ -290,8 +290,10 @@ def test_end_to_end_two_cell_sweep(tiny_organism, tmp_path):
     rows = list(csv.DictReader(open(out / "sweep.csv")))
     assert [(r["intervention"], r["status"]) for r in rows] == [("none", "done"), ("route", "done")]
     for r in rows:
-        assert 0.0 <= float(r["deployed_hack_rate"]) <= 1.0 and r["base_solve_rate"] != ""
         cell = out / "cells" / r["cell"]
+        result = json.loads((cell / "results.json").read_text())  # the table's numbers are the cell's own
+        assert float(r["deployed_hack_rate"]) == pytest.approx(result["deployed"]["hack_rate"])
+        assert float(r["base_solve_rate"]) == pytest.approx(result["base"]["solve_rate"])
         assert (cell / "deployed" / "config.json").exists()
         assert yaml.safe_load((cell / "cell.yaml").read_text())["max_steps"] == 1
         assert "train: step 1/1 (100%)" in (cell / "train.log").read_text(), "the cell's progress in its train.log"

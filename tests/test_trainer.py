@@ -141,27 +141,54 @@ def test_generation_policy(tiny_organism, tmp_path, policy, entered):
     assert len(calls) == entered
 
 
+def _snapshot(trainer) -> dict[str, list[torch.Tensor]]:
+    return {k: [p.detach().clone() for p in ps] for k, ps in trainer.target.param_groups().items()}
+
+
+def _moved(before, trainer) -> dict[str, int]:
+    """How many tensors of each group changed."""
+    now = trainer.target.param_groups()
+    return {k: sum(not torch.equal(a, b) for a, b in zip(before[k], now[k], strict=True)) for k in before}
+
+
 @pytest.mark.parametrize("intervention", ["none", "filter", "penalty", "route"])
 def test_three_step_run(tiny_organism, tmp_path, intervention):
-    t = make_trainer(tiny_organism, tmp_path, intervention=intervention, detector_fpr=0.5)
+    """A reward that varies within every group (the completion's length) so that every arm trains: the kept part
+    moves in every arm, the quarantine only under route (flagged rollouts in forget mode)."""
+    from tests.targets.test_registry import length_reward
+
+    t = make_trainer(tiny_organism, tmp_path, intervention=intervention, detector_fpr=0.5, reward_funcs=[length_reward])
+    before = _snapshot(t)
     t.train()
     assert t.state.global_step == 3
     logged = [h for h in t.state.log_history if "routing/flag_rate" in h]
     assert len(logged) == 3
     for key in ("env/hack_rate", "env/solve_rate", "routing/frac_forget", "grad_norm/keep", "grad_norm/quarantine"):
         assert key in logged[-1], key
+    assert all(h["reward_std"] > 0 for h in logged), "every step had a learning signal"
     forget = sum(h["routing/frac_forget"] for h in logged)
     assert (forget > 0) == (intervention == "route")
+    moved = _moved(before, t)
+    assert moved["keep"] == len(before["keep"]) > 0, moved
+    assert (moved["quarantine"] > 0) == (intervention == "route"), moved
+    assert all(h["grad_norm/keep"] > 0 for h in logged)
     out = t.save_deployed()
     assert (tmp_path / "run" / "deployed" / "model.safetensors").exists() and out.endswith("deployed")
 
 
 def test_same_seed_same_run(tiny_organism, tmp_path):
+    """Two runs with one seed, in one process: the same operations in the same order, so the same weights bit for bit;
+    both train (a reward that varies within groups), so the equality is not that of two untouched models."""
+    from tests.targets.test_registry import length_reward
+
     runs = []
     for i in range(2):
-        t = make_trainer(tiny_organism, tmp_path / str(i), max_steps=2, detector_fpr=0.5)
+        t = make_trainer(tiny_organism, tmp_path / str(i), max_steps=2, detector_fpr=0.5, reward_funcs=[length_reward])
+        before = _snapshot(t)
         t.train()
-        runs.append([p.detach().clone() for p in t.target.param_groups()["keep"]])
+        moved = _moved(before, t)
+        assert moved["keep"] == len(before["keep"]) > 0 and moved["quarantine"] > 0, moved
+        runs.append([p.detach().clone() for ps in t.target.param_groups().values() for p in ps])
     assert len(runs[0]) > 0
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 

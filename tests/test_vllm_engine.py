@@ -38,7 +38,7 @@ from route.masks import FORGET  # noqa: E402
 from route.targets import available_targets  # noqa: E402
 from route.targets.dual_mlp import ENGINE_DIR  # noqa: E402
 from route.vllm_serve import WeightPushClient  # noqa: E402
-from route.vllm_sync import check_vllm_config  # noqa: E402
+from route.vllm_sync import check_vllm_config, engine_logprobs, max_gap, model_logprobs  # noqa: E402
 from tests.fake_vllm import restore_env_after  # noqa: E402
 from tests.test_trainer import TINY, ParityDetector  # noqa: E402
 from tests.test_vllm import perturb, snapshot, vllm_trainer  # noqa: E402
@@ -126,33 +126,8 @@ def batch(org) -> list[list[int]]:
     return [tok(t)["input_ids"] for t in TEXTS]
 
 
-def engine_logps(llm, ids: list[list[int]]) -> list[torch.Tensor]:
-    """The engine's log-prob of every token after the first (prompt log-probs of one forward)."""
-    from vllm import SamplingParams
-
-    outs = llm.generate(
-        [{"prompt_token_ids": i} for i in ids], SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False
-    )
-    return [
-        torch.tensor([lp[t].logprob for t, lp in zip(i[1:], o.prompt_logprobs[1:], strict=True)])
-        for i, o in zip(ids, outs, strict=True)
-    ]
-
-
-def forward_logps(model, ids: list[list[int]], ctx=None) -> list[torch.Tensor]:
-    was_training = model.training
-    model.eval()
-    out = []
-    with torch.no_grad(), ctx or contextlib.nullcontext():
-        for i in ids:
-            logits = model(input_ids=torch.tensor([i])).logits[0, :-1].float()
-            out.append(logits.log_softmax(-1).gather(1, torch.tensor(i[1:]).view(-1, 1)).view(-1))
-    model.train(was_training)
-    return out
-
-
 def policy_logps(trainer, ids, policy):
-    return forward_logps(trainer.model, ids, trainer.target.ablated() if policy == "deployed" else None)
+    return model_logprobs(trainer.model, ids, trainer.target.ablated() if policy == "deployed" else None)
 
 
 def same_or_zero_padded(pushed: torch.Tensor, saved: torch.Tensor) -> bool:
@@ -165,10 +140,6 @@ def same_or_zero_padded(pushed: torch.Tensor, saved: torch.Tensor) -> bool:
         return False
     head, rest = pushed.split([saved.shape[dims[0]], pushed.shape[dims[0]] - saved.shape[dims[0]]], dim=dims[0])
     return torch.equal(head, saved) and not bool(rest.any())
-
-
-def max_diff(a, b) -> float:
-    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
 def record_loads(trainer, monkeypatch) -> list[dict[str, torch.Tensor]]:
@@ -207,18 +178,18 @@ def test_colocate_trains_every_target_and_policy(engine_organism, tmp_path, monk
     t.vllm_generation.sync_weights()  # the trained weights
     assert len(loads) == 3 and set(loads[-1]) == set(t.weight_sync.state_dict())
     ids = batch(engine_organism)
-    served = engine_logps(shared_llm["llm"], ids)
+    served = engine_logprobs(shared_llm["llm"], ids)
     other = "full" if policy == "deployed" else "deployed"
-    assert max_diff(policy_logps(t, ids, policy), policy_logps(t, ids, other)) > 0.1, (
+    assert max_gap(policy_logps(t, ids, policy), policy_logps(t, ids, other)) > 0.1, (
         "the quarantine must matter for this test"
     )
-    assert max_diff(served, policy_logps(t, ids, policy)) < LOGP_TOL
+    assert max_gap(served, policy_logps(t, ids, policy)) < LOGP_TOL
     if policy == "deployed":
         path = t.save_deployed()
         checkpoint = load_file(f"{path}/model.safetensors")
         assert set(loads[-1]) <= set(checkpoint)
         assert all(same_or_zero_padded(loads[-1][k], checkpoint[k]) for k in loads[-1])
-        assert max_diff(served, forward_logps(AutoModelForCausalLM.from_pretrained(path), ids)) < LOGP_TOL
+        assert max_gap(served, model_logprobs(AutoModelForCausalLM.from_pretrained(path), ids)) < LOGP_TOL
 
 
 @pytest.mark.parametrize("policy", ["deployed", "full"])
@@ -234,10 +205,10 @@ def test_colocate_logprobs_after_each_sync_and_training_weights_untouched(
         t.vllm_generation.sync_weights()
         after = snapshot(t.model)
         assert all(torch.equal(before[k], after[k]) for k in before)  # base, kept and quarantine, bit for bit
-        served = engine_logps(shared_llm["llm"], ids)
-        assert max_diff(served, policy_logps(t, ids, policy)) < LOGP_TOL, step
+        served = engine_logprobs(shared_llm["llm"], ids)
+        assert max_gap(served, policy_logps(t, ids, policy)) < LOGP_TOL, step
         if previous is not None:
-            assert max_diff(served, previous) > 0.1, "each sync must change what the engine computes"
+            assert max_gap(served, previous) > 0.1, "each sync must change what the engine computes"
         previous = served
     assert len(loads) == 3
 
@@ -249,13 +220,13 @@ def test_colocate_tied_embedding_update_reaches_the_lm_head(engine_organism, tmp
     assert embedding.requires_grad and t.model.config.tie_word_embeddings
     ids = batch(engine_organism)
     t.vllm_generation.sync_weights()
-    before = engine_logps(shared_llm["llm"], ids)
+    before = engine_logprobs(shared_llm["llm"], ids)
     with torch.no_grad():
         embedding.add_(torch.randn_like(embedding) * 0.3)
     t.vllm_generation.sync_weights()
-    served = engine_logps(shared_llm["llm"], ids)
-    assert max_diff(served, before) > 0.1
-    assert max_diff(served, policy_logps(t, ids, "deployed")) < LOGP_TOL
+    served = engine_logprobs(shared_llm["llm"], ids)
+    assert max_gap(served, before) > 0.1
+    assert max_gap(served, policy_logps(t, ids, "deployed")) < LOGP_TOL
 
 
 def test_colocate_importance_sampling_keeps_forget_rollouts(engine_organism, tmp_path, shared_llm):
@@ -294,6 +265,29 @@ def test_sleep_mode_refused_on_cpu(engine_organism, tmp_path, engine_env):
         check_vllm_config(config)
     with pytest.raises(ValueError, match="Sleep mode is not supported"):  # what vLLM says when asked directly
         vllm.EngineArgs(model=str(engine_organism), enable_sleep_mode=True).create_engine_config()
+
+
+def test_the_rollouts_bench_runs_in_a_smoke_form(engine_organism, engine_env, monkeypatch, capfd):
+    """bench/vllm_rollouts.py in this process at tiny shapes (its own engine, as in a full run): the ratio and the
+    weight-sync lines it prints, and after each sync the engine serving the synced policy (fp32: within `LOGP_TOL`)."""
+    import re
+
+    from bench.vllm_rollouts import main
+
+    restore_env_after(monkeypatch)  # the bench sets RANK, MASTER_PORT, ... as TRL's colocate init does
+    set_num_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        main(["--model", str(engine_organism), "--reps", "1", "--syncs", "1", "--prompts", "2", "--rollouts", "2",
+              "--new_tokens", "4", "--dtype", "float32"])
+    finally:
+        torch.set_num_threads = set_num_threads  # vLLM's CPU worker replaces it process-wide
+        torch.set_num_threads(threads)
+    out = capfd.readouterr().out  # fd-level: vLLM asks sys.stdout for its fileno
+    assert re.search(r"^ratio: [0-9.]+$", out, re.M) and "batch 2x2, 4 new tokens" in out, out
+    assert len(re.findall(r"^weight sync \((deployed|full)\): [0-9.]+ ms", out, re.M)) == 2, out
+    gaps = re.findall(r"^log-prob gap after sync \d \((deployed|full)\): (\S+) to the \1 policy, (\S+) to", out, re.M)
+    assert [g[0] for g in gaps] == ["deployed"] * 2 + ["full"] * 2, out  # --syncs 1: one warm-up sync and one timed
+    assert all(float(gap) < LOGP_TOL < float(off) for _, gap, off in gaps), out  # the synced policy, not the other
 
 
 # ---------------------------------------------------------------------- server mode
@@ -400,4 +394,4 @@ def test_server_trains_with_weights_pushed_through_the_client(engine_organism, t
     ids = batch(engine_organism)
     t.vllm_generation.sync_weights()
     assert client.pushes == 3
-    assert max_diff(server_logps(vllm_server, ids), policy_logps(t, ids, policy)) < LOGP_TOL
+    assert max_gap(server_logps(vllm_server, ids), policy_logps(t, ids, policy)) < LOGP_TOL

@@ -26,9 +26,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 import envs  # noqa: E402
 from route.cli import build_config  # noqa: E402
 from route.trainer import RoutedGRPOTrainer  # noqa: E402
+from route.vllm_sync import engine_logprobs, max_gap  # noqa: E402
 from tests.fake_vllm import restore_env_after  # noqa: E402
 from tests.test_vllm import perturb  # noqa: E402
-from tests.test_vllm_engine import engine_env, engine_logps, max_diff, policy_logps, record_loads  # noqa: E402, F401
+from tests.test_vllm_engine import engine_env, policy_logps, record_loads  # noqa: E402, F401
 
 pytestmark = [pytest.mark.vllm_engine, pytest.mark.real_model]
 
@@ -86,10 +87,10 @@ def test_colocate_engine_generates_for_the_trainer_and_matches_the_deployed_poli
     for step in range(2):  # with the training step's own sync (checked by TRL above): three syncs
         perturb(t, std=0.05, seed=step)  # stands in for an optimizer step: the kept part and the quarantine move
         t.vllm_generation.sync_weights()
-        served = engine_logps(real_llm["llm"], ids)
-        assert max_diff(served, policy_logps(t, ids, "deployed")) < LOGP_TOL, step
-        assert max_diff(served, policy_logps(t, ids, "full")) > 100 * LOGP_TOL, "the quarantine must matter here"
+        served = engine_logprobs(real_llm["llm"], ids)
+        assert max_gap(served, policy_logps(t, ids, "deployed")) < LOGP_TOL, step
+        assert max_gap(served, policy_logps(t, ids, "full")) > 100 * LOGP_TOL, "the quarantine must matter here"
         if previous is not None:
-            assert max_diff(served, previous) > 100 * LOGP_TOL, "each sync must change what the engine computes"
+            assert max_gap(served, previous) > 100 * LOGP_TOL, "each sync must change what the engine computes"
         previous = served
     assert len(loads) == 3

@@ -71,7 +71,7 @@ def subspace_scores(bases: Sequence[Tensor | None], grads: dict[int, Tensor]) ->
     for i, g in grads.items():
         basis = bases[i]
         sq = g.pow(2).sum(1)
-        proj = (g @ basis.T).pow(2).sum(1) if basis is not None else torch.zeros_like(sq)
+        proj = (g @ basis.T.to(g)).pow(2).sum(1) if basis is not None else torch.zeros_like(sq)
         num, den = (proj, sq) if num is None else (num + proj, den + sq)
     return torch.where(den > 0, (num / den.clamp_min(1e-30)).sqrt(), torch.zeros_like(den)).clamp(max=1.0)
 

@@ -17,9 +17,12 @@ With grouped KV heads a head index is a KV head: the KV head and its whole query
 
 Departures from the seed's code, which checks none of this: `validate(model)` rejects an out-of-range
 layer or index, a slot used twice (within one field or across the fields of its kind, heads or
-columns: an overlapping key cannot be undone by `unapply` and would have its gradient scaled twice), a
-same-layer swap of a whole head or column (heads and columns of one layer are interchangeable, so such a
-swap changes nothing and hides nothing), and unknown fields; each error names the offending swap.
+columns: the seed applies swaps one after another and unapplies by applying them again in the same
+order, which restores the weights only when no slot repeats; such a key would also have its gradient
+scaled twice), and unknown fields; each error names the offending swap. A same-layer swap of a whole
+head or column is applied as the seed applies it (the layout changes, the function does not: units of
+one layer are interchangeable, so the swap hides nothing), with a warning naming it. Every key the
+seed's generator writes (slots shuffled, paired across layers, none reused) loads and applies as there.
 """
 
 from __future__ import annotations
@@ -27,13 +30,15 @@ from __future__ import annotations
 import json
 import os
 import random
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 FIELDS = ("attn_heads", "mlp_cols", "attn_out_heads", "mlp_up_cols", "mlp_down_cols")
 KIND = {"attn_heads": "head", "attn_out_heads": "head", "mlp_cols": "col", "mlp_up_cols": "col", "mlp_down_cols": "col"}
-WHOLE = ("attn_heads", "mlp_cols")  # swaps of whole units: a same-layer swap is the identity function
+UNIT = {"head": "head", "col": "MLP column"}
+WHOLE = ("attn_heads", "mlp_cols")  # swaps of whole units: a same-layer one leaves the function unchanged
 
 Slot = tuple[int, int]
 Swap = tuple[Slot, Slot]
@@ -118,8 +123,9 @@ class PermutationKey:
     def validate(self, model) -> PermutationKey:
         """Check the key against `model` (or a `route.tiered.layout.ModelLayout`); returns self.
 
-        Raises a ValueError naming the offending swap for an out-of-range layer or index, a slot
-        used twice, or a same-layer swap of a whole head or column.
+        Raises a ValueError naming the offending swap for an out-of-range layer or index or a slot
+        used twice; warns (UserWarning) about each same-layer swap of a whole head or column, which is
+        applied but leaves the model's function unchanged.
         """
         from route.tiered.layout import ModelLayout, model_layout
 
@@ -141,10 +147,13 @@ class PermutationKey:
                             f"{where}: index {idx} out of range; each layer has {size[kind]} {what} "
                             f"(0..{size[kind] - 1})"
                         )
-                if f in WHOLE and a[0] == b[0]:
-                    raise ValueError(
-                        f"{where}: a same-layer swap of a whole {kind} changes nothing (units of a layer "
-                        "are interchangeable); swap across layers"
+                if f in WHOLE and a[0] == b[0] and a != b:
+                    warnings.warn(
+                        f"{where}: a same-layer swap of a whole {UNIT[kind]} is applied but leaves the function "
+                        "unchanged (units of a layer are interchangeable), so it hides nothing; swap across "
+                        "layers to key it",
+                        UserWarning,
+                        stacklevel=2,
                     )
                 for slot in (a, b):
                     prior = used.get((kind, *slot))

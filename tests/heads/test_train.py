@@ -145,6 +145,53 @@ def test_config_validation(tmp_path):
         parse_config(["--config", str(path)])
 
 
+class ScriptedModel(torch.nn.Module):
+    """Stands in for a head model in `rates`: `generate` answers each prompt with a given completion."""
+
+    def __init__(self, tokenizer, answers: dict[str, str]):
+        super().__init__()
+        self.tok, self.answers, self.anchor = tokenizer, answers, torch.nn.Parameter(torch.zeros(1))
+        self.calls = []
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def generate(self, input_ids, attention_mask, alpha, **kw):
+        self.calls.append((alpha, kw["do_sample"]))
+        prompts = self.tok.batch_decode(input_ids, skip_special_tokens=True)
+        new = [self.tok(self.answers[p], add_special_tokens=False)["input_ids"] for p in prompts]
+        width = max(map(len, new))
+        pad = self.tok.pad_token_id
+        rows = [n + [pad] * (width - len(n)) for n in new]
+        return torch.cat([input_ids, torch.tensor(rows, dtype=input_ids.dtype)], dim=1)
+
+
+def test_rates_count_follows_and_correct_answers():
+    """`rates` on completions whose grades are known: the format named (follows) and the right sum (correct) counted
+    separately, over every prompt, whatever the batch split."""
+    from route.heads import task
+    from route.heads.evaluate import rates
+    from route.organism import build_tokenizer
+
+    tok = build_tokenizer()
+    probs = task.problems(8, seed=0, split="eval")
+    wrong = {p.fmt: next(f for f in sorted(task.FORMATS) if f != p.fmt) for p in probs}
+    kinds = ["follow", "follow", "follow", "other_format", "other_format", "wrong_sum", "garbage", "garbage"]
+    answers = {}
+    for p, kind in zip(probs, kinds, strict=True):
+        answers[p.prompt] = {
+            "follow": task.render(p.a + p.b, p.fmt),  # follows, correct
+            "other_format": task.render(p.a + p.b, wrong[p.fmt]),  # correct only
+            "wrong_sum": task.render(p.a + p.b + 1, p.fmt),  # follows only
+            "garbage": "zz",  # neither
+        }[kind]
+    model = ScriptedModel(tok, answers)
+    r = rates(model, tok, probs, alpha=1.5, max_new_tokens=4, batch_size=3, sample=False)
+    assert (r["follow_rate"], r["accuracy"], r["n"], r["decoding"]) == (4 / 8, 5 / 8, 8, "greedy")
+    assert model.calls == [(1.5, False)] * 3, "three batches of at most 3, at the alpha and decoding asked for"
+
+
 def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     """The CLI path on a tiny embedded base: results.json, saved heads that reload from the recorded base, CSV, PNG."""
     import csv
@@ -182,7 +229,17 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     assert set(results["heads"]) == {"iav", "bias"}
     visible = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # .<name>.v<id>: atomic versions
     assert visible == ["bias", "iav", "results.json"]  # no trainer leftovers
-    assert results["base"]["n"] == 8 and 0.0 <= results["heads"]["iav"]["eval"]["follow_rate"] <= 1.0
+    assert results["base"]["n"] == 8
+    # the written rates are those of the saved heads: re-measured from disk with the run's seed and decoding (the same
+    # weights and operations, so the same samples), and each is a count out of n
+    cfg = results["config"]
+    again = {r["head"]: r for r in evaluate.sweep([str(out)], [cfg["eval_alpha"]], progress=False,
+                                                  sample=cfg["eval_sample"])}
+    for head in ("iav", "bias"):
+        written = results["heads"][head]["eval"]
+        assert written["alpha"] == cfg["eval_alpha"] and written["n"] == 8
+        assert (again[head]["follow_rate"], again[head]["accuracy"]) == (written["follow_rate"], written["accuracy"])
+        assert all(float(written[k] * 8).is_integer() for k in ("follow_rate", "accuracy")), written
     assert "follows format" in capsys.readouterr().out
     evaluate.main(["--run", str(out), "--alphas", "0", "1", "--n", "4"])
     with open(out / "alpha_sweep.csv") as f:

@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
-from tests.targets.helpers import batch, logits
+from tests.fp import assert_close_net64
+from tests.targets.helpers import batch, logits, on_grid
 
 
 @pytest.fixture
@@ -68,18 +69,23 @@ def test_which_head_moves_after_optimizer_step(target, mode):
 
 
 def test_ablate_and_export_a_plain_untied_checkpoint(target, tmp_path):
+    """Every weight on a 2**-6 grid, so the export's float32 merge of the heads into the vocabulary head is exact
+    (`on_grid`); the checkpoint's forward then differs from the target's only in summation order: float64 (tests/fp.py).
+    After `ablate()` the same operations as the ablated forward (a zero head added): bit for bit."""
+    on_grid(target.model)
+    target.model.double()
     ids = batch()
     deployed = logits(target, ids, target.ablated())
     weights = {k: v.clone() for k, v in target.model.state_dict().items() if not k.startswith("route_logit_heads")}
     target.save_deployed(str(tmp_path / "dep"))
-    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dep")
-    torch.testing.assert_close(plain(input_ids=ids).logits, deployed, rtol=1e-5, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "dep").double()
+    assert_close_net64(plain(input_ids=ids).logits, deployed)
     assert plain.get_output_embeddings().weight is not plain.get_input_embeddings().weight  # untied on export
     sd = target.merged_state_dict(quarantine=True)
     with torch.no_grad():
         full = logits(target, ids)
     plain.load_state_dict(sd, strict=False)
-    torch.testing.assert_close(plain(input_ids=ids).logits, full, rtol=1e-5, atol=1e-5)
+    assert_close_net64(plain(input_ids=ids).logits, full)
     for k, v in target.model.state_dict().items():  # the export never touched the training weights
         if k in weights:
             assert torch.equal(v, weights[k]), k

@@ -2,10 +2,11 @@
 
 On targets with one gated layer the table of docs/targets.md#routing-variants is exact: a row's gradient into the
 kept (quarantine) parameters is its ordinary gradient times c_k (c_q) of its mode. The reference runs one ungated
-backward per row and combines them by the table; the gated run does one backward for the whole batch.
+backward per row and combines them by the table; the gated run does one backward for the whole batch. The two sum in
+different orders, so they are compared in float64 (tests/fp.py); the step is checked against AdamW's formula on the
+routed gradient itself.
 """
 
-import copy
 
 import pytest
 import torch
@@ -14,38 +15,63 @@ from route.masks import RowGate
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.policy import routing_modes
-from route.targets import make_target
+from route.targets import available_targets, make_target
+from tests.fp import assert_adamw, assert_close_net64, dot_tolerance
 from tests.targets.helpers import batch
 
 FLAGS = [True, False, True, False]
 IDS = [f"r{i}" for i in range(len(FLAGS))]
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 CASES = [(routing, w) for routing in ("classic", "exclusive") for w in WEIGHTS]
-RAN: set = set()
+EXCLUDED = {  # registered targets left out of this matrix, each with its reason
+    "sgtm": "its default strategy (the SGTM seed's parameter masking) refuses soft routing (route_weight must be 1) "
+    "and routes by the seed's masking rule, not this table (tests/targets/test_sgtm.py covers it)",
+}
 
 
-def build(name: str):
+def _dual_lora(model):
+    t = make_target("dual_lora", model, keep_rank=4, quarantine_rank=4, target_modules=["down_proj"])
+    with torch.no_grad():
+        for _, layer in t.layers:
+            for adapter in ("keep", "quarantine"):
+                layer.lora_B[adapter].weight.normal_(0, 0.2)
+    return t
+
+
+def _dual_mlp(model):
+    t = make_target("dual_mlp", model, keep_units=4, quarantine_units=3)
+    with torch.no_grad():  # output columns start at zero: give them values so every unit carries gradient
+        for ps in t.param_groups().values():
+            for p in ps:
+                p.normal_(0, 0.2)
+    return t
+
+
+def _svf(model):
+    return make_target("svf", model, rank=None, target_modules=["down_proj"], reserve_axes=[0, 1], progress=False)
+
+
+def _logit_head(model):
+    t = make_target("logit_head", model)
+    with torch.no_grad():
+        t.heads.keep.weight.normal_(0, 0.2)
+        t.heads.quarantine.weight.normal_(0, 0.2)
+    return t
+
+
+BUILDERS = {"dual_lora": _dual_lora, "dual_mlp": _dual_mlp, "svf": _svf, "logit_head": _logit_head}
+NAMES = sorted(BUILDERS)
+
+
+def test_every_target_is_in_the_matrix_or_excluded_with_its_reason():
+    """A newly registered target fails here until it gets a builder (joining the matrix) or a reason to stay out."""
+    assert sorted([*BUILDERS, *EXCLUDED]) == available_targets() and not set(BUILDERS) & set(EXCLUDED)
+
+
+def build(name: str, dtype: torch.dtype = torch.float32):
     torch.manual_seed(0)
-    model = build_model(tiny_config(init_range=0.2), build_tokenizer())  # one decoder layer
-    if name == "dual_lora":
-        t = make_target("dual_lora", model, keep_rank=4, quarantine_rank=4, target_modules=["down_proj"])
-        with torch.no_grad():
-            for _, layer in t.layers:
-                for adapter in ("keep", "quarantine"):
-                    layer.lora_B[adapter].weight.normal_(0, 0.2)
-    elif name == "dual_mlp":
-        t = make_target("dual_mlp", model, keep_units=4, quarantine_units=3)
-        with torch.no_grad():  # output columns start at zero: give them values so every unit carries gradient
-            for ps in t.param_groups().values():
-                for p in ps:
-                    p.normal_(0, 0.2)
-    elif name == "svf":
-        t = make_target("svf", model, rank=None, target_modules=["down_proj"], reserve_axes=[0, 1], progress=False)
-    else:
-        t = make_target("logit_head", model)
-        with torch.no_grad():
-            t.heads.keep.weight.normal_(0, 0.2)
-            t.heads.quarantine.weight.normal_(0, 0.2)
+    t = BUILDERS[name](build_model(tiny_config(init_range=0.2), build_tokenizer()))  # one decoder layer
+    t.model.to(dtype)
     return t
 
 
@@ -75,46 +101,38 @@ def reference(t, ids, modes: list[str], weight: float) -> dict[str, list[torch.T
     return total
 
 
-NAMES = ["dual_lora", "dual_mlp", "svf", "logit_head"]
-
-
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize(("routing", "weight"), CASES)
 def test_group_gradients_and_step_follow_the_table(name, routing, weight):
-    t = build(name)
+    t = build(name, torch.float64)
     codes = routing_modes(FLAGS, IDS, intervention="route", routing=routing)
     modes = [("forget", "retain", "default", "exclusive")[c] for c in codes.tolist()]
     assert modes[0] == "forget" and modes[1] == ("exclusive" if routing == "exclusive" else "default")
     ids = batch(len(FLAGS))
     expected = reference(t, ids, modes, weight)
-    ref = copy.deepcopy(t)
 
     t.set_soft_routing(weight)
     with t.gate(codes):
         row_loss(t, ids).backward()
     got = grads(t)
+    compared = 0
     for group in ("keep", "quarantine"):
         for g, e in zip(got[group], expected[group], strict=True):
-            torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+            assert_close_net64(g, e)
+            compared += 1
+    assert compared == sum(len(t.param_groups()[k]) for k in ("keep", "quarantine")) > 0
     if weight == 1.0:
         assert any(bool(g.abs().sum() > 0) for g in got["keep"])  # unflagged rows still train the kept part
-    # the step: SkipZeroAdamW on the routed gradients equals the same step on the reference gradients
-    opt = build_optimizer(t.param_groups(), lr=1e-2, weight_decay=0.01)
-    ref_groups = ref.param_groups()
-    for group in ("keep", "quarantine"):
-        for p, e in zip(ref_groups[group], expected[group], strict=True):
-            p.grad = e.clone()
-    ref_opt = build_optimizer(ref_groups, lr=1e-2, weight_decay=0.01)
-    opt.step()
-    ref_opt.step()
-    for group in ("keep", "quarantine"):
-        for p, q in zip(t.param_groups()[group], ref_groups[group], strict=True):
-            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
-    RAN.add((name, routing, weight))
-
-
-def test_the_matrix_ran():
-    assert len(RAN) == len(NAMES) * len(CASES)
+    # the step: SkipZeroAdamW's first step on the routed gradients, parameter by parameter; one without gradient stays
+    groups = {k: t.param_groups()[k] for k in ("keep", "quarantine")}
+    before = {k: [p.detach().clone() for p in ps] for k, ps in groups.items()}
+    build_optimizer(t.param_groups(), lr=1e-2, weight_decay=0.01).step()
+    stepped = 0
+    for group, ps in groups.items():
+        for p, w0, g in zip(ps, before[group], got[group], strict=True):
+            assert_adamw(p.detach(), w0, [g], lr=1e-2, weight_decay=0.01, msg=f"{name} {group}")
+            stepped += int(bool(g.any()))
+    assert stepped > 0, "the step trained something"
 
 
 @pytest.mark.parametrize("name", ["dual_lora", "dual_mlp", "logit_head"])
@@ -170,7 +188,10 @@ def test_clamp_bounds_each_coordinate_of_the_flagged_kept_gradient(name):
         (dz,) = torch.autograd.grad(out.loss * ids.shape[0], out.logits)
         dz = ((1 - weight) * dz).clamp(-clamp, clamp)
         expected = torch.einsum("btv,bth->vh", dz, h)
-        torch.testing.assert_close(got[0], expected, rtol=1e-4, atol=1e-7)
+        # one dot product over the b * t rows per entry, summed in another order by the routed backward; dz and h are
+        # the same values either way (the same forward), so the bound of one sum applies (tests/fp.py)
+        tol = dot_tolerance(torch.einsum("btv,bth->vh", dz.abs(), h.abs()), dz.shape[0] * dz.shape[1], dz.dtype)
+        assert bool(((got[0] - expected).abs() <= tol).all()), float(((got[0] - expected).abs() - tol).max())
 
 
 def test_defaults_reproduce_the_classic_gate_bitwise():
@@ -213,7 +234,7 @@ def test_sgtm_refuses_soft_routing_under_parameter_masking_and_routes_exclusive_
 @pytest.mark.parametrize("routing", ["classic", "exclusive"])
 def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
     """One gated layer: `unrouted_grad` is the gradient of the ungated forward, `.grad` the routed one."""
-    t = build("dual_lora")
+    t = build("dual_lora", torch.float64)  # the ungated and the gated backward sum apart (tests/fp.py)
     ids = batch(len(FLAGS))
     row_loss(t, ids).backward()  # ungated: the gradient with no routing
     ungated = {k: [p.grad.clone() for p in ps] for k, ps in t.param_groups().items() if ps}
@@ -226,7 +247,7 @@ def test_dual_lora_records_the_unrouted_gradient_in_the_same_backward(routing):
     groups = t.param_groups()
     for group in ("keep", "quarantine"):
         for p, e in zip(groups[group], ungated[group], strict=True):
-            torch.testing.assert_close(p.unrouted_grad, e, rtol=1e-4, atol=1e-6)
+            assert_close_net64(p.unrouted_grad, e)
     routed_differs = [not torch.allclose(p.grad, p.unrouted_grad) for ps in groups.values() for p in ps]
     assert any(routed_differs)
     opt = build_optimizer(groups, lr=1e-2, split_moments=True)

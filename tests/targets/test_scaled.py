@@ -1,5 +1,7 @@
 """The quarantine-scale dial on every registered target: `scaled(s)`, export at s, the vLLM sync at s."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -8,6 +10,7 @@ from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import available_targets, make_target
 from route.vllm_sync import TargetWeightSync
 from tests.fake_vllm import FakeEngine
+from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits
 
 SCALES = (0.0, 0.3, 1.0)
@@ -71,14 +74,26 @@ def target(request):
     return BUILD[request.param]()
 
 
-def test_scaled_zero_is_ablated_and_scaled_one_is_the_ungated_forward(target):
+def test_scaled_zero_is_the_model_without_its_quarantine_and_scaled_one_is_the_ungated_forward(target):
+    """scaled(0) (which `ablated()` is) against an independent computation: a copy whose quarantine parameters are set
+    to zero, run with no gate. The two run different operations (a path skipped, or run on zeros), so they are compared
+    in float64 (tests/fp.py). scaled(1) is an all-default gate, which passes both paths through unchanged: the same
+    operations as the ungated forward, bit for bit."""
+    target.model.double()
     ids = batch()
-    full, ablated = logits(target, ids), logits(target, ids, target.ablated())
-    assert torch.equal(logits(target, ids, target.scaled(0)), ablated)
+    full, at0 = logits(target, ids), logits(target, ids, target.scaled(0))
+    twin = copy.deepcopy(target)
+    quarantine = twin.param_groups()["quarantine"]
+    assert quarantine and any(bool(p.any()) for p in quarantine)
+    with torch.no_grad():
+        for p in quarantine:
+            p.zero_()
+    assert_close_net64(at0, logits(twin, ids))
+    assert torch.equal(logits(target, ids, target.ablated()), at0)
     assert torch.equal(logits(target, ids, target.scaled(1)), full)
-    assert not torch.allclose(ablated, full, atol=1e-4), "the quarantine must matter for this test to mean anything"
+    assert not torch.allclose(at0, full, atol=1e-4), "the quarantine must matter for this test to mean anything"
     mid = logits(target, ids, target.scaled(0.5))
-    assert not torch.allclose(mid, full, atol=1e-4) and not torch.allclose(mid, ablated, atol=1e-4)
+    assert not torch.allclose(mid, full, atol=1e-4) and not torch.allclose(mid, at0, atol=1e-4)
 
 
 def test_logits_at_a_scale_equal_a_plain_checkpoint_exported_at_that_scale(target, tmp_path):

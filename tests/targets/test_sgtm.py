@@ -7,7 +7,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 from route.optim import build_optimizer
 from route.organism import build_model, build_tokenizer, tiny_config
 from route.targets import Target, make_target
-from tests.targets.helpers import logits
+from tests.fp import assert_close_net64
+from tests.targets.helpers import logits, sampled_with_logits, teacher_forced
 from tests.test_trainer import make_trainer
 from tests.tiny_sgtm import ids, llama_config, one_thread
 
@@ -43,6 +44,9 @@ def test_interface_and_groups(target):
 
 
 def test_forward_unchanged_under_forget_and_default_and_retain_rows_are_deployed(target):
+    """Bit for bit: every row runs the same matmuls (same calls, same shapes) as the ungated forward; a forget or
+    default row's activations are multiplied by exact 1.0s, and a retain row's forget activations are zeroed exactly as
+    the ablated forward zeroes every row's."""
     x = ids()
     full = logits(target, x)
     for modes in (["forget"] * 4, ["default"] * 4, ["forget", "default", "forget", "default"]):
@@ -54,6 +58,8 @@ def test_forward_unchanged_under_forget_and_default_and_retain_rows_are_deployed
 
 
 def test_per_row_modes_in_one_batch_equal_separate_batches(target):
+    """One gated backward against one backward per row: other summation orders, float64 (tests/fp.py)."""
+    target.model.double()
     x = ids()
     modes = ["forget", "retain", "default", "forget"]
     target.model.zero_grad(set_to_none=True)
@@ -68,7 +74,7 @@ def test_per_row_modes_in_one_batch_equal_separate_batches(target):
                 separate[n] += p.grad
     assert len(mixed) > 0
     for n in mixed:
-        torch.testing.assert_close(mixed[n], separate[n], rtol=1e-4, atol=1e-5, msg=n)
+        assert_close_net64(mixed[n], separate[n], msg=n)
 
 
 @pytest.mark.parametrize("mode,moves", [
@@ -97,7 +103,8 @@ def test_ablate_removes_only_the_quarantine(target, trainable):
     keep_before = [p.detach().clone() for p in target.param_groups()["keep"] + target.param_groups()["shared"]]
     quarantine = target.param_groups()["quarantine"]
     target.ablate(trainable=trainable)
-    torch.testing.assert_close(logits(target, x), deployed, rtol=0, atol=0)
+    # bit for bit: the same matmuls, every product with a forget unit exactly 0 either way (zeroed weight or activation)
+    assert torch.equal(logits(target, x), deployed)
     after = target.param_groups()
     assert all(torch.equal(p.detach(), b) for p, b in zip(after["keep"] + after["shared"], keep_before))
     assert all(p.requires_grad == trainable for p in quarantine)
@@ -105,30 +112,38 @@ def test_ablate_removes_only_the_quarantine(target, trainable):
 
 
 def test_deployed_checkpoint_matches_ablated_forward_and_generation(tmp_path):
+    """The export zeroes the forget units and merges split weights by copying: the checkpoint holds the deployed
+    policy's weights exactly (float32 values, exact in float64 too). Its forward then differs from the target's only in
+    summation order (split vs whole matmuls), compared in float64 (tests/fp.py); generation as in test_dual_lora."""
     torch.manual_seed(0)
     tok = build_tokenizer()
     target = make_target("sgtm", build_model(tiny_config(init_range=0.2), tok), forget_mlp_frac=0.25)
     with torch.no_grad():  # make the quarantine matter
         for s in target.masks.slices("forget"):
             s.of(s.param.data).normal_(0, 0.3)
+    target.model.double()
     before = {n: p.detach().clone() for n, p in target.model.named_parameters()}
     target.save_deployed(str(tmp_path / "deployed"), tokenizer=tok)
     assert all(torch.equal(p, before[n]) for n, p in target.model.named_parameters()), "export touched weights"
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "deployed")
     assert type(plain).__name__ == "LlamaForCausalLM"
+    plain.double()
+    assert all(torch.equal(v, target.deployed_state_dict()[k]) for k, v in plain.state_dict().items()), "exact export"
     x = ids()
-    torch.testing.assert_close(plain(input_ids=x).logits, logits(target, x, target.ablated()), rtol=1e-5, atol=1e-5)
-    full = target.merged_state_dict(quarantine=True)
-    plain.load_state_dict(full)
-    torch.testing.assert_close(plain(input_ids=x).logits, logits(target, x), rtol=1e-5, atol=1e-5)
+    assert_close_net64(plain(input_ids=x).logits, logits(target, x, target.ablated()))
+    plain.load_state_dict(target.merged_state_dict(quarantine=True))
+    assert_close_net64(plain(input_ids=x).logits, logits(target, x))
     prompt = tok(["mul 123*4 g=exact>"] * 2, return_tensors="pt")["input_ids"]
     kw = dict(do_sample=True, max_new_tokens=6, top_k=0, pad_token_id=tok.pad_token_id)
     plain.load_state_dict(target.deployed_state_dict())
     torch.manual_seed(3)
-    with target.ablated():
-        ours = target.model.generate(input_ids=prompt, **kw)
+    ours, ours_logits = sampled_with_logits(target.model, prompt, target.ablated(), **kw)
+    assert_close_net64(ours_logits, teacher_forced(plain, ours, prompt.shape[1]), rounded_to=torch.float32)
     torch.manual_seed(3)
-    assert torch.equal(ours, plain.generate(input_ids=prompt, **kw))
+    theirs, theirs_logits = sampled_with_logits(plain, prompt, **kw)
+    assert_close_net64(theirs_logits, teacher_forced(target.model, theirs, prompt.shape[1], target.ablated()),
+                       rounded_to=torch.float32)
+    assert ours_logits.shape[1] == 6
 
 
 def test_bad_sizes_name_the_field():

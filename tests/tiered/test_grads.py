@@ -20,6 +20,7 @@ from route.tiered import (
     unapply_key,
 )
 from route.tiered.train import lm_loss, two_pass_step
+from tests.fp import UNIT_ROUNDOFF, gamma
 from tests.tiny_sgtm import ids, llama_config, randomize
 
 KEY = PermutationKey.from_dict(
@@ -164,25 +165,69 @@ def test_two_pass_step_updates_keyed_entries_from_the_keyed_pass_and_public_ones
         torch.testing.assert_close(before[n] - after[n], expected, rtol=1e-5, atol=1e-7, msg=n)
 
 
-def test_stepping_in_either_layout_gives_the_same_weights_for_a_fixed_key():
+def _llama():
+    torch.manual_seed(0)
+    return randomize(LlamaForCausalLM(llama_config()), seed=6, std=0.1)
+
+
+def _layout_runs(steps: int, grad_clip: float | None) -> dict:
     runs = {}
     for layout in ("public", "keyed"):
-        torch.manual_seed(0)
-        model = randomize(LlamaForCausalLM(llama_config()), seed=6, std=0.1)
+        model = _llama()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
-        for step in range(3):
-            two_pass_step(model, KEY, opt, ids(seed=10 + step), ids(seed=20 + step), grad_clip=0.5, layout=layout)
-        runs[layout] = weights(model)
-    assert any(
-        not torch.equal(a, b)
-        for a, b in zip(
-            runs["public"].values(), weights(randomize(LlamaForCausalLM(llama_config()), seed=6, std=0.1)).values()
-        )
-    ), "the steps moved the weights"
-    for n in runs["public"]:
-        torch.testing.assert_close(runs["public"][n], runs["keyed"][n], rtol=1e-6, atol=1e-7, msg=n)
+        norms = [
+            two_pass_step(model, KEY, opt, ids(seed=10 + s), ids(seed=20 + s), grad_clip=grad_clip, layout=layout)[
+                "grad_norm"
+            ]
+            for s in range(steps)
+        ]
+        runs[layout] = (model, opt, norms)
+    return runs
+
+
+def test_stepping_in_either_layout_gives_the_same_weights_for_a_fixed_key():
+    """Without clipping both layouts run the same floating-point operations on the same values: the two passes are the
+    same computation, gradients and weights move between layouts by copies, and AdamW is elementwise (on CPU one tensor
+    at a time). Every keyed parameter's size is a multiple of 64, so no entry moves between a kernel's vectorised body
+    and its scalar tail. So three steps agree bit for bit, while the runs keep AdamW's moments in different layouts."""
+    runs = _layout_runs(3, grad_clip=None)
+    (public, opt_p, norms), (keyed, opt_k, _) = runs["public"], runs["keyed"]
+    masks = keyed_masks(public, KEY)
+    assert all(p.numel() % 64 == 0 for p in masks)
+    start, decay = weights(_llama()), (1 - 1e-2 * 0.1) ** 3
+    assert all(n > 0.1 for n in norms), "every step had a gradient"
+    assert all(not torch.allclose(a, start[n] * decay) for n, a in weights(public).items()), "more than weight decay"
+    for (n, a), b in zip(weights(public).items(), keyed.parameters(), strict=True):
+        assert torch.equal(a, b), n
+    moments = [
+        torch.equal(opt_p.state[p]["exp_avg"], opt_k.state[q]["exp_avg"])
+        for p, q in zip(public.parameters(), keyed.parameters(), strict=True)
+        if p in masks
+    ]
+    assert len(moments) >= 8 and not all(moments), "the keyed run keeps its moments in the keyed layout"
     with pytest.raises(ValueError, match="layout.*allowed values"):
         two_pass_step(LlamaForCausalLM(llama_config()), KEY, None, ids(), ids(), layout="C2")
+
+
+def test_clipping_in_either_layout_differs_only_by_the_norms_summation_order():
+    """With clipping, the clip norm sums every gradient entry's square in an order that follows the layout, so the two
+    norms may differ: by at most 2 gamma(N) of the norm, N the number of terms (tests/fp.py), halved by the square
+    root. One AdamW step then moves a weight by lr * c g / (c |g| + eps) for a clip coefficient c; its derivative in c
+    is at most lr / (4 c), so the weights differ by at most lr / 4 times the coefficients' relative difference (plus
+    the last-bit rounding of the update itself, 8 u of the weight). Compared after one step, before later steps could
+    magnify it (Adam's update is sign-like for gradients near eps)."""
+    runs = _layout_runs(1, grad_clip=0.5)
+    (public, _, [n_p]), (keyed, _, [n_k]) = runs["public"], runs["keyed"]
+    terms = sum(p.numel() for p in public.parameters()) + len(list(public.parameters()))
+    rel = gamma(terms, torch.float32)  # (2 gamma) / 2 for the square root
+    assert n_p > 0.5 and abs(n_p - n_k) <= rel * n_p, (n_p, n_k, rel)
+    lr, coefficient_rel = 1e-2, rel + 2 * UNIT_ROUNDOFF[torch.float32]  # c = 0.5 / (norm + 1e-6), rounded
+    moved = 0
+    start = weights(_llama())
+    for (n, a), b in zip(weights(public).items(), keyed.parameters(), strict=True):
+        torch.testing.assert_close(b.detach(), a, atol=lr * coefficient_rel / 4, rtol=8 * UNIT_ROUNDOFF[torch.float32])
+        moved += int(not torch.equal(a, start[n]))
+    assert moved == len(start), "one clipped step moves every tensor"
 
 
 def test_keyed_only_rows_never_reach_the_public_parameters():

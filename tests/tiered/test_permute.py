@@ -115,20 +115,6 @@ def test_keyed_model_equals_an_independent_permutation_and_unapply_restores_bitw
     assert all(torch.equal(v, public[k]) for k, v in state(model).items()), "unapply restores every bit"
 
 
-def test_a_same_layer_swap_of_whole_heads_is_invisible_which_is_why_keys_refuse_it():
-    torch.manual_seed(0)
-    model = randomize(GPTNeoForCausalLM(gpt_neo_config(attention_types=[[["global"], 2]])), seed=2)
-    x = ids()
-    with torch.no_grad():
-        before = model(input_ids=x).logits
-    same_layer = {"attn_heads": [[[1, 0], [1, 2]]], "mlp_cols": [[[0, 4], [0, 9]]]}
-    model.load_state_dict(permuted(state(model), "gpt_neo", same_layer, 1, 8))
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=x).logits, before, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="same-layer"):
-        apply_key(model, PermutationKey.from_dict(same_layer))
-
-
 @pytest.mark.parametrize("split", [True, False])
 def test_the_sgtm_model_methods_permute_split_weights_like_the_vanilla_model(split):
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from route.tiered import load_key, model_layout, random_key
 from route.tiered.config import TieredConfig, parse_tiered_config
 from route.tiered.data import build_data
-from route.tiered.pretrain import evaluate, main, run
+from route.tiered.pretrain import MARGINS, evaluate, main, margins, run
 from route.tiered.probes import main as probes_main
 
 TINY = dict(
@@ -50,6 +50,9 @@ def test_outputs_margins_and_saved_models(run_dir):
         "public_config_vs_public_only",
         "keyed_config_vs_public_only",
     }
+    assert results["margins"] == margins(results["runs"]), "the written margins are those of the written losses"
+    c2, ref_all = results["runs"]["tiered"]["keyed_config"], results["runs"]["all_data"]["public_config"]
+    assert results["margins"]["relative"]["keyed_vs_all_data"] == round(c2["keyed"] / ref_all["keyed"] - 1, 4)
     assert "| tiered | keyed |" in (run_dir / "results.md").read_text()
     assert (run_dir / "loss_curves.png").stat().st_size > 1000
     key = load_key(run_dir / "key.json")
@@ -62,6 +65,70 @@ def test_outputs_margins_and_saved_models(run_dir):
         for kind, loss in results["runs"]["tiered"][config].items():
             assert got[kind] == pytest.approx(loss, rel=1e-5), (config, kind)
     assert not any(p.name.startswith(".") for p in run_dir.iterdir()), "no temporary files left behind"
+
+
+def runs_with(c1=(2.0, 4.0), c2=(2.0, 2.0), all_data=(2.0, 2.0), public_only=(2.0, 4.0), curve=()):
+    """A `runs` mapping as pretraining writes it, from (public, keyed) held-out losses."""
+
+    def losses(pair):
+        return {"public": pair[0], "keyed": pair[1]}
+
+    return {
+        "tiered": {"public_config": losses(c1), "keyed_config": losses(c2), "curve": []},
+        "all_data": {"public_config": losses(all_data), "curve": []},
+        "public_only": {"public_config": losses(public_only),
+                        "curve": [{"step": s, **losses(p)} for s, p in curve]},
+    }
+
+
+def test_margins_values_and_direction_on_constructed_losses():
+    """Each margin is a relative loss difference (the formulas of docs/tiered.md); a lower loss is better, so the keyed
+    configuration passes while its keyed loss stays within 10% of the all-data model's, the public configuration while
+    its keyed loss stays at least the public-only model's (minus 5%: no leak) and both configurations while their public
+    loss stays within 5% of the public-only model's."""
+    m = margins(runs_with())
+    assert m["thresholds"] == MARGINS
+    assert m["relative"] == {
+        "keyed_vs_all_data": 0.0,
+        "leak_vs_public_only": 0.0,
+        "public_config_vs_public_only": 0.0,
+        "keyed_config_vs_public_only": 0.0,
+    }
+    assert all(m["pass"].values()) and len(m["pass"]) == 4
+    cases = [  # (the run changed, its (public, keyed) losses) -> the one margin that moves, its value, holds?
+        (dict(c2=(2.0, 2.18)), "keyed_vs_all_data", 0.09, True),
+        (dict(c2=(2.0, 2.22)), "keyed_vs_all_data", 0.11, False),  # worse keyed loss in the keyed configuration
+        (dict(all_data=(2.0, 2.5), c2=(2.0, 2.0)), "keyed_vs_all_data", -0.2, True),  # better than all data: fine
+        (dict(c1=(2.0, 3.84)), "leak_vs_public_only", -0.04, True),
+        (dict(c1=(2.0, 3.76)), "leak_vs_public_only", -0.06, False),  # the public configuration learned keyed data
+        (dict(c1=(2.0, 5.0)), "leak_vs_public_only", 0.25, True),  # worse on keyed data than public-only: no leak
+        (dict(c1=(2.08, 4.0)), "public_config_vs_public_only", 0.04, True),
+        (dict(c1=(2.12, 4.0)), "public_config_vs_public_only", 0.06, False),
+        (dict(c2=(2.12, 2.0)), "keyed_config_vs_public_only", 0.06, False),
+        (dict(c2=(1.8, 2.0)), "keyed_config_vs_public_only", -0.1, True),
+    ]
+    for change, name, value, holds in cases:
+        m = margins(runs_with(**change))
+        assert m["relative"][name] == pytest.approx(value, abs=1e-12), (change, name)
+        assert m["pass"][name] is holds, (change, name)
+        others = {k: v for k, v in m["pass"].items() if k != name}
+        assert all(others.values()) and len(others) == 3, (change, others)
+    assert len(cases) == 10
+    assert margins({k: v for k, v in runs_with().items() if k != "all_data"}) == {}, "needs all three runs"
+
+
+def test_the_matched_leak_margin_interpolates_the_public_only_curve():
+    """The public-only model's keyed loss at the public loss the public configuration reached, linearly interpolated
+    between its checkpoints (its final point included); absent outside the curve."""
+    curve = [(1, (3.0, 5.0)), (2, (2.5, 4.5))]  # then the final point (2.0, 4.0)
+    m = margins(runs_with(c1=(2.25, 4.0), curve=curve))  # halfway between (2.5, 4.5) and (2.0, 4.0): keyed 4.25
+    assert m["relative"]["leak_vs_public_only_at_matched_public_loss"] == round(4.0 / 4.25 - 1, 4)
+    assert m["pass"]["leak_vs_public_only_at_matched_public_loss"] is False  # 4.0 is 5.9% below 4.25
+    m = margins(runs_with(c1=(2.75, 4.9), curve=curve))  # between (3.0, 5.0) and (2.5, 4.5): keyed 4.75
+    assert m["relative"]["leak_vs_public_only_at_matched_public_loss"] == round(4.9 / 4.75 - 1, 4)
+    assert m["pass"]["leak_vs_public_only_at_matched_public_loss"] is True
+    m = margins(runs_with(c1=(1.9, 4.0), curve=curve))  # below every checkpoint's public loss
+    assert "leak_vs_public_only_at_matched_public_loss" not in m["relative"] | m["pass"]
 
 
 def test_probes_write_csv_and_png(run_dir, tmp_path):
