@@ -32,6 +32,8 @@ HERE = {  # script -> the test below that runs it
     "bench/coding_throughput.py": "test_coding_throughput",
     "bench/threads.py": "test_threads_worker",
     "scripts/check_trl.py": "test_check_trl",
+    "scripts/check_portable.py": "test_check_portable",
+    "bench/kernels.py": "test_kernels_bench",
 }
 
 
@@ -141,3 +143,28 @@ def test_check_trl(capsys):
     assert f"TRL installed here: {trl.__version__}; in {sys.executable}: {trl.__version__}" in out
     assert len(lines) >= 8 and all(line.rstrip().endswith("  same") for line in lines), out
     assert any("GRPOTrainer._compute_loss" in line for line in lines)
+
+
+def test_check_portable(monkeypatch, capsys):
+    """The comparison run with the "emulated" side replaced: natively (the same bits) and natively with the
+    native kernels (matrix products differ from the portable ones on any CPU: MKL's default path is not its
+    vendor-independent one), so that both verdicts are exercised."""
+    import scripts.check_portable as cp
+
+    first = cp.fingerprint()
+    assert first == cp.fingerprint() and first["kernels"] == "portable" and len(first) >= 12
+    monkeypatch.setattr(cp, "EMULATOR", [])
+    assert cp.check_fingerprints()
+    monkeypatch.setattr(cp, "EMULATOR", ["env", "ROUTE_KERNELS=native"])
+    assert not cp.check_fingerprints()
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out and re.search(r"^matmul 16x128x128 .* DIFFERS$", out, re.M), out
+
+
+def test_kernels_bench(capsys):
+    """One rep of each kernel mode on a tiny training loop (fresh processes, as the modes need)."""
+    from bench.kernels import main
+
+    assert main(["--workload", "model", "--max_steps", "2", "--batch", "2", "--seq", "8", "--reps", "1"]) > 0
+    out = capsys.readouterr().out
+    assert "rep 0: portable" in out and "rep 0: native" in out and ratio(out) > 0
