@@ -78,7 +78,7 @@ class RoutedGRPOConfig(GRPOConfig):
 
     env (`str`): registered environment name. env_kwargs (`dict`): its keyword arguments.
     train_size (`int`): number of training prompts. model_name_or_path (`str` or `None`): the policy;
-    `None` builds (or reuses) the cached CPU organism.
+    `None` builds (or reuses) the CPU organism of `env` at build seed organism_seed (`int`).
 
     > Detector and intervention
 
@@ -111,6 +111,11 @@ class RoutedGRPOConfig(GRPOConfig):
     model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Policy model: a local path or Hub id. None builds (or reuses) the cached CPU organism."})
+    organism_seed: int = field(
+        default=0,
+        metadata={"help": "With model_name_or_path None: the build seed of the environment's CPU organism (0: the "
+                          "default). The organisms that published figures start from ship with the package "
+                          "(route/organisms/); any other is built into the cache on first use."})
 
     # ---------------------------------------------------------------- detector and intervention
     intervention: str = field(

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from route.kernels import adamw_kwargs, portable_sqrt
+
 
 class SkipZeroAdamW(torch.optim.AdamW):
     """AdamW that skips every parameter whose gradient is None or exactly zero.
@@ -34,7 +36,7 @@ class SkipZeroAdamW(torch.optim.AdamW):
     """
 
     def __init__(self, params: Iterable, split_moments: bool = False, **kwargs):
-        super().__init__(params, **kwargs)
+        super().__init__(params, **{**adamw_kwargs(), **kwargs})  # fused in portable mode (route.kernels)
         if split_moments and (self.defaults["amsgrad"] or self.defaults["maximize"]):
             raise ValueError("split_moments: not available with amsgrad or maximize")
         self.split_moments = split_moments
@@ -104,7 +106,7 @@ class SkipZeroAdamW(torch.optim.AdamW):
         p.mul_(1 - group["lr"] * group["weight_decay"])
         state["exp_avg"].lerp_(p.grad, 1 - beta1)
         state["exp_avg_sq"].mul_(beta2).addcmul_(unrouted, unrouted, value=1 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / (1 - beta2**t) ** 0.5).add_(group["eps"])
+        denom = (portable_sqrt(state["exp_avg_sq"]) / (1 - beta2**t) ** 0.5).add_(group["eps"])
         p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1**t))
 
 

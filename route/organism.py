@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import random
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ import torch
 import envs
 from route.errors import ArgumentParser, at_least, cli
 from route.io import atomic_dir, fsync_tree
+from route.kernels import adamw_kwargs, chosen_kernels
 from route.threads import configure_threads
 
 CHARS = "0123456789abcdefghijklmnopqrstuvwxyz *=>#+-"
@@ -164,7 +166,8 @@ def sft(model, tokenizer, pairs: list[tuple[str, str]], steps: int, batch_size: 
     from tqdm.auto import tqdm
 
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0,
+                            **adamw_kwargs())
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / max(1, warmup_steps)) * 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     rng = random.Random(f"sft:{seed}")
@@ -197,9 +200,25 @@ def build_organism(cfg: OrganismConfig, output_dir: str | os.PathLike, progress:
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        meta = {"organism_config": asdict(cfg), "key": cfg.key(), "final_loss": losses[-1] if losses else None}
+        meta = {"organism_config": asdict(cfg), "key": cfg.key(), "final_loss": losses[-1] if losses else None,
+                "built_with": build_provenance()}
         (tmp / "organism.json").write_text(json.dumps(meta, indent=2))
     return output_dir
+
+
+def build_provenance() -> dict[str, str]:
+    """What a build's bytes depend on besides its config: torch, the kernel mode (`route.kernels`), threads, CPU."""
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())
+    return {"torch": torch.__version__, "kernels": chosen_kernels(), "threads": str(torch.get_num_threads()),
+            "cpu": cpu}
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def cache_root() -> Path:
@@ -208,7 +227,7 @@ def cache_root() -> Path:
 
 SHIPPED_ROOT = Path(__file__).resolve().parent / "organisms"  # package data (pyproject: route/organisms/*/*)
 MANIFEST = "SHA256SUMS"  # `sha256sum` format: `sha256sum -c SHA256SUMS` checks a shipped directory
-SHIP_COMMAND = "python -m route.organism --ship"
+SHIP_COMMAND = "python -m route.organism --ship [--env ENV --seed S]"
 
 
 def file_hashes(path: str | os.PathLike) -> dict[str, str]:
@@ -251,12 +270,13 @@ def load_or_build(cfg: OrganismConfig | None = None, progress: bool = True) -> P
 
 
 def ship(source: str | os.PathLike | None = None, root: str | os.PathLike = SHIPPED_ROOT,
-         progress: bool = True) -> Path:
-    """Put the default organism (`organism_config()`) into `root/<env>-<key>/` with a SHA-256 manifest.
+         progress: bool = True, cfg: OrganismConfig | None = None) -> Path:
+    """Put the organism of `cfg` (default: `organism_config()`) into `root/<env>-<key>/` with a SHA-256 manifest.
 
     `source`: an organism directory already built from that exact config (else it is built here, with the
-    threads chosen by `route.threads`). Other shipped organisms of the same environment are removed (stale)."""
-    cfg, root = organism_config(), Path(root)
+    threads and kernels chosen by `route.threads` and `route.kernels`). A shipped organism of the same environment
+    and seed under another key (an older config) is removed as stale; other seeds and environments stay."""
+    cfg, root = cfg or organism_config(), Path(root)
     with tempfile.TemporaryDirectory(dir=root.parent if root.exists() else None) as tmp:
         if source is None:
             source = build_organism(cfg, Path(tmp) / "build", progress=progress)
@@ -266,8 +286,8 @@ def ship(source: str | os.PathLike | None = None, root: str | os.PathLike = SHIP
             raise ValueError(f"--from: {source} is not an organism directory (no organism.json)")
         meta = json.loads(meta_file.read_text())
         if meta.get("organism_config") != json.loads(json.dumps(asdict(cfg))) or meta.get("key") != cfg.key():
-            raise ValueError(f"--from: {source} was built from organism config key {meta.get('key')!r}, not the "
-                             f"default's {cfg.key()!r}; build it with `{SHIP_COMMAND}` (no --from)")
+            raise ValueError(f"--from: {source} was built from organism config key {meta.get('key')!r}, not "
+                             f"{cfg.key()!r} ({cfg.env}, seed {cfg.seed}); build it with `{SHIP_COMMAND}` (no --from)")
         dest = root / f"{cfg.env}-{cfg.key()}"
         stage = Path(tmp) / "stage"
         stage.mkdir()
@@ -280,28 +300,45 @@ def ship(source: str | os.PathLike | None = None, root: str | os.PathLike = SHIP
         fsync_tree(stage)
         root.mkdir(parents=True, exist_ok=True)
         for old in root.glob(f"{cfg.env}-*"):
-            shutil.rmtree(old)
+            if _shipped_seed(old) in (None, cfg.seed):
+                shutil.rmtree(old)
         shutil.move(stage, dest)
     return dest
 
 
+def shipped_organisms(root: str | os.PathLike = SHIPPED_ROOT) -> list[Path]:
+    """Every organism directory that ships with the package."""
+    root = Path(root)
+    return sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+
+
+def _shipped_seed(path: Path) -> int | None:
+    """The build seed recorded in a shipped directory's organism.json (None: unreadable, hence stale)."""
+    try:
+        return int(json.loads((path / "organism.json").read_text())["organism_config"]["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 @cli("route.organism")
 def main(argv: list[str] | None = None) -> None:
-    parser = ArgumentParser(prog="route.organism", description="Build the CPU model organism (tokenizer + tiny "
-                            "Llama, warm-started), or re-ship the default one (--ship).")
+    parser = ArgumentParser(prog="route.organism", description="Build a CPU model organism (tokenizer + tiny "
+                            "Llama, warm-started on an environment), or ship one with the package (--ship).")
     parser.add_argument("--output_dir", help="where to save the model and tokenizer (required unless --ship)")
     parser.add_argument("--env", default="arith", choices=["arith", *ENV_ORGANISMS],
                         help="environment whose organism config to build")
     parser.add_argument("--steps", type=int, default=None, help="warm-start steps (default: the env's config)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the tokenizer's data, the weights and the "
-                        "warm start")
+    parser.add_argument("--seed", type=int, default=0, help="build seed: of the demonstrations, the weights and the "
+                        "warm start (a run selects it with organism_seed)")
     parser.add_argument("--evaluate", type=int, default=512, metavar="N",
                         help="evaluate on N held-out prompts after building (0 to skip)")
     parser.add_argument("--ship", action="store_true",
-                        help=f"build the default organism into the package ({SHIPPED_ROOT}) with its SHA256SUMS; "
-                             "ignores --env, --steps, --seed, --output_dir")
+                        help=f"build the organism of --env and --seed into the package ({SHIPPED_ROOT}) with its "
+                             "SHA256SUMS, replacing a shipped one of the same env and seed; not with --steps or "
+                             "--output_dir")
     parser.add_argument("--from", dest="source", metavar="DIR",
-                        help="with --ship: ship this already built default organism instead of building one")
+                        help="with --ship: ship this organism directory, already built from that config, instead "
+                             "of building one")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: $ROUTE_THREADS, else $OMP_NUM_THREADS, else 1)")
     args = parser.parse_args(argv)
@@ -309,14 +346,17 @@ def main(argv: list[str] | None = None) -> None:
     at_least("--evaluate", args.evaluate, 0)
     if not args.ship and not args.output_dir:
         parser.error("--output_dir: required (or --ship)")
+    if args.ship and (args.steps is not None or args.output_dir):
+        parser.error(f"--{'steps' if args.steps is not None else 'output_dir'}: not with --ship (a shipped organism "
+                     "is the env's config at a seed, found by its key)")
     if args.source and not args.ship:
         parser.error("--from: only with --ship")
     configure_threads(args.threads)
+    cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
     if args.ship:
-        cfg, out = organism_config(), ship(args.source)
+        out = ship(args.source, cfg=cfg)
         print(f"organism shipped to {out}")
     else:
-        cfg = organism_config(args.env, seed=args.seed, **({} if args.steps is None else {"steps": args.steps}))
         out = build_organism(cfg, args.output_dir)
         print(f"organism saved to {out}")
     if args.evaluate:

@@ -40,6 +40,7 @@ from typing import Any
 
 from route.errors import ArgumentParser, UsageError, at_least, check_paths, cli, naming
 from route.io import check_checkpoint, write_csv, write_json_atomic
+from route.kernels import adamw_kwargs
 from route.threads import configure_threads
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -166,7 +167,7 @@ def probe_sft(checkpoint: Path, env, pairs: list[tuple[str, str]], steps: int, e
     model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(device)
     torch.manual_seed(seed)
     rng = random.Random(f"relearn-sft-batches:{seed}")
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **adamw_kwargs())
     at = _eval_steps(steps, every)
     measure(0, model, tok, env)
     for step in tqdm(range(1, steps + 1), desc="relearn sft", disable=not progress, leave=False):

@@ -46,7 +46,7 @@ def _cell(values: list[float]) -> str:
 ARM_SETTINGS = {"unflagged_mode": "default", "generation_policy": "full", "route_score": "none",
                 "erase_one_sided": False, "quarantine_lr_ratio": 1.0, "flag_control": "none",
                 "routing": "classic", "route_weight": 1.0, "route_clamp": None, "split_moments": False,
-                "rollout_quarantine_scale": None, "coherence_fraction": 0.0, **EMA_DEFAULTS}
+                "rollout_quarantine_scale": None, "coherence_fraction": 0.0, "organism_seed": 0, **EMA_DEFAULTS}
 
 
 def arm_label(config: dict) -> str:

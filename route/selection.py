@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from route import selection_organisms as organisms
 from route.compare import _result_paths, bootstrap, fmt, mean_of
 from route.errors import ArgumentParser, cli
 from route.io import write_json_atomic, write_text_atomic
@@ -43,7 +44,7 @@ from route.selection_probes import (  # noqa: F401 - part of route.selection's A
 # The issue's goal (docs/protocol.md): route's hack <= 0.25x the penalty's (point estimate) with the interval's upper
 # end below 0.5, at a solve ratio >= 0.95 (point estimate), on one environment; <= 0.5x (point estimate) on the other.
 GOAL = {"hack_ratio": 0.25, "hack_ratio_high": 0.5, "solve_ratio": 0.95, "other_hack_ratio": 0.5}
-NOT_CONFIG = ("flag_control", "resume_from_checkpoint", *SEED_FIELDS)  # what a configuration key leaves out
+NOT_CONFIG = ("flag_control", "resume_from_checkpoint", "organism_seed", *SEED_FIELDS)  # left out of a configuration
 
 
 def arm_name(config: dict[str, Any]) -> str:
@@ -90,13 +91,23 @@ def config_label(key: tuple, keys: Sequence[tuple]) -> str:
     return ", ".join(f"{f} {json.loads(mine[f]) if f in mine else 'default'}" for f in differing) or "default"
 
 
+def group_name(config: dict[str, Any], organisms: dict[str, set]) -> str:
+    """The environment, and `env, organism S` when its runs start from more than one organism (`organism_seed`)."""
+    env = config["env"]
+    return env if len(organisms[env]) == 1 else f"{env}, organism {config.get('organism_seed', 0)}"
+
+
 def group(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, dict[tuple, dict[int, dict]]]]:
-    """env -> arm -> configuration key -> seed -> result; ValueError on two runs of one configuration and seed."""
+    """group (`group_name`) -> arm -> configuration key -> seed -> result; ValueError on two runs of one
+    configuration and seed."""
     out: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(dict)))
+    organisms: dict[str, set] = defaultdict(set)
+    for r in results:
+        organisms[r["config"]["env"]].add(r["config"].get("organism_seed", 0))
     for r in results:
         cfg = r["config"]
         key = tuple(kv for kv in arm_key(cfg) if kv[0] not in NOT_CONFIG)
-        runs = out[cfg["env"]][arm_name(cfg)][key]
+        runs = out[group_name(cfg, organisms)][arm_name(cfg)][key]
         if cfg["seed"] in runs:
             raise ValueError(f"two runs of one configuration with seed {cfg['seed']}: {cfg.get('output_dir')} and "
                              f"{runs[cfg['seed']]['config'].get('output_dir')}")
@@ -267,13 +278,23 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summarise(results: Sequence[dict[str, Any]], monitor_weight: float = 2.0, n_boot: int = 10_000) -> dict:
+def summarise(results: Sequence[dict[str, Any]], monitor_weight: float = 2.0, n_boot: int = 10_000,
+              weight_curve: Sequence[float] = ()) -> dict:
+    """Selection and report per group (`group_name`); route against every lambda per group, and over an
+    environment's organisms when it has several (`route.selection_organisms`); the monitor-weight curve."""
     grouped = group(results)
-    summary: dict[str, Any] = {"monitor_weight": monitor_weight, "selection": {}, "envs": {}}
-    for env, arms in sorted(grouped.items()):
+    summary: dict[str, Any] = {"monitor_weight": monitor_weight, "selection": {}, "envs": {}, "organisms": {}}
+    env_of = {name: next(iter(next(iter(next(iter(arms.values())).values())).values()))["config"]["env"]
+              for name, arms in grouped.items()}
+    for name, arms in sorted(grouped.items()):
         picked = select({a: c for a, c in arms.items() if not a.startswith("route (")}, monitor_weight)
-        summary["selection"][env] = picked
-        summary["envs"][env] = report_env(arms, picked, n_boot)
+        summary["selection"][name] = picked
+        summary["envs"][name] = report_env(arms, picked, n_boot)
+        summary["organisms"][name] = organisms.organism_report(arms, picked, summary["envs"][name]["base"], n_boot)
+    summary["pooled"] = {env: organisms.pooled_report(groups, n_boot) for env, groups in
+                         organisms.units(grouped, summary["selection"], env_of).items() if len(groups) > 1}
+    if weight_curve:
+        summary["weight_curve"] = organisms.weight_curve(grouped, list(weight_curve), n_boot)
     return summary
 
 
@@ -294,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results", nargs="+", help="results.json files, run directories or sweep directories")
     parser.add_argument("--monitor_weight", type=float, default=2.0, help="w in the score R - w M")
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
+    parser.add_argument("--weight_curve", metavar="W,W,...", help="also select the penalty at each of these monitor "
+                        "weights and report route's ratios against each pick (the selection's sensitivity)")
     parser.add_argument("--relearn", nargs="+", default=[], help="route.relearn output directories (checkpoints "
                         "labelled ENV/ARM/sSEED) to summarise per arm")
     parser.add_argument("--probe_commands", metavar="DIR", help="also print the protocol's relearn probe commands "
@@ -305,13 +328,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         results = [json.loads(p.read_text()) for p in _result_paths(args.results)]
-        summary = summarise(results, args.monitor_weight, args.n_boot)
+        summary = summarise(results, args.monitor_weight, args.n_boot, organisms.parse_weights(args.weight_curve))
         summary["relearn"] = relearn_arms(args.relearn, args.n_boot) if args.relearn else {}
         probes = (probe_commands(summary, args.probe_commands, args.probe_steps, args.probe_every)
                   if args.probe_commands else [])
     except (ValueError, KeyError) as e:
         parser.error(str(e))
-    text = markdown(summary) + ("\n" + relearn_markdown(summary["relearn"]) if summary["relearn"] else "")
+    text = markdown(summary) + "\n".join(organisms.organisms_markdown(summary))
+    text += "\n" + relearn_markdown(summary["relearn"]) if summary["relearn"] else ""
     print(text + "".join(f"\n{line}" for line in probes))
     if args.output_dir:
         out = Path(args.output_dir)

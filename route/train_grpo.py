@@ -102,7 +102,8 @@ def _run(config) -> dict:
     log.info("organism: loading %s", config.model_name_or_path or "the cached organism (built first when absent: "
              "minutes on a CPU)", extra=FILE_ONLY)
     with phases("organism"):
-        model_dir = resolve_model(config.model_name_or_path) or str(load_or_build(organism_config(config.env)))
+        organism = organism_config(config.env, seed=config.organism_seed)
+        model_dir = resolve_model(config.model_name_or_path) or str(load_or_build(organism))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     log.info("organism: %s (%.1f s)", model_dir, phases.seconds["organism"])

@@ -64,6 +64,7 @@ from dataclasses import dataclass
 import torch
 from transformers import TrainerCallback
 from trl import GRPOTrainer
+from trl.trainer import grpo_trainer
 
 import envs
 from route.absorption import AbsorptionMeter, hack_mode_codes
@@ -71,6 +72,7 @@ from route.cli import validate_run
 from route.config import RoutedGRPOConfig
 from route.detectors import Detector, build_detector, call_detector, realised_rates
 from route.io import atomic_dir
+from route.kernels import portable_sqrt_in
 from route.logprobs import install_unfused_log_probs
 from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 from route.monitors import detector_parts, realised_by_part
@@ -315,7 +317,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
         self._score_scale = None if score_scale == 1.0 else score_scale
         train_scale = self.rollout.train_scale(self._plan)
         try:
-            output = super()._generate_and_score_completions(inputs)
+            with portable_sqrt_in(grpo_trainer, "nanstd"):  # the advantages' std: route.kernels
+                output = super()._generate_and_score_completions(inputs)
         finally:
             self._score_scale, self._plan = None, None
         if self._routing is None:

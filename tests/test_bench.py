@@ -32,6 +32,8 @@ HERE = {  # script -> the test below that runs it
     "bench/coding_throughput.py": "test_coding_throughput",
     "bench/threads.py": "test_threads_worker",
     "scripts/check_trl.py": "test_check_trl",
+    "scripts/check_portable.py": "test_check_portable",
+    "bench/kernels.py": "test_kernels_bench",
 }
 
 
@@ -174,3 +176,28 @@ def test_svf_overhead_on_a_gguf_model_by_short_name(tmp_path, monkeypatch, capsy
     ratio(out)
     assert f"pretrained/{gguf_files.TINY_NAME}-" in out, out
     assert re.search(rf"SVD setup, {gguf_files.TINY_NAME} \([0-9.]+M params, full rank\): cold [0-9.]+ s", out), out
+
+
+def test_check_portable(monkeypatch, capsys):
+    """The comparison run with the "emulated" side replaced: natively (the same bits) and natively with the
+    native kernels (matrix products differ from the portable ones on any CPU: MKL's default path is not its
+    vendor-independent one), so that both verdicts are exercised."""
+    import scripts.check_portable as cp
+
+    first = cp.fingerprint()
+    assert first == cp.fingerprint() and first["kernels"] == "portable" and len(first) >= 12
+    monkeypatch.setattr(cp, "EMULATOR", [])
+    assert cp.check_fingerprints()
+    monkeypatch.setattr(cp, "EMULATOR", ["env", "ROUTE_KERNELS=native"])
+    assert not cp.check_fingerprints()
+    out = capsys.readouterr().out
+    assert "DIFFERS" in out and re.search(r"^matmul 16x128x128 .* DIFFERS$", out, re.M), out
+
+
+def test_kernels_bench(capsys):
+    """One rep of each kernel mode on a tiny training loop (fresh processes, as the modes need)."""
+    from bench.kernels import main
+
+    assert main(["--workload", "model", "--max_steps", "2", "--batch", "2", "--seq", "8", "--reps", "1"]) > 0
+    out = capsys.readouterr().out
+    assert "rep 0: portable" in out and "rep 0: native" in out and ratio(out) > 0

@@ -27,6 +27,7 @@ from route.errors import cli
 from route.heads import HEAD_KINDS, build_head, task
 from route.heads.evaluate import rates
 from route.heads.mav import LAYER_CHOICES
+from route.kernels import portable
 from route.threads import THREADS_DEFAULT, configure_threads
 
 HEADS = ("iav", "mav")
@@ -214,6 +215,7 @@ def make_trainer(model, tokenizer, cfg: HeadsTrainConfig, work_dir: Path):
         disable_dropout=False,
         max_length=64,
         gradient_checkpointing=False,
+        optim="adamw_torch_fused" if portable() else "adamw_torch",  # route.kernels.adamw_kwargs
         seed=cfg.seed,
         disable_tqdm=not cfg.progress,
     )

@@ -30,6 +30,7 @@ import torch
 
 from route.errors import cli
 from route.io import atomic_dir, write_json_atomic
+from route.kernels import adamw_kwargs
 from route.sgtm.pretrain import interp_on_curve
 from route.threads import configure_threads
 from route.tiered.config import TieredConfig, parse_tiered_config
@@ -102,7 +103,8 @@ def train_run(name: str, cfg: TieredConfig, data: dict, key: PermutationKey) -> 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(data["tokenizer"]))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=cfg.weight_decay,
+                            **adamw_kwargs())
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup_steps, cfg.steps))
     masks = keyed_masks(model, key) if name == "tiered" else None
     gen = torch.Generator().manual_seed(cfg.seed + 1)

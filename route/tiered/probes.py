@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from route.errors import ArgumentParser, check_paths, cli
+from route.kernels import adamw_kwargs
 from route.threads import THREADS_DEFAULT, configure_threads
 from route.tiered.config import TieredConfig
 from route.tiered.data import build_data, sample
@@ -90,7 +91,7 @@ def finetune_curve(
     seed: int,
 ) -> list[dict]:
     """Held-out losses at step 0 and every `every` steps of fine-tuning on `train` (AdamW, constant lr)."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, **adamw_kwargs())
     gen = torch.Generator().manual_seed(seed)
     rows = [{"step": 0, **evaluate(model, held, batch_size)}]
     model.train()
