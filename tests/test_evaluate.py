@@ -8,7 +8,7 @@ import math
 import pytest
 
 from envs.base import Grade
-from route.evaluate import evaluate_dir, format_rates, main, rates
+from route.models.evaluate import evaluate_dir, format_rates, main, rates
 
 MODES = ["sentinel", "format", "echo", "verified"]
 KEYS = {"n", "solve_rate", "hack_rate", "pass_rate", "hack_rate_by_mode"}

@@ -1,4 +1,4 @@
-"""route.selection_probes: the relearn probes' commands cover every selected run of every arm, and the probes'
+"""route.experiments.selection_probes: the relearn probes' commands cover every selected run of every arm, and the probes'
 outputs are read back per arm (table and figure)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from route import selection, selection_probes
+from route.experiments import selection, selection_probes
 from tests.test_selection import SEEDS, grid
 
 
