@@ -12,9 +12,9 @@ both; after `--warmup` dropped repeats the medians are compared: `ratio: X.XX` i
 
 SVD setup: the time to build the svf target (every module's SVD, full rank, canonical signs) with an empty cache
 (cold) and again from the cache (warm), for the model (`--model`: a directory or a short name such as
-`smollm2-135m-instruct`, `route.models.pretrained`; default the organism, `route.models.organism.load_or_build()`) and, unless
-`--skip-large`, for a randomly initialised Qwen2-0.5B-shaped model built from a config (hidden 896, 24 layers, MLP
-4864, 14 heads / 2 KV heads; vocabulary cut to 1024, since embeddings are not adapted).
+`smollm2-135m-instruct`, `route.models.pretrained`; default the organism, `route.models.organism.load_or_build()`) and,
+unless `--skip-large`, for a randomly initialised Qwen2-0.5B-shaped model built from a config (hidden 896, 24 layers,
+MLP 4864, 14 heads / 2 KV heads; vocabulary cut to 1024, since embeddings are not adapted).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 and the engine's log-prob gap to the trainer's policy after each sync.
 
     python bench/vllm_rollouts.py [--model DIR|NAME] [--reps 5] [--dtype auto] [--enforce_eager]
-    python bench/vllm_rollouts.py --model smollm2-135m-instruct      # the real pretrained model (route.models.pretrained)
+    python bench/vllm_rollouts.py --model smollm2-135m-instruct      # the real pretrained model
+    (route.models.pretrained)
 
 On the organism (built or reused from the cache when --model is unset; a short name is converted once, and a model
 whose tokenizer has a chat template gets the environment's prompts through it, as TRL does) at the default batch (8

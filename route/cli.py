@@ -2,7 +2,7 @@
 
     route --help                      # the commands
     route sweep --config configs/sweep_default.yaml
-    route sweep --help                # the subcommand's own help, as `python -m route.experiments.sweep --help`
+    route sweep --help                # the subcommand's own help, as `python -m route sweep --help`
 
 `python -m route ...` is the same command. Only the chosen subcommand's module is imported (`route --help` imports
 no trainer). `accelerate launch route/train_grpo.py` stays the main job's multi-process launch (`route train` runs
@@ -17,7 +17,7 @@ import sys
 # subcommand: (module with `main(argv)`, one-line summary)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("route.train_grpo", "the main job: GRPO with gradient routing, then the deployed policy's rates"),
-    "evaluate": ("route.experiments.evaluate", "solve and hack rates of a checkpoint, or of a run at quarantine scales"),
+    "evaluate": ("route.experiments.evaluate", "solve and hack rates of a checkpoint, or of a run at scales"),
     "sweep": ("route.experiments.sweep", "a grid of main-job runs over any fields (cells), sharded by cell index"),
     "select": ("route.experiments.selection", "a protocol's selection on validation, its report on the test split"),
     "relearn": ("route.experiments.relearn", "relearn probe: how fast the hack comes back under RL or SFT steps"),
@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tiered-keygen": ("route.models.tiered.keygen", "draw a random valid tiered permutation key and save it as JSON"),
     "tiered-probes": ("route.models.tiered.probes", "extraction and partial-key leak probes of a trained tiered run"),
     "heads": ("route.models.heads.train", "preference-train an IAV or MAV alignment head (and the bias baseline)"),
-    "heads-evaluate": ("route.models.heads.evaluate", "the alpha dial of trained heads on held-out prompts (CSV and PNG)"),
+    "heads-evaluate": ("route.models.heads.evaluate", "the alpha dial of trained heads on held-out prompts"),
     "serve": ("route.vllm.serve", "TRL's vLLM server for a trainer without CUDA, weights over HTTP"),
 }
 

@@ -11,11 +11,11 @@ quarantine, for `route evaluate --run DIR --scales`), `<output_dir>/metrics.json
 metrics) and `<output_dir>/train.log` (the run's log: phases, progress, every logged step, the table), and prints a
 summary table whose per-mode columns (`hack:<mode>`) are hack rates on that loophole's own prompts.
 
-Fail before work: the config is validated before anything loads (`route.trainer.parse.validate_run`), and the trainer (which
-builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
-the first forward. The base policy is then evaluated on the target's model with no gate: at construction every
-target's ungated forward is the base model's, bit for bit (zero-initialised deltas; tested per target), so the base
-row is the same as on the plain model without a second copy of the model in memory.
+Fail before work: the config is validated before anything loads (`route.trainer.parse.validate_run`), and the trainer
+(which builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
+the first forward. The base policy is then evaluated on the target's model with no gate: at construction every target's
+ungated forward is the base model's, bit for bit (zero-initialised deltas; tested per target), so the base row is the
+same as on the plain model without a second copy of the model in memory.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _run(config) -> dict:
     training = evaluate("training")
     with phases("deploy"):
         if trainer.accelerator.is_main_process:
-            save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route.models.evaluate --run
+            save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route evaluate --run
     with phases("evaluation"):
         scaled = deploy_at_picked_scale(rule, target, tokenizer, env, eval_kw, training)  # before the ablation
     with phases("deploy"):

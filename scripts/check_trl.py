@@ -10,7 +10,7 @@ Not part of CI (it installs from the package index). Steps:
    rest are reused from the current environment; `pip install --upgrade trl` (or `trl==--trl`) inside it;
 2. `pytest` on the trainer's tests (`--tests`) with that venv's Python and this checkout on PYTHONPATH;
 3. for every TRL method `route` overrides or calls by its private name (the methods of `RoutedGRPOTrainer` that
-   `GRPOTrainer` also defines, the `_names` route/trainer/trainer/trainer.py calls on it, and the vLLM weight-sync internals
+   `GRPOTrainer` also defines, the `_names` route/trainer/trainer.py calls on it, and the vLLM weight-sync internals
    route/vllm/sync.py replaces), `inspect.signature` under the installed TRL and under the new one: each line
    says `same`, `SIGNATURE CHANGED`, `source changed` (same signature, different body) or `MISSING`.
 

@@ -4,8 +4,8 @@
 organism.json) built from `route.models.organism.tiny_config()` with a fixed seed; tests that need
 a model load it from there and must not write into it.
 
-`real_model` is SmolLM2-135M-Instruct (`route.models.pretrained`, short name `smollm2-135m-instruct`), converted once per
-session into a session cache; its tests skip, naming the install line, when its packages are not installed.
+`real_model` is SmolLM2-135M-Instruct (`route.models.pretrained`, short name `smollm2-135m-instruct`), converted once
+per session into a session cache; its tests skip, naming the install line, when its packages are not installed.
 """
 
 from __future__ import annotations

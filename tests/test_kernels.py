@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from route.utils import kernels
 from route.masks.optim import build_optimizer
+from route.utils import kernels
 from route.utils.kernels import PORTABLE_ENV, adamw_kwargs, chosen_kernels, configure_kernels, portable_sqrt
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -1,4 +1,5 @@
-"""route.trainer.policy: flags -> routing modes, filter's advantage mask, penalty's reward edit; no model, no trainer."""
+"""route.trainer.policy: flags -> routing modes, filter's advantage mask, penalty's reward edit; no model, no
+trainer."""
 
 import pytest
 import torch

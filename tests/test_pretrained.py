@@ -1,5 +1,5 @@
-"""route.models.pretrained: a short name or a .gguf file wherever a model is accepted, converted once into the cache (checked
-by hash, atomic, reused), and refused in one line before any work when a package is missing or the file is bad.
+"""route.models.pretrained: a short name or a .gguf file wherever a model is accepted, converted once into the cache
+(checked by hash, atomic, reused), and refused in one line before any work when a package is missing or the file is bad.
 
 The conversion machinery runs on a tiny Llama GGUF built here (tests/gguf_files.py), installed as a fake wheel under
 a short name of its own, so it takes about a second; the real model's tests use the session's conversion of

@@ -1,4 +1,5 @@
-"""route.experiments.relearn: curve metrics on synthetic curves, checkpoint checks, hack demonstrations, 2-step probes."""
+"""route.experiments.relearn: curve metrics on synthetic curves, checkpoint checks, hack demonstrations, 2-step
+probes."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""route.experiments.report: runs grouped only when every config field but the seeds and the output location is equal, labelled
-by what tells them apart; runs of one arm must share one base row."""
+"""route.experiments.report: runs grouped only when every config field but the seeds and the output location is equal,
+labelled by what tells them apart; runs of one arm must share one base row."""
 
 import json
 

@@ -1,6 +1,7 @@
-"""Rollout-time quarantine scale and coherence slots (route.trainer.rollout): the settings, the draws, the EMA controller,
-and the trainer sampling each row from the policy its plan names, with old log-probs under the training gate.
-The vLLM path is in tests/test_rollout_vllm.py; which parameter groups move, in tests/targets/test_coherence_slots.py.
+"""Rollout-time quarantine scale and coherence slots (route.trainer.rollout): the settings, the draws, the EMA
+controller, and the trainer sampling each row from the policy its plan names, with old log-probs under the training
+gate. The vLLM path is in tests/test_rollout_vllm.py; which parameter groups move, in
+tests/targets/test_coherence_slots.py.
 """
 
 import json

@@ -1,4 +1,4 @@
-"""The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route.models.evaluate --run`."""
+"""The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route evaluate --run`."""
 
 import json
 import shutil
@@ -98,7 +98,7 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert on["deployed"]["undetectable"]["held_out_modes"] == ["echo", "verified"]
     assert f"deployed@{pick['picked']:g}" in train_grpo.summary_table(on)
 
-    # route.models.evaluate --run rebuilds the training policy: scale 0 is the deployed policy, 1 the training policy
+    # route evaluate --run rebuilds the training policy: scale 0 is the deployed policy, 1 the training policy
     out, png = tmp_path / "scales.json", tmp_path / "scales.png"
     evaluate_main(["--run", str(tmp_path / "on"), "--scales", "0,0.5,1", "--json", str(out), "--png", str(png)])
     curve = json.loads(out.read_text())

@@ -1,5 +1,5 @@
-"""route.experiments.selection_probes: the relearn probes' commands cover every selected run of every arm, and the probes'
-outputs are read back per arm (table and figure)."""
+"""route.experiments.selection_probes: the relearn probes' commands cover every selected run of every arm, and the
+probes' outputs are read back per arm (table and figure)."""
 
 from __future__ import annotations
 

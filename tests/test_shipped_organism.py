@@ -63,8 +63,8 @@ def test_each_shipped_organism_is_its_envs_config_at_its_seed(path):
     """A shipped directory is found only when its config is what `organism_config(env, seed=...)` gives today."""
     meta = organism_meta(path)
     cfg = organism_config(meta["organism_config"]["env"], seed=meta["organism_config"]["seed"])
-    hint = (f"{path.name} no longer matches organism_config({cfg.env!r}, seed={cfg.seed}) (route/models/organism.py); re-ship "
-            f"it with `{SHIP_COMMAND}` and commit the new directory")
+    hint = (f"{path.name} no longer matches organism_config({cfg.env!r}, seed={cfg.seed}) (route/models/organism.py); "
+            f"re-ship it with `{SHIP_COMMAND}` and commit the new directory")
     assert meta["organism_config"] == json.loads(json.dumps(dataclasses.asdict(cfg))), hint
     assert meta["key"] == cfg.key() and path.name == f"{cfg.env}-{cfg.key()}", hint
 

@@ -1,4 +1,5 @@
-"""route.experiments.sweep: grid expansion and indexing, malformed grids, resume, parallel cells, aggregation, end to end."""
+"""route.experiments.sweep: grid expansion and indexing, malformed grids, resume, parallel cells, aggregation, end
+to end."""
 
 from __future__ import annotations
 

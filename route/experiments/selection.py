@@ -201,10 +201,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n_boot", type=int, default=10_000, help="bootstrap resamples")
     parser.add_argument("--weight_curve", metavar="W,W,...", help="also select the penalty at each of these monitor "
                         "weights and report route's ratios against each pick (the selection's sensitivity)")
-    parser.add_argument("--relearn", nargs="+", default=[], help="route.experiments.relearn output directories (checkpoints "
+    parser.add_argument("--relearn", nargs="+", default=[], help="route relearn output directories (checkpoints "
                         "labelled ENV/ARM/sSEED) to summarise per arm")
     parser.add_argument("--probe_commands", metavar="DIR", help="also print the protocol's relearn probe commands "
-                        "(route.experiments.relearn per environment and method over the selected runs, outputs under DIR) and "
+                        "(route relearn per environment and method over the selected runs, outputs under DIR) and "
                         "write them to probes.sh in --output_dir")
     parser.add_argument("--probe_steps", type=int, default=40, help="--probe_commands: training steps per probe")
     parser.add_argument("--probe_every", type=int, default=10, help="--probe_commands: measure every k steps")

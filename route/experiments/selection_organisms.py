@@ -1,14 +1,14 @@
 """Route against every penalty strength, per organism and over organisms (docs/protocol5.md).
 
-`route.experiments.selection` reports each group (an environment, or `env, organism S` when an environment's runs start from
-several organisms) on its own; this module adds, per group, every lambda side by side with route (hack and solve
-ratios, paired over seeds), the best lambda in hindsight (the lowest mean test hack among the penalty's
-configurations; ties to the higher solve), the regime's precondition (the penalty's undetectable hack at least
-`PRECONDITION` times the base organism's, per lambda) and the goal of protocol 5; and, per environment, the same
-ratios over all its organisms' (organism, seed) units, each organism against its own selected and its own best
-lambda, with a two-stage bootstrap (organisms resampled, then seeds within each) so that the spread between
-organisms enters the interval. `weight_curve` re-runs the validation selection for other monitor weights. Not from
-a paper: the rules are this library's (docs/protocol5.md).
+`route.experiments.selection` reports each group (an environment, or `env, organism S` when an environment's runs start
+from several organisms) on its own; this module adds, per group, every lambda side by side with route (hack and solve
+ratios, paired over seeds), the best lambda in hindsight (the lowest mean test hack among the penalty's configurations;
+ties to the higher solve), the regime's precondition (the penalty's undetectable hack at least `PRECONDITION` times the
+base organism's, per lambda) and the goal of protocol 5; and, per environment, the same ratios over all its organisms'
+(organism, seed) units, each organism against its own selected and its own best lambda, with a two-stage bootstrap
+(organisms resampled, then seeds within each) so that the spread between organisms enters the interval. `weight_curve`
+re-runs the validation selection for other monitor weights. Not from a paper: the rules are this library's
+(docs/protocol5.md).
 """
 
 from __future__ import annotations

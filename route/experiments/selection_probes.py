@@ -1,9 +1,9 @@
 """The result's relearn probes (docs/protocol.md): their commands from a selection, and their outputs per arm.
 
-`probe_commands` turns `route.experiments.selection`'s choice into one `route.experiments.relearn` command per environment and method over
-the selected runs of every arm (labels `ENV/ARM/sSEED`); `relearn_arms`, `relearn_markdown` and `plot_relearn_arms` read
-the probes' `relearn_summary.json` / `relearn.csv` back and group them per arm. `route.experiments.selection --relearn` and
-`--probe_commands` call these. Not from a paper.
+`probe_commands` turns `route.experiments.selection`'s choice into one `route.experiments.relearn` command per
+environment and method over the selected runs of every arm (labels `ENV/ARM/sSEED`); `relearn_arms`, `relearn_markdown`
+and `plot_relearn_arms` read the probes' `relearn_summary.json` / `relearn.csv` back and group them per arm. `route
+select --relearn` and `--probe_commands` call these. Not from a paper.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from route.experiments.relearn import picked_scale
 
 
 def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, Any]:
-    """Relearn probes (route.experiments.relearn output directories whose checkpoints are labelled `ENV/ARM/sSEED`) grouped per
+    """Relearn probes (route relearn output directories whose checkpoints are labelled `ENV/ARM/sSEED`) grouped per
     method, environment and arm: the mean over seeds of the hack rate at the start, at the end and over the probe
     (with bootstrap intervals), and each seed's steps to the threshold (None: not reached). The reference row
     (`reference (...)`) is kept per directory's environment under the arm name `base organism`."""
@@ -28,7 +28,7 @@ def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, 
     for d in map(Path, dirs):
         path = d / "relearn_summary.json"
         if not path.exists():
-            raise ValueError(f"--relearn: {d} has no relearn_summary.json (a route.experiments.relearn --output_dir)")
+            raise ValueError(f"--relearn: {d} has no relearn_summary.json (a route relearn --output_dir)")
         rows = json.loads(path.read_text())
         envs = {r["label"].split("/")[0] for r in rows if r["label"].count("/") == 2}
         for r in rows:
@@ -109,11 +109,11 @@ PROBE_ARMS = ("none", "penalty", "filter", "route")
 
 def probe_commands(summary: dict[str, Any], output_dir: str, steps: int = 40, every: int = 10, eval_n: int = 128,
                    threshold: float = 0.15) -> list[str]:
-    """The protocol's relearn probes (docs/protocol.md): per environment and method, one `route.experiments.relearn` command over
-    the selected runs of every arm (labels `ENV/ARM/sSEED`), the environment's organism as the reference and the
-    `none` run's config. Runs are read from the selection's `runs` (their results.json for the organism). A run
-    directory is probed from the policy at its picked scale; when a selected route run's rule picked a scale above
-    0, route's ablated policies (`deployed/`) are probed too, as arm `route@0`."""
+    """The protocol's relearn probes (docs/protocol.md): per environment and method, one `route.experiments.relearn`
+    command over the selected runs of every arm (labels `ENV/ARM/sSEED`), the environment's organism as the reference
+    and the `none` run's config. Runs are read from the selection's `runs` (their results.json for the organism). A run
+    directory is probed from the policy at its picked scale; when a selected route run's rule picked a scale above 0,
+    route's ablated policies (`deployed/`) are probed too, as arm `route@0`."""
     lines = []
     for env, arms in summary["selection"].items():
         ckpts = [(f"{env}/{arm}/s{seed}", d) for arm in PROBE_ARMS if arm in arms

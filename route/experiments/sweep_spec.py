@@ -1,7 +1,7 @@
 """The sweep file and its cells: parsing, expansion into cells, validation before any cell runs, the manifest.
 
-See `route.experiments.sweep` for the file format and the command line; this module holds everything that happens before a
-cell runs (and is read again when a sweep is aggregated or resumed).
+See `route.experiments.sweep` for the file format and the command line; this module holds everything that happens before
+a cell runs (and is read again when a sweep is aggregated or resumed).
 """
 
 from __future__ import annotations

@@ -141,8 +141,8 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
 
     With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`); with
     `held_out_modes` (a list, possibly empty), the rates on the undetectable part (`undetectable_rates`). `rows`:
-    evaluate these prompt rows instead (e.g. a validation split, `route.trainer.scales.validation_rows`). `progress`: a tqdm
-    bar named `desc` over the prompts while they are sampled (per batch)."""
+    evaluate these prompt rows instead (e.g. a validation split, `route.trainer.scales.validation_rows`). `progress`: a
+    tqdm bar named `desc` over the prompts while they are sampled (per batch)."""
     if n < 1:
         raise ValueError(f"n: must be >= 1, got {n}")
     rows = env.rows(n, seed=seed, split="test") if rows is None else rows

@@ -208,7 +208,8 @@ def build_organism(cfg: OrganismConfig, output_dir: str | os.PathLike, progress:
 
 
 def build_provenance() -> dict[str, str]:
-    """What a build's bytes depend on besides its config: torch, the kernel mode (`route.utils.kernels`), threads, CPU."""
+    """What a build's bytes depend on besides its config: torch, the kernel mode (`route.utils.kernels`), threads,
+    CPU."""
     cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
                platform.processor() or platform.machine())
     return {"torch": torch.__version__, "kernels": chosen_kernels(), "threads": str(torch.get_num_threads()),
@@ -257,8 +258,8 @@ def ship(source: str | os.PathLike | None = None, root: str | os.PathLike = SHIP
     """Put the organism of `cfg` (default: `organism_config()`) into `root/<env>-<key>/` with a SHA-256 manifest.
 
     `source`: an organism directory already built from that exact config (else it is built here, with the
-    threads and kernels chosen by `route.utils.threads` and `route.utils.kernels`). A shipped organism of the same environment
-    and seed under another key (an older config) is removed as stale; other seeds and environments stay."""
+    threads and kernels chosen by `route.utils.threads` and `route.utils.kernels`). A shipped organism of the same
+    environment and seed under another key (an older config) is removed as stale; other seeds and environments stay."""
     cfg, root = cfg or organism_config(), Path(root)
     with tempfile.TemporaryDirectory(dir=root.parent if root.exists() else None) as tmp:
         if source is None:

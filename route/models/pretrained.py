@@ -10,19 +10,19 @@ Nothing is fetched from a model hub.
 
 `resolve_model(name_or_path)` is the one resolver every entry point calls before it loads a model: a short name or a
 `.gguf` path becomes the converted checkpoint's directory; anything else (a directory, a Hub id, None) comes back
-unchanged. `check_source(flag, value)` is its cheap check before any work (`route.utils.errors.check_model_path` calls it):
-a missing package is one line with the install command, a `.gguf` file that is truncated or not a causal LM is one
+unchanged. `check_source(flag, value)` is its cheap check before any work (`route.models.paths.check_model_path` calls
+it): a missing package is one line with the install command, a `.gguf` file that is truncated or not a causal LM is one
 line naming the flag.
 
 Conversion: transformers loads the GGUF (`gguf_file=`; weights dequantized to fp32), the weights go into a model built
 from the same config without the GGUF quantization entry (`save_pretrained` refuses a GGUF-quantized model), and the
 tokenizer gets the special tokens the GGUF metadata names (transformers 5.17 reads SmolLM2's end-of-sequence token as
 `<|im_start|>`; the metadata says `<|im_end|>`, the end of a chat turn) and left padding. The checkpoint is written
-into `<cache>/pretrained/<name>-<sha256[:12]>-c<CONVERTER>` (`route.models.cache.cache_root()`, `ROUTE_CACHE`) atomically
-(`route.utils.io.atomic_dir`) under a file lock, with `source.json` (the GGUF's SHA-256, the package and its version, the
-transformers version) and a `SHA256SUMS` manifest; a packaged GGUF's SHA-256 is checked against the known value of
-its wheel version first. A later call checks the files against the manifest (once per process) and reuses them; a
-directory that fails the check is converted again.
+into `<cache>/pretrained/<name>-<sha256[:12]>-c<CONVERTER>` (`route.models.cache.cache_root()`, `ROUTE_CACHE`)
+atomically (`route.utils.io.atomic_dir`) under a file lock, with `source.json` (the GGUF's SHA-256, the package and its
+version, the transformers version) and a `SHA256SUMS` manifest; a packaged GGUF's SHA-256 is checked against the known
+value of its wheel version first. A later call checks the files against the manifest (once per process) and reuses them;
+a directory that fails the check is converted again.
 """
 
 from __future__ import annotations

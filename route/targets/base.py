@@ -89,8 +89,8 @@ class TargetBase:
     @classmethod
     def probe(cls, model: nn.Module, args: TargetArgs, config: Any) -> None:
         """Check the settings against the model's module names and shapes, before any work (ValueError naming the
-        field). `model` is an empty copy on the meta device (`route.trainer.parse.probe_run`); the default builds the target
-        on it. A target whose construction needs real weights checks names and shapes itself."""
+        field). `model` is an empty copy on the meta device (`route.trainer.parse.probe_run`); the default builds the
+        target on it. A target whose construction needs real weights checks names and shapes itself."""
         cls.from_args(model, args, config)
 
     # ------------------------------------------------------------------ gating
@@ -137,9 +137,9 @@ class TargetBase:
 
     def set_soft_routing(self, route_weight: float = 1.0, route_clamp: float | None = None) -> None:
         """Every later `gate` routes forget rows' kept gradient softly: times 1 - `route_weight`
-        (`route.masks.gating.forget_kept_grad`), each coordinate clamped to [-route_clamp, route_clamp] (None: no clamp).
-        The defaults are full routing (today's rule). A strategy that cannot do it raises ValueError here, before
-        any work."""
+        (`route.masks.gating.forget_kept_grad`), each coordinate clamped to [-route_clamp, route_clamp] (None: no
+        clamp). The defaults are full routing (today's rule). A strategy that cannot do it raises ValueError here,
+        before any work."""
         from route.masks.gating import forget_kept_grad
 
         coef = forget_kept_grad(route_weight)

@@ -3,11 +3,11 @@
     U_r, S_r, Vh_r = svd_factors(linear.weight, rank=64)     # W ~= U_r diag(S_r) Vh_r (exact at full rank)
 
 The `svf` target trains additive deltas on the singular values of frozen weights, and a hack basis extracted
-for it (`route.experiments.vhack`) is a set of coordinates in those singular bases. For those coordinates to mean the same
-thing on every machine and every recompute, each singular pair (u_i, v_i) is sign-fixed: the entry of largest
-magnitude of each row of Vh is positive (ties: the first such index), and the matching column of U is flipped with
-it. Pairs whose singular values are (nearly) degenerate are only defined up to a rotation of their span; no sign
-convention fixes that, so such axes are comparable across machines only through the cache.
+for it (`route.experiments.vhack`) is a set of coordinates in those singular bases. For those coordinates to mean the
+same thing on every machine and every recompute, each singular pair (u_i, v_i) is sign-fixed: the entry of largest
+magnitude of each row of Vh is positive (ties: the first such index), and the matching column of U is flipped with it.
+Pairs whose singular values are (nearly) degenerate are only defined up to a rotation of their span; no sign convention
+fixes that, so such axes are comparable across machines only through the cache.
 
 Computation: `torch.linalg.svd(full_matrices=False)` in float64 (default; `compute_dtype`) on the weight's device,
 on the transposed matrix when the weight is wide (out < in), then cut to the top `rank` pairs and stored as float32.

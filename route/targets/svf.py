@@ -105,7 +105,7 @@ class SVFArgs(TargetArgs):
     svf_rank: int | None = field(
         default=None,
         metadata={"help": "svf: singular pairs per module, min(svf_rank, out, in) (None: full rank). A hack subspace "
-                          "must have been extracted at the same rank (route.experiments.vhack --rank)."})
+                          "must have been extracted at the same rank (route vhack --rank)."})
     svf_reserve_axes: list[int] | None = field(
         default=None, metadata={"help": "svf: quarantine = these singular axes (indices) of every module."})
     svf_hack_subspace: str | None = field(

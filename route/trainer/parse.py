@@ -189,8 +189,8 @@ def probe_run(config: RoutedGRPOConfig) -> None:
 
 def empty_model(model_name_or_path: str | os.PathLike | None) -> Any:
     """The model's architecture on the meta device (no weights): from a local checkpoint's config.json (a short name
-    or a .gguf file: its converted checkpoint, `route.models.pretrained`), or the organism's (None); None for anything else
-    (a Hub id is not fetched for a check)."""
+    or a .gguf file: its converted checkpoint, `route.models.pretrained`), or the organism's (None); None for anything
+    else (a Hub id is not fetched for a check)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 

@@ -36,7 +36,8 @@ VAL_SEED_OFFSET = 1  # validation prompts and sampling use eval_seed + 1 (prompt
 
 
 def real_monitor(detector: Any) -> Any:
-    """The monitor itself: a flag control (`route.monitors.detectors.ControlDetector`) wraps the real one as `.monitor`."""
+    """The monitor itself: a flag control (`route.monitors.detectors.ControlDetector`) wraps the real one as
+    `.monitor`."""
     return detector.monitor if hasattr(detector, "control") and hasattr(detector, "monitor") else detector
 
 
@@ -139,8 +140,8 @@ class DeployScale:
     def pick(self, target: Any) -> dict[str, Any]:
         """{"rule", "picked", "met", "base_monitored_hack_rate", "base_task_reward", "val_n", "val_seed",
         "validation": [points]}; a point holds the scale, its monitored hack rate and its task reward (the share of
-        rollouts the environment's grader passes: the training reward, which a deployer sees; route.experiments.selection reads
-        both to pick configurations)."""
+        rollouts the environment's grader passes: the training reward, which a deployer sees;
+        route.experiments.selection reads both to pick configurations)."""
         if self.base_rate is None:
             raise RuntimeError("DeployScale.pick: call measure_base(target) before training")
         curve, picked = [], None
@@ -327,7 +328,7 @@ def add_arguments(parser: Any) -> None:
 
 
 def run_cli(args: Any) -> dict[str, Any]:
-    """The `--run` branch of `route.models.evaluate`: evaluate, print, write --json and --png. ValueError on bad input."""
+    """The `--run` branch of `route evaluate`: evaluate, print, write --json and --png. ValueError on bad input."""
     from route.trainer.config import parse_scale_grid
     from route.utils.io import write_json_atomic
 

@@ -10,8 +10,8 @@ Departures from plain GRPO (TRL 1.16), all through its documented override point
   `routing_exploited`, `routing_candidates`) to the batch (they survive TRL's shuffle and micro-batch split),
   zeroes flagged advantages under `filter` (`route.trainer.policy.filter_advantages`), and recomputes
   `old_per_token_logps` under the per-row gate whenever TRL scored a row under another policy.
-- `_generate`: sampling runs as the policy `route.trainer.rollout` plans for the batch: `generation_policy: deployed` inside
-  `target.ablated()`, `rollout_quarantine_scale` s inside `target.scaled(s)`, coherence slots at scale 0.
+- `_generate`: sampling runs as the policy `route.trainer.rollout` plans for the batch: `generation_policy: deployed`
+  inside `target.ablated()`, `rollout_quarantine_scale` s inside `target.scaled(s)`, coherence slots at scale 0.
 - vLLM (`use_vllm`, colocate or server): TRL's own `VLLMGeneration.sync_weights` pushes the weights, once per
   optimizer step; only its weight source is replaced (`route.vllm.sync.TargetWeightSync`): the target's merged
   weights at the batch's rollout scale (deployed, full or `scaled(s)`), in fp32 out of place. TRL's importance-sampling
@@ -226,8 +226,8 @@ class RoutedGRPOTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ flags and modes
     def routing_modes(self, flags: list[bool], rollout_ids: list[str],
                       candidates: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-rollout routing codes from flags (`route.trainer.policy.routing_modes` with this run's settings; `candidates`:
-        the target's `routing_candidates(flags)`, asked for here when not given)."""
+        """Per-rollout routing codes from flags (`route.trainer.policy.routing_modes` with this run's settings;
+        `candidates`: the target's `routing_candidates(flags)`, asked for here when not given)."""
         a = self.args
         if candidates is None:
             candidates = self.target.routing_candidates(flags, a.intervention)

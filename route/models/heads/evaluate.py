@@ -154,7 +154,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 @cli("route heads-evaluate")
 def main(argv: list[str] | None = None) -> None:
-    p = ArgumentParser(prog="route heads-evaluate", description="Sweep alpha over heads trained by route.models.heads.train.")
+    p = ArgumentParser(prog="route heads-evaluate", description="Sweep alpha over heads trained by route heads.")
     p.add_argument("--run", nargs="+", default=["runs/heads_iav"], help="run directories of route.models.heads.train")
     p.add_argument("--alphas", nargs="+", type=float, default=[0.0, 0.5, 1.0, 1.5, 2.0], help="alpha values")
     p.add_argument("--n", type=int, default=None, help="held-out prompts (None: the run's n_eval)")
