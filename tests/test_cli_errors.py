@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
+from route.cli import COMMANDS
 from route.utils.errors import cli, looks_local, pop_debug
 
 ROOT = Path(__file__).resolve().parent.parent
 NOPE = "/nonexistent/route-test/nope"
 
 # (module, argv, text the one line must contain: the flag or field)
+PROGS = {module: f"route {name}" for name, (module, _) in COMMANDS.items()}  # what a command's errors start with
 CASES = [
     ("route.train_grpo", ["--target", "lora"], "--target"),
     ("route.train_grpo", ["--config", "nope.yaml"], "--config"),
@@ -23,10 +25,10 @@ CASES = [
     ("route.train_grpo", ["--intervention", "erasee"], "--intervention"),
     ("route.train_grpo", ["--detector_tpr", "2"], "detector_tpr"),
     ("route.train_grpo", ["--bogus_flag", "1"], "--bogus_flag"),
-    ("route.models.evaluate", ["--model", NOPE], "--model"),
-    ("route.models.evaluate", ["--model", "runs/nope"], "--model"),  # runs/ exists here: a local path, not a Hub id
-    ("route.models.evaluate", ["--model", NOPE, "--n", "0"], "--n"),
-    ("route.models.evaluate", ["--model", NOPE, "--env", "nope"], "--env"),
+    ("route.experiments.evaluate", ["--model", NOPE], "--model"),
+    ("route.experiments.evaluate", ["--model", "runs/nope"], "--model"),  # runs/ exists: a local path, not a Hub id
+    ("route.experiments.evaluate", ["--model", NOPE, "--n", "0"], "--n"),
+    ("route.experiments.evaluate", ["--model", NOPE, "--env", "nope"], "--env"),
     ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x"], "--checkpoints"),
     ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--steps", "0"], "--steps"),
     ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--config", "nope.yaml"], "--config"),
@@ -91,7 +93,7 @@ def test_user_error_is_one_line(module, argv, flag, workdir, capsys):
     assert code == 2
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"{module}: error: "), lines[0]
+    assert lines[0].startswith(f"{PROGS.get(module, module)}: error: "), lines[0]
     assert flag in lines[0]
     assert "Traceback" not in err
     assert not list(workdir.glob("x*")) and not (workdir / "k.json").exists()  # failed before any work
@@ -99,16 +101,17 @@ def test_user_error_is_one_line(module, argv, flag, workdir, capsys):
 
 def test_table_covers_every_command_line():
     """Every `@cli(...)` main in the package has a row (a new command line must add its bad inputs)."""
-    decorated = set()
+    decorated = set()  # the modules that hold one
     for path in [*(ROOT / "route").rglob("*.py"), *(ROOT / "bench").glob("*.py")]:
-        decorated |= set(re.findall(r'^@cli\("([\w.]+)"\)', path.read_text(), re.M))
+        if re.search(r'^@cli\("[\w. -]+"\)', path.read_text(), re.M):
+            decorated.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
     assert len(decorated) >= 21
     assert decorated == {m for m, _, _ in CASES}
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(how, workdir, monkeypatch):
-    from route.models.evaluate import main
+    from route.experiments.evaluate import main
 
     argv = ["--model", NOPE, "--n", "0"]
     if how == "flag":
@@ -176,7 +179,7 @@ def hub(monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
 
-    from route.utils import errors
+    from route.models import paths
 
     state = {"answer": None, "calls": 0}
 
@@ -189,16 +192,16 @@ def hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    errors._check_hub_model.cache_clear()
+    paths._check_hub_model.cache_clear()
     yield state
-    errors._check_hub_model.cache_clear()
+    paths._check_hub_model.cache_clear()
 
 
 def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from route.models.evaluate import main
+    from route.experiments.evaluate import main
 
     for answer, text in (
         (httpx.ConnectError("Name or service not known"), "the Hub cannot be reached"),
@@ -210,9 +213,9 @@ def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
         ),
     ):
         hub["answer"] = answer
-        code, err = _run("route.models.evaluate", ["--model", "org/nope"], capsys)
+        code, err = _run("route.experiments.evaluate", ["--model", "org/nope"], capsys)
         assert code == 2 and len(err.splitlines()) == 1
-        assert err.startswith("route.models.evaluate: error: --model: org/nope") and text in err
+        assert err.startswith("route evaluate: error: --model: org/nope") and text in err
     assert hub["calls"] == 2
     hub["answer"] = httpx.ConnectError("down")
     with pytest.raises(ValueError, match="cannot be reached"):

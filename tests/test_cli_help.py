@@ -14,13 +14,14 @@ from route.utils.errors import HelpFormatter
 
 HELP_ARGV = {  # every command line of the package (test_every_command_line_is_listed)
     "route.train_grpo": [["--help"]],
-    "route.models.evaluate": [["--help"]],
+    "route.experiments.evaluate": [["--help"]],
     "route.experiments.relearn": [["--help"]],
     "route.experiments.sweep": [["--help"]],
     "route.experiments.report": [["--help"]],
     "route.experiments.pareto": [["--help"]],
     "route.experiments.selection": [["--help"]],
     "route.models.organism": [["--help"]],
+    "route.models.pretrained": [["--help"]],
     "route.experiments.vhack": [["--help"]],
     "route.models.heads.train": [["--help"]],
     "route.models.heads.evaluate": [["--help"]],
@@ -147,7 +148,7 @@ def test_negated_booleans_have_their_own_text(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("module", "flag", "values"),
     [
-        ("route.models.evaluate", "--env", "{arith,"),
+        ("route.experiments.evaluate", "--env", "{arith,"),
         ("route.experiments.relearn", "--method", "{grpo,sft}"),
         ("route.models.heads.train", "--head", "{iav,mav}"),
         ("route.models.sgtm.pretrain", "--architecture", "{gpt_neo,llama,qwen2}"),

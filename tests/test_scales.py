@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 import envs
 import route.train_grpo as train_grpo
 from envs.arith import ArithEnv
+from route.experiments.evaluate import main as evaluate_main
 from route.experiments.relearn import selected_checkpoint
-from route.models.evaluate import main as evaluate_main
 from route.trainer.parse import build_config
 from route.trainer.scales import load_policy, real_monitor, validation_rows
 from tests.test_resume import RUN as RESUME_RUN
