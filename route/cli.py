@@ -56,6 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     module = importlib.import_module(COMMANDS[name][0])
     prog, sys.argv[0] = sys.argv[0], f"route {name}"  # parsers that take their name from argv[0] (TrlParser)
     try:
-        module.main(rest)
+        raise SystemExit(module.main(rest))  # a main's return value is the exit status (None: 0)
     finally:
         sys.argv[0] = prog

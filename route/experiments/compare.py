@@ -262,3 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         write_json_atomic(out / "compare.json", summary)
         png = plot_curves(curves(dirs, args.curves), out / "curves.png")
         print(f"wrote {out / 'compare.md'}" + (f" and {png}" if png else ""))
+
+
+if __name__ == "__main__":
+    main()

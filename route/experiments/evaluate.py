@@ -55,3 +55,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         write_json_atomic(args.json, result)
 
+
+if __name__ == "__main__":
+    main()

@@ -297,3 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     for env, rows in write_pareto(results, out).items():
         print(f"{env}: {len(rows)} points -> {Path(out) / env / 'pareto.png'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -344,3 +344,7 @@ def main(argv: list[str] | None = None) -> int:
               f"steps>={args.threshold}: {s['steps_to_threshold']}  auc {s['auc']:.2f}")
     print(f"-> {args.output_dir}/relearn.csv, relearn_summary.csv, relearn.png")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -147,3 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     check_paths("results", args.results)
     print(table(load(args.results)))
+
+
+if __name__ == "__main__":
+    main()

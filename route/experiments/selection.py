@@ -232,3 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {out / 'relearn_arms.png'}")
         print(f"wrote {out / 'select.json'} and {out / 'select.md'}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -280,3 +280,7 @@ def _main(args: argparse.Namespace) -> int:
     rows = aggregate(output_dir)
     print(f"{sum(r['status'] == 'done' for r in rows)}/{len(rows)} cells done -> {output_dir}/sweep.csv")
     return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -307,3 +307,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{seconds:.1f}s; top-1 explained variance mean {sum(evr1) / len(evr1):.3f}, "
           f"mean cosine with subspace {meta['mean_cosine_overall']:.3f}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -347,3 +347,7 @@ def main(argv: list[str] | None = None) -> None:
         from route.models.evaluate import evaluate_dir, format_rates
 
         print(format_rates(evaluate_dir(out, cfg.env, n=args.evaluate, env_kwargs=cfg.env_kwargs)))
+
+
+if __name__ == "__main__":
+    main()

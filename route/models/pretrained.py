@@ -389,3 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"model: {args.model!r} is neither a short name (allowed values: {list(MODELS)}) nor a .gguf file")
     check_source("model", args.model)
     print(resolve_model(args.model, flag="model"))
+
+
+if __name__ == "__main__":
+    main()

@@ -172,3 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     from vllm.entrypoints.cli.main import main as vllm_main
 
     vllm_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -185,3 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['run']:<16}{r['head']:<6}{r['alpha']:>6g}{r['follow_rate']:>9.3f}{r['accuracy']:>9.3f}")
     print(f"wrote {out / 'alpha_sweep.csv'} and {out / 'alpha_sweep.png'}")
+
+
+if __name__ == "__main__":
+    main()

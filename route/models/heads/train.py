@@ -311,3 +311,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 __all__ = ["HEAD_KINDS", "HeadsTrainConfig", "embedded_base", "make_trainer", "parse_config", "run", "train_head"]
+
+
+if __name__ == "__main__":
+    main()

@@ -294,3 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(cfg, progress=cfg.progress)
     print(format_report(report))
     print(f"results: {Path(cfg.output_dir) / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

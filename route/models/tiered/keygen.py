@@ -76,3 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     key.save(args.out)
     heads, cols = len(getattr(key, args.head_field)), len(getattr(key, args.mlp_field))
     print(f"{args.out}: {heads} head swaps ({args.head_field}), {cols} MLP column swaps ({args.mlp_field})")
+
+
+if __name__ == "__main__":
+    main()

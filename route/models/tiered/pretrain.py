@@ -283,3 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     for k, v in results["margins"].get("relative", {}).items():
         print(f"{k}: {v:+.2%} ({'pass' if results['margins']['pass'][k] else 'MISS'})")
     print(f"-> {cfg.output_dir}/results.json, results.md, loss_curves.png ({results['wall_seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

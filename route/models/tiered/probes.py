@@ -280,3 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     for row in summary:
         print(", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
     print(f"-> {args.output_dir}/{args.probe}.csv, {args.probe}_summary.csv, {args.probe}.png")
+
+
+if __name__ == "__main__":
+    main()
