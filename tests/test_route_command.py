@@ -49,7 +49,7 @@ def test_old_names_fail_with_one_line(old, monkeypatch, capsys):
     with pytest.raises(ModuleNotFoundError) as exc:  # an import: the new place (of its old parent package, if moved)
         importlib.import_module(old)
     name = str(exc.value).split(" moved to ")[0]
-    assert old.startswith(name) and str(exc.value) == f"{name} moved to {MOVED[name][0]}"
+    assert old.startswith(name) and str(exc.value).startswith(f"{name} moved to {MOVED[name][0]}")
     monkeypatch.setattr(sys, "argv", ["-m"])  # `python -m OLD` while Python locates it
     monkeypatch.setattr(sys, "orig_argv", [sys.executable, "-m", old, "--help"])
     with pytest.raises(SystemExit) as exc:

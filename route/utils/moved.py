@@ -59,7 +59,9 @@ class MovedFinder(MetaPathFinder):
         if run is not None and (run == name or run.startswith(name + ".")):
             sys.stderr.write(f"error: {message(run if run in MOVED else name)}\n")
             sys.exit(2)
-        raise ModuleNotFoundError(message(name), name=name)
+        new, command = MOVED[name]
+        raise ModuleNotFoundError(f"{name} moved to {new}" + (f" (command: `route {command}`)" if command else ""),
+                                  name=name)
 
 
 def _run_module() -> str | None:
