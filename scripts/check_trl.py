@@ -49,7 +49,7 @@ def watched_names() -> list[str]:
     from route.trainer.trainer import RoutedGRPOTrainer
 
     names = {n for n, v in vars(RoutedGRPOTrainer).items() if callable(v) and hasattr(GRPOTrainer, n)}
-    source = (ROOT / "route" / "trainer.py").read_text()
+    source = (ROOT / "route" / "trainer" / "trainer.py").read_text()
     names |= {n for n in re.findall(r"\.(_[a-z]\w*)\(", source) if hasattr(GRPOTrainer, n)}
     return [f"trl:GRPOTrainer.{n}" for n in sorted(names - {"__init__"}) + ["__init__"]] + EXTRA
 

@@ -147,7 +147,7 @@ def test_a_bad_gguf_file_fails_the_main_job_in_one_line_before_any_work(kind, tm
     line = main_job_error(["--model_name_or_path", str(path), "--output_dir", str(out)], capsys)
     import re
 
-    assert re.match(rf"route\.train_grpo: error: model_name_or_path: .*{message}", line), line
+    assert re.match(rf"route train: error: model_name_or_path: .*{message}", line), line
     assert not out.exists() and not (tmp_path / "cache" / "pretrained").exists()
 
 

@@ -14,9 +14,8 @@ from typing import Any
 from trl import GRPOConfig
 
 from route.monitors.detectors import FLAG_CONTROLS
-from route.targets.checkpointing import check_checkpointing
 from route.trainer.rollout import check_rollout, only_full
-from route.utils.fields import as_dict, as_list, choice, rate
+from route.utils.fields import as_dict, as_list, check_checkpointing, choice, rate
 
 # The interventions of the vocabulary; each target declares which it supports (`erase` needs one that can).
 INTERVENTIONS = ("none", "filter", "penalty", "route", "erase")

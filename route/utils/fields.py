@@ -46,3 +46,32 @@ def as_int_list(name: str, value: Any, what: str = "integers") -> list[int] | No
         return [int(i) for i in items]
     except (TypeError, ValueError):
         raise ValueError(f"{name}: must be {what}, got {value!r}") from None
+
+
+def reentrant_error(what: str) -> ValueError:
+    return ValueError(f"gradient_checkpointing_kwargs: use_reentrant=True ({what}) re-runs checkpointed layers in the "
+                      "backward without the per-rollout routing gate, so the gradients would be silently wrong; "
+                      "leave use_reentrant unset or false (non-reentrant checkpointing re-applies the gate), or set "
+                      "gradient_checkpointing: false")
+
+
+def fsdp_error() -> ValueError:
+    return ValueError("gradient_checkpointing, fsdp_config.activation_checkpointing: FSDP's activation checkpointing "
+                      "recomputes layers without the per-rollout routing gate; use gradient_checkpointing: true with "
+                      "activation_checkpointing off")
+
+
+def check_checkpointing(args: Any) -> None:
+    """Refuse checkpointing setups whose recompute cannot run under the routing gate (ValueError naming the field):
+    reentrant checkpointing, FSDP's activation checkpointing, torch.compile (see `route.targets.checkpointing`)."""
+    if not getattr(args, "gradient_checkpointing", False):
+        return
+    kwargs = args.gradient_checkpointing_kwargs or {}
+    if isinstance(kwargs, dict) and kwargs.get("use_reentrant"):
+        raise reentrant_error("gradient_checkpointing_kwargs")
+    fsdp = getattr(args, "fsdp_config", None) or {}
+    if isinstance(fsdp, dict) and str(fsdp.get("activation_checkpointing", "false")).lower() == "true":
+        raise fsdp_error()
+    if getattr(args, "torch_compile", False):
+        raise ValueError("gradient_checkpointing, torch_compile: the routing gate's recompute context is not a "
+                         "TorchDispatchMode, which compiled checkpointing requires; turn one of them off")

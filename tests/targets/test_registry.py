@@ -133,7 +133,7 @@ def test_config_module_names_no_target():
 
     from route.trainer.config import RoutedGRPOConfig
 
-    path = Path(targets.__file__).parents[1] / "config.py"
+    path = Path(targets.__file__).parents[1] / "trainer" / "config.py"
     tree = ast.parse(path.read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
