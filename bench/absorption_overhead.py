@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.routing_overhead import StepTimer  # noqa: E402
-from route.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
+from route.utils.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 
 class Alternate(StepTimer):
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.cli import build_config
-    from route.organism import load_or_build
-    from route.trainer import RoutedGRPOTrainer
+    from route.models.organism import load_or_build
+    from route.trainer.parse import build_config
+    from route.trainer.trainer import RoutedGRPOTrainer
 
     torch.set_num_threads(args.threads)
     model_dir = args.model or str(load_or_build())

@@ -15,7 +15,7 @@ import statistics
 import time
 
 import envs
-from route.errors import ArgumentParser, cli
+from route.utils.errors import ArgumentParser, cli
 
 
 def completions(env, n: int) -> tuple[list[str], dict[str, list]]:

@@ -19,7 +19,7 @@ the vocabulary. bf16 on cuda, fp32 on cpu. Every measurement has its own baselin
   completion (so advantages and gradients are live) and completions of fixed length (`min_new_tokens`).
 - svd_setup: seconds to wrap the model with the svf target at full rank with an empty SVD cache, then again from it.
 - heads_decode: `bench/heads_decode.py` (its own model shape and baselines) on this device, when that bench and
-  `route.heads` exist; else status "not available".
+  `route.models.heads` exist; else status "not available".
 - ckpt_equal: each target's gradients of one gated forward + backward (rows mixing forget / retain / default,
   adapters randomised so every gated path carries gradient) with and without gradient checkpointing; passes when
   max |g_ckpt - g| / max |g| over every parameter is <= the tolerance: 0 (exact) in fp32, 1e-2 in bf16.
@@ -57,7 +57,7 @@ from gpu_measures import (  # noqa: E402
     svd_setup,
 )
 
-from route.errors import ArgumentParser, cli  # noqa: E402
+from route.utils.errors import ArgumentParser, cli  # noqa: E402
 
 STEPS = (("lora", None), ("dual_lora", "lora"), ("svf", "lora"), ("full", None), ("sgtm", "full"))
 HEADS_DECODE_S = 120.0  # the heads' decode bench: five fresh processes, each loading torch and a model
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def write_report(report: dict, a: argparse.Namespace, budget_end: float, cuda: bool, done: bool) -> None:
-    from route.io import write_json_atomic
+    from route.utils.io import write_json_atomic
 
     add_ratios(report, cuda)
     report["meta"].update(complete=done, elapsed_s=round(a.budget_s - (budget_end - time.monotonic()), 1))

@@ -46,7 +46,7 @@ def build_tokenizer(vocab_size: int):
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
 
-    from route.organism import build_tokenizer as char_tokenizer
+    from route.models.organism import build_tokenizer as char_tokenizer
 
     base = char_tokenizer()
     spec = json.loads(base.backend_tokenizer.to_str())
@@ -125,9 +125,9 @@ def run_steps(kind: str, ctx: dict, warmup: int | None = None, steps: int | None
     from transformers import PrinterCallback
     from trl import GRPOTrainer
 
-    from route.cli import build_config
     from route.targets.common import DEFAULT_MODULES
-    from route.trainer import RoutedGRPOTrainer
+    from route.trainer.parse import build_config
+    from route.trainer.trainer import RoutedGRPOTrainer
 
     a, cuda = ctx["args"], ctx["device"] == "cuda"
     warmup, steps = a.warmup if warmup is None else warmup, a.steps if steps is None else steps
@@ -293,7 +293,7 @@ def checkpoint_equality(name: str, ctx: dict) -> dict:
 
 def heads_decode(ctx: dict, path: Path | None = None) -> dict:
     """`bench/heads_decode.py`'s table (its own model shape; this run's device and dtype), or status "not available"
-    when that bench or `route.heads` is missing. On cpu it decodes a tiny model for a few tokens."""
+    when that bench or `route.models.heads` is missing. On cpu it decodes a tiny model for a few tokens."""
     path = path or Path(__file__).resolve().parent / "heads_decode.py"
     if not path.exists():
         return dict(status="not available", detail={"reason": f"{path.name} does not exist"})
@@ -304,7 +304,7 @@ def heads_decode(ctx: dict, path: Path | None = None) -> dict:
         sys.path.insert(0, str(path.parent))
     try:
         spec.loader.exec_module(module)
-        importlib.import_module("route.heads")
+        importlib.import_module("route.models.heads")
     except ImportError as e:
         sys.modules.pop(spec.name, None)
         return dict(status="not available", detail={"reason": f"{type(e).__name__}: {e}"})

@@ -4,7 +4,7 @@
     python bench/heads_decode.py --device cuda --tokens 128 --batch 8 --dtype bfloat16
 
 Every method decodes the same random prompts greedily, KV cache on, same batch, dtype and
-device, through the same decoding loop (`route.heads.decode`):
+device, through the same decoding loop (`route.models.heads.decode`):
 - base: the base model alone;
 - iav / mav: the base plus the head, one base forward per token (`z_base + alpha * a`, alpha 1);
 - genarm_1x / genarm_0.25x: the base plus a second causal LM with its own KV cache (1x the base, and
@@ -30,7 +30,7 @@ from queue import Empty, SimpleQueue
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, cli  # noqa: E402
+from route.utils.errors import ArgumentParser, cli  # noqa: E402
 
 METHODS = ("base", "iav", "mav", "genarm_1x", "genarm_0.25x")
 
@@ -61,7 +61,7 @@ def build(method: str, a):
     """(step function, extra parameters, base parameters) for one method."""
     import torch
 
-    from route.heads import IAVForCausalLM, MAVForCausalLM, causal_lm_step
+    from route.models.heads import IAVForCausalLM, MAVForCausalLM, causal_lm_step
 
     dtype = getattr(torch, a.dtype)
     base = llama(a.hidden, a.layers, a.vocab, 0, dtype, a.device)
@@ -96,7 +96,7 @@ def measure(method: str, a, queue) -> None:
     import torch
     import transformers.models.llama.modeling_llama  # noqa: F401  (imported before the memory baseline)
 
-    from route.heads import decode
+    from route.models.heads import decode
 
     torch.set_num_threads(a.threads)
     cuda = a.device.startswith("cuda")

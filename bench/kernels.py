@@ -3,7 +3,7 @@
     python bench/kernels.py                          # the main job's GRPO training, 60 steps, 3 alternating reps
     python bench/kernels.py --workload model --model_shape smollm2   # forward/backward/step at SmolLM2-135M's shapes
 
-The kernel mode is chosen before torch runs its first kernel (`route.kernels`), so every measurement is a fresh
+The kernel mode is chosen before torch runs its first kernel (`route.utils.kernels`), so every measurement is a fresh
 process; the modes alternate (portable, native, portable, ...) so that a change in the machine's load falls on both.
 `job` runs `route/train_grpo.py` with `--max_steps` steps and reads `train_seconds` from its results.json; `model`
 times forward + backward + AdamW steps of a Llama (the organism's shapes, or SmolLM2-135M's with random weights) on
@@ -37,7 +37,7 @@ def model_worker(shape: str, steps: int, batch: int, seq: int) -> float:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import route  # noqa: F401  (threads and kernels, before torch runs anything)
-    from route.optim import build_optimizer
+    from route.masks.optim import build_optimizer
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape], max_position_embeddings=max(64, seq),

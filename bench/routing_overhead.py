@@ -2,14 +2,14 @@
 
     python bench/routing_overhead.py [--model DIR|NAME] [--steps 40] [--rank 8] [--threads N]
     python bench/routing_overhead.py --model smollm2-135m-instruct --batch 8 --generations 4 --new_tokens 16 \
-        --steps 6 --warmup 1 --reward digits          # the real pretrained model (route.pretrained)
+        --steps 6 --warmup 1 --reward digits          # the real pretrained model (route.models.pretrained)
 
 Same model, config, data and seed for both, at the default experiment's shapes unless `--batch`,
 `--generations` or `--new_tokens` say otherwise; a step is one optimizer step including generation,
 scoring and the gated loss. The two trainers alternate in blocks so that machine drift hits
 both; the median over all timed steps (warm-up steps dropped) is compared. Prints `ratio: X.XX`.
 Torch runs on `--threads` threads (default 1: on a shared machine more threads measure the contention).
-`--model` takes a directory or a short name (`route.pretrained`); a model whose tokenizer has a chat template
+`--model` takes a directory or a short name (`route.models.pretrained`); a model whose tokenizer has a chat template
 gets the environment's prompts as chat messages (`chat: true`), as a chat model is trained. `--reward digits` rewards
 each rollout with the share of digits in its text instead of the environment's grade (a pretrained model that does
 not know the task scores 0 on every rollout, so no step would have a gradient). `--targets` times other targets too,
@@ -27,7 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, RawHelpFormatter, at_least, check_model_path, cli  # noqa: E402
+from route.models.paths import check_model_path
+from route.utils.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 
 class StepTimer:
@@ -75,9 +76,9 @@ def timed_run(kind: str, model_dir: str, steps: int, rank: int, out: str, batch:
     from trl import GRPOTrainer
 
     import envs
-    from route.cli import build_config
     from route.targets.common import DEFAULT_MODULES
-    from route.trainer import RoutedGRPOTrainer
+    from route.trainer.parse import build_config
+    from route.trainer.trainer import RoutedGRPOTrainer
 
     torch.manual_seed(0)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -132,8 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from route.organism import load_or_build
-    from route.pretrained import resolve_model
+    from route.models.organism import load_or_build
+    from route.models.pretrained import resolve_model
 
     model_dir = resolve_model(args.model, flag="--model") or str(load_or_build())
     kinds = ["plain", *dict.fromkeys(args.targets)]

@@ -12,9 +12,9 @@ both; after `--warmup` dropped repeats the medians are compared: `ratio: X.XX` i
 
 SVD setup: the time to build the svf target (every module's SVD, full rank, canonical signs) with an empty cache
 (cold) and again from the cache (warm), for the model (`--model`: a directory or a short name such as
-`smollm2-135m-instruct`, `route.pretrained`; default the organism, `route.organism.load_or_build()`) and, unless
-`--skip-large`, for a randomly initialised Qwen2-0.5B-shaped model built from a config (hidden 896, 24 layers, MLP
-4864, 14 heads / 2 KV heads; vocabulary cut to 1024, since embeddings are not adapted).
+`smollm2-135m-instruct`, `route.models.pretrained`; default the organism, `route.models.organism.load_or_build()`) and,
+unless `--skip-large`, for a randomly initialised Qwen2-0.5B-shaped model built from a config (hidden 896, 24 layers,
+MLP 4864, 14 heads / 2 KV heads; vocabulary cut to 1024, since embeddings are not adapted).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, cli  # noqa: E402
+from route.utils.errors import ArgumentParser, cli  # noqa: E402
 
 
 def _sync(device: str) -> None:
@@ -121,9 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
 
-    from route.errors import check_model_path
-    from route.organism import load_or_build
-    from route.pretrained import resolve_model
+    from route.models.organism import load_or_build
+    from route.models.paths import check_model_path
+    from route.models.pretrained import resolve_model
 
     check_model_path("--model", args.model)
     model_dir = resolve_model(args.model, flag="--model") or str(load_or_build())

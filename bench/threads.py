@@ -4,7 +4,7 @@
     python bench/threads.py --steps 50 --competitor python
     python bench/threads.py --worker chosen --steps 1 --workload tiny    # one phase's workload, in this process
 
-The workload is `--steps` supervised warm-start steps (`route.organism.sft`) of the default organism config
+The workload is `--steps` supervised warm-start steps (`route.models.organism.sft`) of the default organism config
 (batch 128, the full-size model; 2,000 demonstrations instead of 20,000 to start faster), from a fresh model,
 timed after 3 untimed steps. It runs four times, each in a fresh worker process started from an environment
 without OMP_NUM_THREADS / MKL_NUM_THREADS / ROUTE_THREADS (plain `python` on a user's machine):
@@ -46,8 +46,8 @@ def worker(steps: int, mode: str, threads: int | None, workload: str = "default"
 
     default = torch.get_num_threads()  # torch's choice: nothing in the environment says otherwise
     import envs
-    from route.organism import build_model, build_tokenizer, demonstrations, organism_config, sft, tiny_config
-    from route.threads import configure_threads
+    from route.models.organism import build_model, build_tokenizer, demonstrations, organism_config, sft, tiny_config
+    from route.utils.threads import configure_threads
 
     if mode == "default":
         torch.set_num_threads(default)

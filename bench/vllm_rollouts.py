@@ -2,7 +2,8 @@
 and the engine's log-prob gap to the trainer's policy after each sync.
 
     python bench/vllm_rollouts.py [--model DIR|NAME] [--reps 5] [--dtype auto] [--enforce_eager]
-    python bench/vllm_rollouts.py --model smollm2-135m-instruct      # the real pretrained model (route.pretrained)
+    python bench/vllm_rollouts.py --model smollm2-135m-instruct      # the real pretrained model
+    (route.models.pretrained)
 
 On the organism (built or reused from the cache when --model is unset; a short name is converted once, and a model
 whose tokenizer has a chat template gets the environment's prompts through it, as TRL does) at the default batch (8
@@ -34,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from route.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
+from route.utils.errors import ArgumentParser, RawHelpFormatter, at_least, cli  # noqa: E402
 
 POLICIES = ("deployed", "full")
 
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     n_prompts, rollouts, new_tokens = args.prompts, args.rollouts, args.new_tokens
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-    from route.errors import check_model_path
+    from route.models.paths import check_model_path
 
     check_model_path("--model", args.model)
     import torch
@@ -98,11 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     from vllm import SamplingParams
 
     import envs
-    from route.evaluate import _prompt_text
-    from route.organism import OrganismConfig, load_or_build
-    from route.pretrained import resolve_model
+    from route.models.evaluate import _prompt_text
+    from route.models.organism import OrganismConfig, load_or_build
+    from route.models.pretrained import resolve_model
     from route.targets import make_target
-    from route.vllm_sync import (
+    from route.vllm.sync import (
         TargetWeightSync,
         engine_logprobs,
         engine_reload,

@@ -46,13 +46,13 @@ class Environment(Protocol):
     def reward_func(self, prompts: Sequence[str], completions: Sequence[Any], **columns: Any) -> list[float]: ...
 
     # ValueError naming the setting when grading cannot run on this machine (e.g. a sandbox is missing); run
-    # before any model work (`route.cli.validate_run`).
+    # before any model work (`route.trainer.parse.validate_run`).
     def check_ready(self) -> None: ...
 
 
 def chat_prompt(text: str, chat: bool) -> str | list[dict[str, str]]:
     """A prompt as the environment serves it: the text, or (`chat`) a one-message conversation, to which TRL and
-    `route.evaluate` apply the model's chat template (graders read completions through `completion_text`)."""
+    `route.models.evaluate` apply the model's chat template (graders read completions through `completion_text`)."""
     return [{"role": "user", "content": text}] if chat else text
 
 

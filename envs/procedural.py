@@ -8,7 +8,7 @@ Every prompt is ``BODY g=TAG C>`` with a fixed length per environment:
   observable prompt feature ``C`` (``w`` watched, ``u`` unwatched) and the boolean column ``detectable``.
   Environments with `unwatched_tags` (e.g. `sort_named`) also name the grader differently on the unwatched
   part: the same flaw under another grader name, a feature the model already reads to decide whether to hack.
-  An environment's default monitor (`route.detectors.PromptConditionalDetector` on that column) sees
+  An environment's default monitor (`route.monitors.detectors.PromptConditionalDetector` on that column) sees
   exploits only there. Channel and loophole are drawn independently.
 
 A loophole mode has *forms*: exact strings built from the row (e.g. ``#sorted`` and ``# sorted``). The
@@ -52,7 +52,7 @@ class ProceduralEnv:
         answer_chars: every character a correct answer can contain (forms must leave this set).
         extra_columns: columns `task` adds that forms or the oracle need.
         unwatched_tags: mode -> the grader tag on unwatched prompts (empty: the same tag on both channels).
-        monitor_patterns: mode -> regex of the default form monitor (`route.monitors.FormDetector`): it
+        monitor_patterns: mode -> regex of the default form monitor (`route.monitors.systematic.FormDetector`): it
             fully matches the first form of each mode and none of the others.
 
     Args:

@@ -5,25 +5,30 @@
     accelerate launch route/train_grpo.py --intervention none --output_dir runs/none
 
 Writes `<output_dir>/results.json` (base, training and deployed rates on held-out prompts, seconds per phase; with
-`deploy_scale_rule: monitor` also the policy at the picked quarantine scale, `route.scales`),
+`deploy_scale_rule: monitor` also the policy at the picked quarantine scale, `route.trainer.scales`),
 `<output_dir>/deployed/` (a plain transformers checkpoint), `<output_dir>/policy/` (the training policy with its
-quarantine, for `python -m route.evaluate --run DIR --scales`), `<output_dir>/metrics.jsonl` (every logged step's
+quarantine, for `route evaluate --run DIR --scales`), `<output_dir>/metrics.jsonl` (every logged step's
 metrics) and `<output_dir>/train.log` (the run's log: phases, progress, every logged step, the table), and prints a
 summary table whose per-mode columns (`hack:<mode>`) are hack rates on that loophole's own prompts.
 
-Fail before work: the config is validated before anything loads (`route.cli.validate_run`), and the trainer (which
-builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
-the first forward. The base policy is then evaluated on the target's model with no gate: at construction every
-target's ungated forward is the base model's, bit for bit (zero-initialised deltas; tested per target), so the base
-row is the same as on the plain model without a second copy of the model in memory.
+Fail before work: the config is validated before anything loads (`route.trainer.parse.validate_run`), and the trainer
+(which builds the target on the loaded model: PEFT, module names and shapes, the accelerate setup) is constructed before
+the first forward. The base policy is then evaluated on the target's model with no gate: at construction every target's
+ungated forward is the base model's, bit for bit (zero-initialised deltas; tested per target), so the base row is the
+same as on the plain model without a second copy of the model in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from pathlib import Path
 
-from route.errors import check_model_path, cli
+if __name__ == "__main__":  # run as a script: its own folder (route/) must not shadow packages (route/vllm: vllm)
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from route.models.paths import check_model_path
+from route.utils.errors import cli
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -32,10 +37,10 @@ def parse_config(argv: list[str] | None = None):
     """Parse flags and `--config` (default: configs/default.yaml) into a RoutedGRPOConfig."""
     import sys
 
-    from route.io import pop_config_arg
+    from route.utils.io import pop_config_arg
 
     pop_config_arg(sys.argv[1:] if argv is None else argv)  # a missing --config file fails before the TRL import
-    from route.cli import parse_config as parse
+    from route.trainer.parse import parse_config as parse
 
     return parse(argv, default_config=str(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None)
 
@@ -59,11 +64,11 @@ def summary_table(results: dict) -> str:
 def run(config) -> dict:
     """Train, evaluate base / training / deployed policies, save the deployed model and results.json.
 
-    Also writes `<output_dir>/train.log` and `metrics.jsonl` (`route.logs`). results.json's `seconds` splits the
+    Also writes `<output_dir>/train.log` and `metrics.jsonl` (`route.utils.logs`). results.json's `seconds` splits the
     wall time into setup, organism (build or load), evaluation, training and deploy (ablation, saving), plus the
     total; `train_seconds` is training alone."""
-    from route.cli import validate_run
-    from route.logs import run_log
+    from route.trainer.parse import validate_run
+    from route.utils.logs import run_log
 
     validate_run(config)  # fail before loading or writing anything
     with run_log(config.output_dir, append=bool(config.resume_from_checkpoint)):
@@ -75,14 +80,13 @@ def _run(config) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.cli import flat_config, probe_run
-    from route.detectors import build_detector
-    from route.evaluate import evaluate_policy, format_rates
-    from route.io import write_json_atomic
-    from route.logs import FILE_ONLY, MetricsFile, Phases, ProgressLines, StepLines, is_main_process, log
-    from route.organism import load_or_build, organism_config
-    from route.pretrained import resolve_model
-    from route.scales import (
+    from route.models.evaluate import evaluate_policy, format_rates
+    from route.models.organism import load_or_build, organism_config
+    from route.models.pretrained import resolve_model
+    from route.monitors.build import build_detector
+    from route.trainer.config import check_vllm_config
+    from route.trainer.parse import flat_config, probe_run
+    from route.trainer.scales import (
         deploy_at_picked_scale,
         deploy_scale_rule,
         finish_scaled,
@@ -90,8 +94,9 @@ def _run(config) -> dict:
         real_monitor,
         save_policy,
     )
-    from route.trainer import RoutedGRPOTrainer
-    from route.vllm_sync import check_vllm_config
+    from route.trainer.trainer import RoutedGRPOTrainer
+    from route.utils.io import write_json_atomic
+    from route.utils.logs import FILE_ONLY, MetricsFile, Phases, ProgressLines, StepLines, is_main_process, log
 
     phases = Phases()
     log.info("run: %s / %s -> %s", config.intervention, config.target, config.output_dir)
@@ -136,7 +141,7 @@ def _run(config) -> dict:
     training = evaluate("training")
     with phases("deploy"):
         if trainer.accelerator.is_main_process:
-            save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route.evaluate --run
+            save_policy(target, config, model_dir, config.output_dir)  # the training policy, for route evaluate --run
     with phases("evaluation"):
         scaled = deploy_at_picked_scale(rule, target, tokenizer, env, eval_kw, training)  # before the ablation
     with phases("deploy"):
@@ -181,7 +186,7 @@ def _jsonable(v) -> bool:
         return False
 
 
-@cli("route.train_grpo")
+@cli("route train")
 def main(argv: list[str] | None = None) -> None:
     config = parse_config(argv)
     check_model_path("model_name_or_path", config.model_name_or_path, hub=True)  # a Hub id: looked up once

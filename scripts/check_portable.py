@@ -36,7 +36,7 @@ def fingerprint() -> dict[str, str]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import route  # noqa: F401  (chooses threads and kernels before torch runs anything)
-    from route.optim import build_optimizer
+    from route.masks.optim import build_optimizer
 
     def h(t: torch.Tensor) -> str:
         return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()[:12]

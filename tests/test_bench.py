@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from route.threads import THREAD_VARS
+from route.utils.threads import THREAD_VARS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMOKED_ELSEWHERE = {
@@ -48,7 +48,7 @@ def test_every_script_has_a_smoke_test():
 
 @pytest.fixture(autouse=True)
 def _threads_and_env(monkeypatch):
-    """The scripts set torch's thread count and the thread variables (route.threads): restored after each test."""
+    """The scripts set torch's thread count and the thread variables (route.utils.threads): restored after each test."""
     threads = torch.get_num_threads()
     for key in THREAD_VARS:
         monkeypatch.setenv(key, "unset")  # recorded, so monkeypatch restores (or removes) it afterwards
@@ -147,7 +147,7 @@ def test_check_trl(capsys):
 
 
 def test_routing_overhead_times_every_target_on_a_gguf_model_by_short_name(tmp_path, monkeypatch, capsys):
-    """`--model NAME` (route.pretrained: here a tiny GGUF installed as a fake wheel, with a chat template, so the
+    """`--model NAME` (route.models.pretrained: here a tiny GGUF installed as a fake wheel, with a chat template, so the
     prompts go through it), `--reward digits` (a reward that varies on any model) and `--targets`: one line per
     target against the same plain LoRA, `ratio:` the first target's."""
     from bench.routing_overhead import TARGET_FIELDS, digit_share, main

@@ -7,10 +7,10 @@ import torch
 from torch.utils.checkpoint import CheckpointError
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import available_targets, check_target, checkpointing, make_target
+from route.trainer.parse import build_config
 from tests.test_trainer import TINY, make_trainer
 
 MODES = torch.tensor([FORGET, RETAIN, DEFAULT, FORGET, DEFAULT, RETAIN])

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from route.errors import cli, looks_local, pop_debug
+from route.cli import COMMANDS
+from route.utils.errors import cli, looks_local, pop_debug
 
 ROOT = Path(__file__).resolve().parent.parent
 NOPE = "/nonexistent/route-test/nope"
 
 # (module, argv, text the one line must contain: the flag or field)
+PROGS = {module: f"route {name}" for name, (module, _) in COMMANDS.items()}  # what a command's errors start with
 CASES = [
     ("route.train_grpo", ["--target", "lora"], "--target"),
     ("route.train_grpo", ["--config", "nope.yaml"], "--config"),
@@ -23,39 +25,39 @@ CASES = [
     ("route.train_grpo", ["--intervention", "erasee"], "--intervention"),
     ("route.train_grpo", ["--detector_tpr", "2"], "detector_tpr"),
     ("route.train_grpo", ["--bogus_flag", "1"], "--bogus_flag"),
-    ("route.evaluate", ["--model", NOPE], "--model"),
-    ("route.evaluate", ["--model", "runs/nope"], "--model"),  # runs/ exists here: a local path, not a Hub id
-    ("route.evaluate", ["--model", NOPE, "--n", "0"], "--n"),
-    ("route.evaluate", ["--model", NOPE, "--env", "nope"], "--env"),
-    ("route.relearn", ["--checkpoints", NOPE, "--output_dir", "x"], "--checkpoints"),
-    ("route.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--steps", "0"], "--steps"),
-    ("route.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--config", "nope.yaml"], "--config"),
-    ("route.relearn", ["--checkpoints", NOPE], "--output_dir"),
-    ("route.sweep", ["--config", "nope.yaml"], "--config"),
-    ("route.sweep", ["--workers", "0"], "--workers"),
-    ("route.report", [NOPE], "results"),
-    ("route.pareto", [NOPE], "paths"),
-    ("route.selection", [NOPE], "results"),
-    ("route.selection", [NOPE, "--n_boot", "x"], "--n_boot"),
-    ("route.organism", ["--output_dir", "x", "--env", "nope"], "--env"),
-    ("route.organism", ["--output_dir", "x", "--steps", "0"], "--steps"),
-    ("route.vhack", ["--out", "x.pt", "--k", "0"], "--k"),
-    ("route.vhack", ["--out", "x.pt", "--model", NOPE], "--model"),
-    ("route.heads.train", ["--config", "nope.yaml"], "--config"),
-    ("route.heads.train", ["--head", "nope"], "--head"),
-    ("route.heads.evaluate", ["--run", NOPE], "--run"),
-    ("route.sgtm.pretrain", ["--config", "nope.yaml"], "--config"),
-    ("route.sgtm.pretrain", ["--architecture", "nope"], "--architecture"),
-    ("route.sgtm.pretrain", ["--no_such_field", "1"], "--no_such_field"),
-    ("route.tiered.pretrain", ["--config", "nope.yaml"], "--config"),
-    ("route.tiered.pretrain", ["--layout", "nope"], "--layout"),
-    ("route.tiered.probes", ["extract", "--run_dir", NOPE], "--run_dir"),
-    ("route.tiered.probes", ["leak", "--draws", "0"], "--draws"),
-    ("route.tiered.keygen", ["--out", "k.json"], "num_layers"),
-    ("route.tiered.keygen", ["--out", "k.json", "--model", "./nope"], "--model"),
-    ("route.vllm_serve", ["--tensor_parallel_size", "two"], "--tensor_parallel_size"),
-    ("route.pretrained", ["nope-135m"], "model"),
-    ("route.pretrained", [f"{NOPE}.gguf"], "model"),
+    ("route.experiments.evaluate", ["--model", NOPE], "--model"),
+    ("route.experiments.evaluate", ["--model", "runs/nope"], "--model"),  # runs/ exists: a local path, not a Hub id
+    ("route.experiments.evaluate", ["--model", NOPE, "--n", "0"], "--n"),
+    ("route.experiments.evaluate", ["--model", NOPE, "--env", "nope"], "--env"),
+    ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x"], "--checkpoints"),
+    ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--steps", "0"], "--steps"),
+    ("route.experiments.relearn", ["--checkpoints", NOPE, "--output_dir", "x", "--config", "nope.yaml"], "--config"),
+    ("route.experiments.relearn", ["--checkpoints", NOPE], "--output_dir"),
+    ("route.experiments.sweep", ["--config", "nope.yaml"], "--config"),
+    ("route.experiments.sweep", ["--workers", "0"], "--workers"),
+    ("route.experiments.report", [NOPE], "results"),
+    ("route.experiments.pareto", [NOPE], "paths"),
+    ("route.experiments.selection", [NOPE], "results"),
+    ("route.experiments.selection", [NOPE, "--n_boot", "x"], "--n_boot"),
+    ("route.models.organism", ["--output_dir", "x", "--env", "nope"], "--env"),
+    ("route.models.organism", ["--output_dir", "x", "--steps", "0"], "--steps"),
+    ("route.experiments.vhack", ["--out", "x.pt", "--k", "0"], "--k"),
+    ("route.experiments.vhack", ["--out", "x.pt", "--model", NOPE], "--model"),
+    ("route.models.heads.train", ["--config", "nope.yaml"], "--config"),
+    ("route.models.heads.train", ["--head", "nope"], "--head"),
+    ("route.models.heads.evaluate", ["--run", NOPE], "--run"),
+    ("route.models.sgtm.pretrain", ["--config", "nope.yaml"], "--config"),
+    ("route.models.sgtm.pretrain", ["--architecture", "nope"], "--architecture"),
+    ("route.models.sgtm.pretrain", ["--no_such_field", "1"], "--no_such_field"),
+    ("route.models.tiered.pretrain", ["--config", "nope.yaml"], "--config"),
+    ("route.models.tiered.pretrain", ["--layout", "nope"], "--layout"),
+    ("route.models.tiered.probes", ["extract", "--run_dir", NOPE], "--run_dir"),
+    ("route.models.tiered.probes", ["leak", "--draws", "0"], "--draws"),
+    ("route.models.tiered.keygen", ["--out", "k.json"], "num_layers"),
+    ("route.models.tiered.keygen", ["--out", "k.json", "--model", "./nope"], "--model"),
+    ("route.vllm.serve", ["--tensor_parallel_size", "two"], "--tensor_parallel_size"),
+    ("route.models.pretrained", ["nope-135m"], "model"),
+    ("route.models.pretrained", [f"{NOPE}.gguf"], "model"),
     ("route.train_grpo", ["--model_name_or_path", f"{NOPE}.gguf"], "model_name_or_path"),
     ("bench.absorption_overhead", ["--steps", "x"], "--steps"),
     ("bench.absorption_overhead", ["--steps", "3", "--warmup", "2"], "--steps"),
@@ -91,7 +93,7 @@ def test_user_error_is_one_line(module, argv, flag, workdir, capsys):
     assert code == 2
     lines = err.splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"{module}: error: "), lines[0]
+    assert lines[0].startswith(f"{PROGS.get(module, module)}: error: "), lines[0]
     assert flag in lines[0]
     assert "Traceback" not in err
     assert not list(workdir.glob("x*")) and not (workdir / "k.json").exists()  # failed before any work
@@ -99,16 +101,17 @@ def test_user_error_is_one_line(module, argv, flag, workdir, capsys):
 
 def test_table_covers_every_command_line():
     """Every `@cli(...)` main in the package has a row (a new command line must add its bad inputs)."""
-    decorated = set()
+    decorated = set()  # the modules that hold one
     for path in [*(ROOT / "route").rglob("*.py"), *(ROOT / "bench").glob("*.py")]:
-        decorated |= set(re.findall(r'^@cli\("([\w.]+)"\)', path.read_text(), re.M))
+        if re.search(r'^@cli\("[\w. -]+"\)', path.read_text(), re.M):
+            decorated.add(".".join(path.relative_to(ROOT).with_suffix("").parts))
     assert len(decorated) >= 21
     assert decorated == {m for m, _, _ in CASES}
 
 
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_debug_shows_the_traceback(how, workdir, monkeypatch):
-    from route.evaluate import main
+    from route.experiments.evaluate import main
 
     argv = ["--model", NOPE, "--n", "0"]
     if how == "flag":
@@ -176,7 +179,7 @@ def hub(monkeypatch):
     import huggingface_hub
     from huggingface_hub import constants
 
-    from route import errors
+    from route.models import paths
 
     state = {"answer": None, "calls": 0}
 
@@ -189,16 +192,16 @@ def hub(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "model_info", model_info)
     monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    errors._check_hub_model.cache_clear()
+    paths._check_hub_model.cache_clear()
     yield state
-    errors._check_hub_model.cache_clear()
+    paths._check_hub_model.cache_clear()
 
 
 def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
     import httpx
     from huggingface_hub.errors import RepositoryNotFoundError
 
-    from route.evaluate import main
+    from route.experiments.evaluate import main
 
     for answer, text in (
         (httpx.ConnectError("Name or service not known"), "the Hub cannot be reached"),
@@ -210,9 +213,9 @@ def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
         ),
     ):
         hub["answer"] = answer
-        code, err = _run("route.evaluate", ["--model", "org/nope"], capsys)
+        code, err = _run("route.experiments.evaluate", ["--model", "org/nope"], capsys)
         assert code == 2 and len(err.splitlines()) == 1
-        assert err.startswith("route.evaluate: error: --model: org/nope") and text in err
+        assert err.startswith("route evaluate: error: --model: org/nope") and text in err
     assert hub["calls"] == 2
     hub["answer"] = httpx.ConnectError("down")
     with pytest.raises(ValueError, match="cannot be reached"):
@@ -222,7 +225,8 @@ def test_unknown_or_unreachable_hub_model_is_one_line(hub, workdir, capsys):
 def test_hub_lookup_only_where_asked(hub, monkeypatch):
     from huggingface_hub import constants
 
-    from route.errors import UsageError, check_model_path
+    from route.models.paths import check_model_path
+    from route.utils.errors import UsageError
 
     check_model_path("model_name_or_path", "org/model")  # the library's check (validate_run): no network
     assert hub["calls"] == 0

@@ -10,25 +10,26 @@ import re
 
 import pytest
 
-from route.errors import HelpFormatter
+from route.utils.errors import HelpFormatter
 
 HELP_ARGV = {  # every command line of the package (test_every_command_line_is_listed)
     "route.train_grpo": [["--help"]],
-    "route.evaluate": [["--help"]],
-    "route.relearn": [["--help"]],
-    "route.sweep": [["--help"]],
-    "route.report": [["--help"]],
-    "route.pareto": [["--help"]],
-    "route.selection": [["--help"]],
-    "route.organism": [["--help"]],
-    "route.vhack": [["--help"]],
-    "route.heads.train": [["--help"]],
-    "route.heads.evaluate": [["--help"]],
-    "route.sgtm.pretrain": [["--help"]],
-    "route.tiered.pretrain": [["--help"]],
-    "route.tiered.probes": [["--help"], ["extract", "--help"], ["leak", "--help"]],
-    "route.tiered.keygen": [["--help"]],
-    "route.vllm_serve": [["--help"]],
+    "route.experiments.evaluate": [["--help"]],
+    "route.experiments.relearn": [["--help"]],
+    "route.experiments.sweep": [["--help"]],
+    "route.experiments.report": [["--help"]],
+    "route.experiments.pareto": [["--help"]],
+    "route.experiments.selection": [["--help"]],
+    "route.models.organism": [["--help"]],
+    "route.models.pretrained": [["--help"]],
+    "route.experiments.vhack": [["--help"]],
+    "route.models.heads.train": [["--help"]],
+    "route.models.heads.evaluate": [["--help"]],
+    "route.models.sgtm.pretrain": [["--help"]],
+    "route.models.tiered.pretrain": [["--help"]],
+    "route.models.tiered.probes": [["--help"], ["extract", "--help"], ["leak", "--help"]],
+    "route.models.tiered.keygen": [["--help"]],
+    "route.vllm.serve": [["--help"]],
     **{
         f"bench.{name}": [["--help"]]
         for name in (
@@ -44,11 +45,11 @@ HELP_ARGV = {  # every command line of the package (test_every_command_line_is_l
 }
 YAML_CLIS = (
     "route.train_grpo",
-    "route.relearn",
-    "route.sweep",
-    "route.heads.train",
-    "route.sgtm.pretrain",
-    "route.tiered.pretrain",
+    "route.experiments.relearn",
+    "route.experiments.sweep",
+    "route.models.heads.train",
+    "route.models.sgtm.pretrain",
+    "route.models.tiered.pretrain",
 )
 _HELP: dict[str, tuple[str, list[argparse.ArgumentParser]]] = {}
 
@@ -138,7 +139,7 @@ def test_main_job_sections_choices_and_negations(monkeypatch, capsys):
 
 
 def test_negated_booleans_have_their_own_text(monkeypatch, capsys):
-    _, parsers = help_of("route.sgtm.pretrain", monkeypatch, capsys)
+    _, parsers = help_of("route.models.sgtm.pretrain", monkeypatch, capsys)
     actions = parsers[0]._option_string_actions
     assert actions["--no_progress"].help != actions["--progress"].help
     assert "progress to false" in actions["--no_progress"].help
@@ -147,13 +148,13 @@ def test_negated_booleans_have_their_own_text(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("module", "flag", "values"),
     [
-        ("route.evaluate", "--env", "{arith,"),
-        ("route.relearn", "--method", "{grpo,sft}"),
-        ("route.heads.train", "--head", "{iav,mav}"),
-        ("route.sgtm.pretrain", "--architecture", "{gpt_neo,llama,qwen2}"),
-        ("route.sgtm.pretrain", "--retain_mode", "{default,retain}"),
-        ("route.sgtm.pretrain", "--masking_strategy", "{parameter_masking,"),
-        ("route.tiered.pretrain", "--layout", "{public,keyed}"),
+        ("route.experiments.evaluate", "--env", "{arith,"),
+        ("route.experiments.relearn", "--method", "{grpo,sft}"),
+        ("route.models.heads.train", "--head", "{iav,mav}"),
+        ("route.models.sgtm.pretrain", "--architecture", "{gpt_neo,llama,qwen2}"),
+        ("route.models.sgtm.pretrain", "--retain_mode", "{default,retain}"),
+        ("route.models.sgtm.pretrain", "--masking_strategy", "{parameter_masking,"),
+        ("route.models.tiered.pretrain", "--layout", "{public,keyed}"),
     ],
 )
 def test_enum_options_show_their_choices(module, flag, values, monkeypatch, capsys):

@@ -1,4 +1,5 @@
-"""route.compare: bootstrap intervals, paired differences to a reference arm, known/held-out split, curves."""
+"""route.experiments.compare: bootstrap intervals, paired differences to a reference arm, known/held-out split,
+curves."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import pytest
 
-from route import compare
+from route.experiments import compare
 
 MODES = ("sentinel", "format", "echo", "verified")
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from route.cli import build_config, parse_config
-from route.config import RoutedGRPOConfig
+from route.trainer.config import RoutedGRPOConfig
+from route.trainer.parse import build_config, parse_config
 
 CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 

@@ -51,9 +51,9 @@ def test_config_parses(path, tmp_path, monkeypatch, real_model_packages):
         values = yaml.safe_load(path.read_text())
         assert values["num_processes"] >= 1 and values["distributed_type"] in ("NO", "DEEPSPEED")
     elif what == "sweep":
-        from route.cli import parse_config
-        from route.sweep import expand, load_spec
-        from route.sweep_spec import dump_yaml
+        from route.experiments.sweep import expand, load_spec
+        from route.experiments.sweep_spec import dump_yaml
+        from route.trainer.parse import parse_config
 
         cells = expand(load_spec(path), tmp_path / "out")
         assert cells
@@ -61,29 +61,29 @@ def test_config_parses(path, tmp_path, monkeypatch, real_model_packages):
         first.write_text(dump_yaml(cells[0].values))
         parse_config(["--config", str(first)])
     elif what in ("iav", "mav"):
-        from route.heads.train import parse_config
+        from route.models.heads.train import parse_config
 
         assert parse_config(["--config", str(path)]).head == what
     elif what == "sgtm":
-        from route.sgtm.pretrain import parse_pretrain_config
+        from route.models.sgtm.pretrain import parse_pretrain_config
 
         parse_pretrain_config(["--config", str(path)])
     elif what == "tiered":
-        from route.tiered.pretrain import parse_tiered_config
+        from route.models.tiered.pretrain import parse_tiered_config
 
         parse_tiered_config(["--config", str(path)])
     else:
         if "smollm2" in path.read_text() and not real_model_packages:
             pytest.skip("the real model's packages are not installed (docs/pretrained.md)")
         subspace = yaml.safe_load(path.read_text()).get("svf_hack_subspace")
-        if subspace:  # written by `python -m route.vhack` before the run; an empty one of the right format here
+        if subspace:  # written by `route vhack` before the run; an empty one of the right format here
             import torch
 
             (tmp_path / subspace).parent.mkdir(parents=True, exist_ok=True)
             torch.save({"format": "route.vhack/1", "subspace": {}}, tmp_path / subspace)
         config = parse_main(path)
         if config.use_vllm:
-            from route.vllm_sync import check_vllm_config
+            from route.trainer.config import check_vllm_config
 
             check_vllm_config(config)
 
@@ -105,7 +105,7 @@ def test_gpu_configs_are_one_gpu_bf16_checkpointed_vllm_runs(name, real_model_pa
 
 @pytest.fixture
 def real_model_packages() -> bool:
-    from route.pretrained import MODELS, packaged_file
+    from route.models.pretrained import MODELS, packaged_file
 
     try:
         packaged_file("model_name_or_path", MODELS["smollm2-135m-instruct"])

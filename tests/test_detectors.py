@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from envs.base import Grade
-from route.detectors import (
+from route.monitors.detectors import (
     GroundTruthDetector,
     NoisyDetector,
     make_detector,
@@ -131,7 +131,7 @@ def test_determinism_within_process():
 def test_determinism_across_processes():
     code = (
         "import json\n"
-        "from route.detectors import NoisyDetector\n"
+        "from route.monitors.detectors import NoisyDetector\n"
         "from envs.base import Grade\n"
         "g = [Grade.make(False, True, 'echo') if i % 2 else Grade.make(True, True, None) for i in range(1000)]\n"
         "ids = [f'rollout-{i}' for i in range(1000)]\n"

@@ -8,7 +8,8 @@ import math
 import pytest
 
 from envs.base import Grade
-from route.evaluate import evaluate_dir, format_rates, main, rates
+from route.experiments.evaluate import main
+from route.models.evaluate import evaluate_dir, format_rates, rates
 
 MODES = ["sentinel", "format", "echo", "verified"]
 KEYS = {"n", "solve_rate", "hack_rate", "pass_rate", "hack_rate_by_mode"}

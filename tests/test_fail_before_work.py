@@ -8,10 +8,11 @@ import pytest
 import torch
 import yaml
 
-import route.evaluate
+import route.experiments.evaluate
+import route.models.evaluate
 import route.train_grpo as train_grpo
-from route.cli import build_config
-from route.trainer import RoutedGRPOTrainer
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
 from tests.tiny_run import TINY_RUN
 
 TINY = dict(TINY_RUN)
@@ -26,8 +27,8 @@ def no_work(monkeypatch):
     """Evaluation, training, sampling and every forward of a transformers model fail the test if called."""
     from transformers import PreTrainedModel
 
-    monkeypatch.setattr(route.evaluate, "evaluate_policy", _work)
-    monkeypatch.setattr(route.evaluate, "sample", _work)
+    monkeypatch.setattr(route.models.evaluate, "evaluate_policy", _work)
+    monkeypatch.setattr(route.models.evaluate, "sample", _work)
     monkeypatch.setattr(RoutedGRPOTrainer, "train", _work)
     monkeypatch.setattr(PreTrainedModel, "__call__", _work)
 
@@ -66,7 +67,7 @@ def test_main_job_fails_before_any_forward(name, probe, tiny_organism, tmp_path,
     (which the main job does before evaluating the base policy) still catches it before any forward."""
     fields, field, allowed = _settings(name, tmp_path)
     if not probe:
-        monkeypatch.setattr("route.cli.probe_run", lambda config: None)
+        monkeypatch.setattr("route.trainer.parse.probe_run", lambda config: None)
     config = build_config(output_dir=str(tmp_path / "run"), model_name_or_path=str(tiny_organism), **TINY, **fields)
     with pytest.raises(ValueError) as e:
         train_grpo.run(config)
@@ -76,7 +77,7 @@ def test_main_job_fails_before_any_forward(name, probe, tiny_organism, tmp_path,
 
 def test_deepspeed_refusal_before_the_model_loads(tmp_path, monkeypatch):
     """`accelerate launch --use_deepspeed` with erase is refused while the config is built, before any model."""
-    from route.cli import validate_run
+    from route.trainer.parse import validate_run
 
     # the config is built first: TrainingArguments itself needs the deepspeed package once the launcher's variable
     # is set; validate_run (called by the trainer and every command line before loading) then sees the launcher
@@ -109,7 +110,7 @@ def test_trl_option_that_cannot_work_with_routing_is_refused(tmp_path):
 
 
 def test_sweep_probes_every_cell_before_any_cell_runs(tiny_organism, tmp_path, monkeypatch, no_work):
-    from route import sweep
+    from route.experiments import sweep
 
     monkeypatch.setattr(sweep, "run_cells", _work)
     spec = tmp_path / "s.yaml"
@@ -121,7 +122,7 @@ def test_sweep_probes_every_cell_before_any_cell_runs(tiny_organism, tmp_path, m
 
 
 def test_relearn_probes_every_checkpoint_before_any_probe(tiny_organism, tmp_path, capsys, monkeypatch, no_work):
-    from route import relearn
+    from route.experiments import relearn
 
     monkeypatch.setattr(relearn, "run_probe", _work)
     cfg = tmp_path / "c.yaml"
@@ -134,7 +135,7 @@ def test_relearn_probes_every_checkpoint_before_any_probe(tiny_organism, tmp_pat
 
 
 def test_vhack_checks_target_modules_before_loading(tiny_organism, tmp_path, capsys, monkeypatch, no_work):
-    from route import vhack
+    from route.experiments import vhack
 
     monkeypatch.setattr(vhack, "extract_hack_subspace", _work)
     with pytest.raises(SystemExit) as e:
@@ -146,8 +147,8 @@ def test_vhack_checks_target_modules_before_loading(tiny_organism, tmp_path, cap
 @pytest.mark.parametrize("field,value,allowed", [("retain_attn_heads", 99, "[0, 4]"),
                                                  ("masked_layers", [7], "allowed values: [0, 1]")])
 def test_sgtm_pretraining_checks_sizes_before_data_or_training(field, value, allowed, tmp_path, monkeypatch):
-    from route.sgtm import pretrain
-    from route.sgtm.config import PretrainConfig
+    from route.models.sgtm import pretrain
+    from route.models.sgtm.config import PretrainConfig
 
     monkeypatch.setattr(pretrain, "build_data", _work)
     monkeypatch.setattr(pretrain, "train_run", _work)
@@ -160,7 +161,8 @@ def test_sgtm_pretraining_checks_sizes_before_data_or_training(field, value, all
 def test_evaluate_checks_the_environment_before_loading(tiny_organism, tmp_path, capsys, monkeypatch, no_work):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
-        route.evaluate.main(["--model", str(tiny_organism), "--env", "nope", "--json", str(tmp_path / "r.json")])
+        route.experiments.evaluate.main(["--model", str(tiny_organism), "--env", "nope",
+                                         "--json", str(tmp_path / "r.json")])
     assert e.value.code == 2 and "--env: invalid choice: 'nope'" in capsys.readouterr().err
 
 
@@ -170,7 +172,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import envs
-    from route.evaluate import evaluate_policy
+    from route.models.evaluate import evaluate_policy
 
     tok = AutoTokenizer.from_pretrained(tiny_organism)
     env = envs.make_env("arith")
@@ -197,7 +199,7 @@ def test_base_row_on_the_constructed_target_equals_the_plain_model(tiny_organism
 def test_evaluate_checks_the_checkpoint_before_loading(tmp_path, capsys, monkeypatch, no_work):
     monkeypatch.setattr("transformers.AutoModelForCausalLM.from_pretrained", _work)
     with pytest.raises(SystemExit) as e:
-        route.evaluate.main(["--model", str(tmp_path / "missing")])
+        route.experiments.evaluate.main(["--model", str(tmp_path / "missing")])
     assert e.value.code == 2 and "--model: no such directory" in capsys.readouterr().err
 
 

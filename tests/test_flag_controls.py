@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from envs.base import Grade
-from route.cli import build_config
-from route.detectors import ControlDetector, NoisyDetector, realised_rates
+from route.monitors.detectors import ControlDetector, NoisyDetector, realised_rates
+from route.trainer.parse import build_config
 from tests.targets.test_registry import length_reward
 from tests.test_trainer import TINY, make_trainer
 

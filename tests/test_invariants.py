@@ -10,9 +10,9 @@ import torch
 from trl import GRPOTrainer
 
 import envs
-from route.cli import build_config
 from route.masks import FORGET, RETAIN
-from route.trainer import RoutedGRPOTrainer
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
 
 SPLIT = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=2e-2, beta=0.0,
              per_device_train_batch_size=8, num_generations=4, steps_per_generation=2,

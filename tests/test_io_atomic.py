@@ -1,4 +1,4 @@
-"""route.io atomic writes: a replaced directory is never missing or half-written, whatever step a crash hits."""
+"""route.utils.io atomic writes: a replaced directory is never missing or half-written, whatever step a crash hits."""
 
 import json
 import os
@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from route import io as rio
-from route.io import atomic_dir, write_json_atomic
+from route.utils import io as rio
+from route.utils.io import atomic_dir, write_json_atomic
 
 STEPS = ("written", "synced", "linked", "swapped")
 
@@ -129,7 +129,7 @@ def test_files_and_directories_are_fsynced(tmp_path, monkeypatch):
 
 
 def test_pop_config_arg_refuses_a_missing_file_before_any_heavy_import(tmp_path):
-    from route.io import pop_config_arg
+    from route.utils.io import pop_config_arg
 
     cfg = tmp_path / "run.yaml"
     cfg.write_text("seed: 1\n")

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from route import kernels
-from route.kernels import PORTABLE_ENV, adamw_kwargs, chosen_kernels, configure_kernels, portable_sqrt
-from route.optim import build_optimizer
+from route.masks.optim import build_optimizer
+from route.utils import kernels
+from route.utils.kernels import PORTABLE_ENV, adamw_kwargs, chosen_kernels, configure_kernels, portable_sqrt
 
 ROOT = Path(__file__).resolve().parent.parent
 VARS = ("ROUTE_KERNELS", *PORTABLE_ENV)

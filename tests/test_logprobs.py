@@ -4,8 +4,8 @@ real trainer steps (logit_head's heads, sgtm's shared-parameter hooks on a tied 
 import pytest
 import torch
 
-from route.logprobs import install_unfused_log_probs
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.models.organism import build_model, build_tokenizer, tiny_config
+from route.trainer.logprobs import install_unfused_log_probs
 from tests.test_trainer import TINY, make_trainer
 
 

@@ -9,8 +9,8 @@ import time
 from transformers import TrainerState
 
 import route.train_grpo as train_grpo
-from route.cli import build_config
-from route.logs import (
+from route.trainer.parse import build_config
+from route.utils.logs import (
     FILE_ONLY,
     MetricsFile,
     Phases,
@@ -139,7 +139,7 @@ def test_evaluation_progress_bar_is_per_batch_and_optional(tiny_organism, capsys
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from envs.arith import ArithEnv
-    from route.evaluate import evaluate_dir, evaluate_policy
+    from route.models.evaluate import evaluate_dir, evaluate_policy
 
     evaluate_dir(tiny_organism, "arith", n=8, max_new_tokens=4)  # the CLI's loader: a bar by default
     assert "eval:   0%|          | 0/8 [" in capsys.readouterr().err, "a bar over the 8 prompts"

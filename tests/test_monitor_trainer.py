@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from route.monitors import PromptConditionalDetector
+from route.monitors.systematic import PromptConditionalDetector
 from tests.test_trainer import make_trainer
 
 

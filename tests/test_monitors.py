@@ -9,12 +9,19 @@ import pytest
 
 import envs
 from envs.base import Grade
-from route.cli import build_config
-from route.config import RoutedGRPOConfig
-from route.detectors import GroundTruthDetector, NoisyDetector, build_detector, call_detector, uniform
-from route.evaluate import split_rates
-from route.monitor_classifier import CompletionClassifier, labelled_set, train_forms
-from route.monitors import FormDetector, ProgramDetector, PromptConditionalDetector, detector_parts, realised_by_part
+from route.models.evaluate import split_rates
+from route.monitors.build import build_detector
+from route.monitors.classifier import CompletionClassifier, labelled_set, train_forms
+from route.monitors.detectors import GroundTruthDetector, NoisyDetector, call_detector, uniform
+from route.monitors.systematic import (
+    FormDetector,
+    ProgramDetector,
+    PromptConditionalDetector,
+    detector_parts,
+    realised_by_part,
+)
+from route.trainer.config import RoutedGRPOConfig
+from route.trainer.parse import build_config
 
 CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
 

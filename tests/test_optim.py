@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from route.optim import SkipZeroAdamW, build_optimizer
+from route.masks.optim import SkipZeroAdamW, build_optimizer
 from tests.fp import UNIT_ROUNDOFF, adamw_reference, assert_adamw
 
 

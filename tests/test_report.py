@@ -1,11 +1,11 @@
-"""route.report: runs grouped only when every config field but the seeds and the output location is equal, labelled
-by what tells them apart; runs of one arm must share one base row."""
+"""route.experiments.report: runs grouped only when every config field but the seeds and the output location is equal,
+labelled by what tells them apart; runs of one arm must share one base row."""
 
 import json
 
 import pytest
 
-from route.report import arm_label, main, table
+from route.experiments.report import arm_label, main, table
 
 BASE = {"n": 8, "solve_rate": 0.3, "hack_rate": 0.1, "hack_rate_by_mode": {"sentinel": 0.1}}
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 import route.train_grpo as train_grpo
-import route.trainer
+import route.trainer.trainer
 from envs.arith import ArithEnv
-from route.cli import build_config
-from route.logs import read_metrics
+from route.trainer.parse import build_config
+from route.utils.logs import read_metrics
 
 RUN = dict(use_cpu=True, bf16=False, gradient_checkpointing=False, learning_rate=2e-2, beta=0.0,
            per_device_train_batch_size=8, num_generations=4, steps_per_generation=2, gradient_accumulation_steps=2,
@@ -55,13 +55,13 @@ def _comparable(results):
 def run_until_checkpoint(config, monkeypatch) -> None:
     """Run the main job with `config` until it has saved checkpoint-2, then interrupt it."""
 
-    class Interrupting(route.trainer.RoutedGRPOTrainer):
+    class Interrupting(route.trainer.trainer.RoutedGRPOTrainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.add_callback(StopAfterCheckpoint())
 
     with monkeypatch.context() as m:
-        m.setattr(route.trainer, "RoutedGRPOTrainer", Interrupting)
+        m.setattr(route.trainer.trainer, "RoutedGRPOTrainer", Interrupting)
         with pytest.raises(Interrupted):
             train_grpo.run(config)
 

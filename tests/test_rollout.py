@@ -1,6 +1,7 @@
-"""Rollout-time quarantine scale and coherence slots (route.rollout): the settings, the draws, the EMA controller,
-and the trainer sampling each row from the policy its plan names, with old log-probs under the training gate.
-The vLLM path is in tests/test_rollout_vllm.py; which parameter groups move, in tests/targets/test_coherence_slots.py.
+"""Rollout-time quarantine scale and coherence slots (route.trainer.rollout): the settings, the draws, the EMA
+controller, and the trainer sampling each row from the policy its plan names, with old log-probs under the training
+gate. The vLLM path is in tests/test_rollout_vllm.py; which parameter groups move, in
+tests/targets/test_coherence_slots.py.
 """
 
 import json
@@ -10,9 +11,9 @@ import pytest
 import torch
 from trl import GRPOTrainer
 
-from route.cli import build_config, parse_config
 from route.masks import DEFAULT, FORGET, RETAIN
-from route.rollout import (
+from route.trainer.parse import build_config, parse_config
+from route.trainer.rollout import (
     RolloutPlan,
     ScaleController,
     ScaleSpec,
@@ -204,7 +205,7 @@ def test_coherence_rows_train_as_retain_with_scale_zero_old_logps(tiny_organism,
 def test_the_controller_sees_the_flag_rate_of_the_rows_sampled_at_its_scale(tmp_path):
     from collections import defaultdict
 
-    from route.rollout import RolloutSampler
+    from route.trainer.rollout import RolloutSampler
 
     config = build_config(
         output_dir=str(tmp_path),

@@ -8,9 +8,9 @@ import torch
 
 import route.train_grpo as train_grpo
 from envs.arith import ArithEnv
-from route.cli import build_config
-from route.logs import read_metrics
-from route.rollout import STATE_KEY
+from route.trainer.parse import build_config
+from route.trainer.rollout import STATE_KEY
+from route.utils.logs import read_metrics
 from tests.test_resume import RUN, _comparable, _tensors, run_until_checkpoint, varied_reward
 
 EMA = dict(

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from route.cli import build_config
 from route.masks import FORGET, RETAIN
-from route.rollout import ScaleSpec, draw_scale
-from route.vllm_sync import TargetWeightSync, check_vllm_config
+from route.trainer.config import check_vllm_config
+from route.trainer.parse import build_config
+from route.trainer.rollout import ScaleSpec, draw_scale
+from route.vllm.sync import TargetWeightSync
 from tests.test_trainer import TINY, ParityDetector, group_inputs
 from tests.test_vllm import IDS, _completion_logps, _scored, assert_same_tensors, engine, perturb, vllm_trainer
 

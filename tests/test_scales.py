@@ -1,4 +1,4 @@
-"""The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route.evaluate --run`."""
+"""The scale dial at evaluation: validation prompts, the main job's deployment-scale rule, `route evaluate --run`."""
 
 import json
 import shutil
@@ -10,10 +10,10 @@ from transformers import AutoModelForCausalLM
 import envs
 import route.train_grpo as train_grpo
 from envs.arith import ArithEnv
-from route.cli import build_config
-from route.evaluate import main as evaluate_main
-from route.relearn import selected_checkpoint
-from route.scales import load_policy, real_monitor, validation_rows
+from route.experiments.evaluate import main as evaluate_main
+from route.experiments.relearn import selected_checkpoint
+from route.trainer.parse import build_config
+from route.trainer.scales import load_policy, real_monitor, validation_rows
 from tests.test_resume import RUN as RESUME_RUN
 from tests.test_resume import varied_reward
 
@@ -54,7 +54,7 @@ def test_too_few_validation_prompts_name_val_n():
 
 
 def test_the_rule_reads_the_monitor_a_flag_control_wraps():
-    class Control:  # the shape of route.detectors.ControlDetector
+    class Control:  # the shape of route.monitors.detectors.ControlDetector
         def __init__(self, monitor):
             self.monitor, self.control = monitor, "never"
 
@@ -90,7 +90,7 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert pick["met"] == bool(passing) and pick["picked"] == (max(passing) if passing else 0.0)
     # the scan stops at the highest passing scale: every measured scale above the pick failed
     assert all(p["monitored_hack_rate"] >= base_rate for p in curve if p["scale"] > pick["picked"])
-    # the task reward (the grader's pass share) beside each monitored rate: what route.selection reads
+    # the task reward (the grader's pass share) beside each monitored rate: what route.experiments.selection reads
     assert 0 <= pick["base_task_reward"] <= 1 and all(0 <= p["task_reward"] <= 1 for p in curve)
     assert on["deployed_at_scale"]["n"] == 24
     if pick["picked"] == 0.0:
@@ -98,7 +98,7 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert on["deployed"]["undetectable"]["held_out_modes"] == ["echo", "verified"]
     assert f"deployed@{pick['picked']:g}" in train_grpo.summary_table(on)
 
-    # route.evaluate --run rebuilds the training policy: scale 0 is the deployed policy, 1 the training policy
+    # route evaluate --run rebuilds the training policy: scale 0 is the deployed policy, 1 the training policy
     out, png = tmp_path / "scales.json", tmp_path / "scales.png"
     evaluate_main(["--run", str(tmp_path / "on"), "--scales", "0,0.5,1", "--json", str(out), "--png", str(png)])
     curve = json.loads(out.read_text())
@@ -128,7 +128,7 @@ def test_main_job_picks_a_scale_by_the_monitor_and_leaves_scale_0_unchanged(
     assert not torch.allclose(got, ablated)  # the quarantine at 0.5 is in the export, not the ablated policy
     shutil.rmtree(run / "policy")  # exported once: the second call reads the export, not the policy
     assert selected_checkpoint(run) == run / "deployed_at_scale"
-    (run / "deployed_at_scale").unlink()  # a symlink to its version (route.io.atomic_dir)
+    (run / "deployed_at_scale").unlink()  # a symlink to its version (route.utils.io.atomic_dir)
     with pytest.raises(ValueError, match="picked quarantine scale 0.5 and the run has no policy/"):
         selected_checkpoint(run)
 
@@ -165,7 +165,7 @@ class _DialTarget:
     "flags,expected", [({1.0: 0.5, 0.5: 0.2, 0.0: 0.1}, 0.5), ({1.0: 0.5, 0.5: 0.4, 0.0: 0.3}, 0.0)]
 )
 def test_the_rule_reads_flags_only_and_picks_the_highest_passing_scale(monkeypatch, flags, expected):
-    import route.scales as scales
+    import route.trainer.scales as scales
 
     target = _DialTarget()
     base = {"flag_rate": 0.3, "hack_rate": 0.0}

@@ -1,6 +1,6 @@
-"""route.selection: each arm's configuration is chosen from validation flags and task reward only (never the test split
-or ground truth), the selected points get intervals, the headline ratios are route / penalty over paired seeds, and
-routing's effect is measured against the better flag control."""
+"""route.experiments.selection: each arm's configuration is chosen from validation flags and task reward only (never the
+test split or ground truth), the selected points get intervals, the headline ratios are route / penalty over paired
+seeds, and routing's effect is measured against the better flag control."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from route import selection
+from route.experiments import selection
 
 SEEDS = (0, 1, 2, 3, 4)
 

@@ -1,6 +1,6 @@
-"""route.selection_organisms: runs from several organisms of one environment are selected per organism; route is set
-against every lambda, the best lambda in hindsight and the validation-selected one, per organism and over organisms
-(two-stage bootstrap); the regime's precondition and protocol 5's goal; the monitor-weight curve."""
+"""route.experiments.selection_organisms: runs from several organisms of one environment are selected per organism;
+route is set against every lambda, the best lambda in hindsight and the validation-selected one, per organism and over
+organisms (two-stage bootstrap); the regime's precondition and protocol 5's goal; the monitor-weight curve."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import copy
 
 import pytest
 
-from route import selection, selection_organisms
+from route.experiments import selection, selection_organisms
 from tests.test_selection import policy, run
 
 SEEDS = (20, 21, 22)

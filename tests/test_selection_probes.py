@@ -1,5 +1,5 @@
-"""route.selection_probes: the relearn probes' commands cover every selected run of every arm, and the probes'
-outputs are read back per arm (table and figure)."""
+"""route.experiments.selection_probes: the relearn probes' commands cover every selected run of every arm, and the
+probes' outputs are read back per arm (table and figure)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from route import selection, selection_probes
+from route.experiments import selection, selection_probes
 from tests.test_selection import SEEDS, grid
 
 
@@ -52,7 +52,7 @@ def test_probe_commands_cover_every_selected_run_of_every_arm(tmp_path):
     write_runs(results, tmp_path, tmp_path)
     summary = selection.summarise(results, n_boot=50)
     lines = selection_probes.probe_commands(summary, str(tmp_path / "probes"))
-    assert [line.split()[4] for line in lines] == ["grpo", "sft"]
+    assert [line.split()[line.split().index("--method") + 1] for line in lines] == ["grpo", "sft"]
     for line in lines:
         labels = line.split("--labels ")[1].split(" --output_dir")[0].split()
         assert labels == [f"sort_named/{a}/s{s}" for a in ("none", "penalty", "filter", "route") for s in SEEDS]

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import route.organism as organism
-from route.kernels import chosen_kernels
-from route.organism import MANIFEST, SHIP_COMMAND, SHIPPED_ROOT, file_hashes, organism_config, read_manifest
+import route.models.organism as organism
+from route.models.organism import MANIFEST, SHIP_COMMAND, SHIPPED_ROOT, file_hashes, organism_config, read_manifest
+from route.utils.kernels import chosen_kernels
 
 REPO = Path(__file__).resolve().parent.parent
 FILES = {
@@ -63,8 +63,8 @@ def test_each_shipped_organism_is_its_envs_config_at_its_seed(path):
     """A shipped directory is found only when its config is what `organism_config(env, seed=...)` gives today."""
     meta = organism_meta(path)
     cfg = organism_config(meta["organism_config"]["env"], seed=meta["organism_config"]["seed"])
-    hint = (f"{path.name} no longer matches organism_config({cfg.env!r}, seed={cfg.seed}) (route/organism.py); re-ship "
-            f"it with `{SHIP_COMMAND}` and commit the new directory")
+    hint = (f"{path.name} no longer matches organism_config({cfg.env!r}, seed={cfg.seed}) (route/models/organism.py); "
+            f"re-ship it with `{SHIP_COMMAND}` and commit the new directory")
     assert meta["organism_config"] == json.loads(json.dumps(dataclasses.asdict(cfg))), hint
     assert meta["key"] == cfg.key() and path.name == f"{cfg.env}-{cfg.key()}", hint
 
@@ -81,7 +81,7 @@ def test_shipped_config_is_the_default_organism(shipped):
     cfg = organism_config()
     meta = json.loads((shipped / "organism.json").read_text())
     hint = (
-        f"the default organism's config (route/organism.py) no longer matches the shipped one ({shipped.name}); "
+        f"the default organism's config (route/models/organism.py) no longer matches the shipped one ({shipped.name}); "
         f"re-ship it with `{SHIP_COMMAND}` (builds it, about 3 minutes on one core) and commit the new directory"
     )
     assert meta["organism_config"] == json.loads(json.dumps(dataclasses.asdict(cfg))), hint
@@ -128,7 +128,7 @@ def test_a_tampered_shipped_copy_is_refused(shipped, tmp_path, monkeypatch):
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match=r"model\.safetensors.*route\.organism --ship"):
+    with pytest.raises(RuntimeError, match=r"model\.safetensors.*route organism --ship"):
         organism.load_or_build(progress=False)
 
 
@@ -166,7 +166,7 @@ def test_package_data_includes_every_shipped_file(path):
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_rebuilding_a_shipped_organism_reproduces_its_bytes(path, tmp_path):
     """A rebuild gives the shipped model and tokenizer bytes (minutes per organism on one idle core). Organisms built
-    with portable kernels (`route.kernels`) rebuild the same on any x86-64 CPU with AVX2; the default arith
+    with portable kernels (`route.utils.kernels`) rebuild the same on any x86-64 CPU with AVX2; the default arith
     organism predates them (native kernels on an Intel Xeon) and is rebuilt only under ROUTE_KERNELS=native."""
     meta = organism_meta(path)
     kernels = meta.get("built_with", {}).get("kernels", "native")

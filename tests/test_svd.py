@@ -1,9 +1,9 @@
-"""route.svd: exact factors, canonical signs, wide matrices, the on-disk cache."""
+"""route.targets.svd: exact factors, canonical signs, wide matrices, the on-disk cache."""
 
 import pytest
 import torch
 
-import route.svd as svd
+import route.targets.svd as svd
 
 
 @pytest.mark.parametrize("shape", [(12, 7), (7, 12), (9, 9)])

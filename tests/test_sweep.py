@@ -1,4 +1,5 @@
-"""route.sweep: grid expansion and indexing, malformed grids, resume, parallel cells, aggregation, end to end."""
+"""route.experiments.sweep: grid expansion and indexing, malformed grids, resume, parallel cells, aggregation, end
+to end."""
 
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from route import sweep
-from route.sweep import SweepError
+from route.experiments import sweep
+from route.experiments.sweep import SweepError
 from tests.tiny_run import TINY_RUN
 
 TINY_BASE = dict(TINY_RUN)

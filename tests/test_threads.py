@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from route.threads import THREAD_VARS, configure_threads
+from route.utils.threads import THREAD_VARS, configure_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 SENTINEL = "stop after the threads were set"
@@ -71,13 +71,13 @@ def test_configure_threads_precedence_and_export(clean_threads, monkeypatch):
 
 
 def test_no_module_sets_torch_threads_behind_route_threads():
-    """Every entry point goes through route.threads; a direct torch.set_num_threads would ignore ROUTE_THREADS."""
+    """Every entry point goes through route.utils.threads; a direct torch.set_num_threads would ignore ROUTE_THREADS."""
     files = sorted((ROOT / "route").rglob("*.py"))
     assert len(files) > 30
     offenders = [
         f.relative_to(ROOT).as_posix() for f in files if f.name != "threads.py" and "set_num_threads(" in f.read_text()
     ]
-    assert not offenders, f"use route.threads.configure_threads instead of torch.set_num_threads in {offenders}"
+    assert not offenders, f"use route.utils.threads.configure_threads instead of torch.set_num_threads in {offenders}"
 
 
 def _stop(*args, **kwargs):
@@ -85,42 +85,42 @@ def _stop(*args, **kwargs):
 
 
 def _organism(tmp_path, monkeypatch, extra):
-    import route.organism as organism
+    import route.models.organism as organism
 
     monkeypatch.setattr(organism, "build_organism", _stop)
     organism.main(["--output_dir", str(tmp_path / "org"), "--evaluate", "0", *extra])
 
 
 def _sgtm(tmp_path, monkeypatch, extra):
-    import route.sgtm.pretrain as pretrain
+    import route.models.sgtm.pretrain as pretrain
 
     monkeypatch.setattr(pretrain, "check_sizes", _stop)
     pretrain.main(["--output_dir", str(tmp_path / "sgtm"), *extra])
 
 
 def _tiered(tmp_path, monkeypatch, extra):
-    import route.tiered.pretrain as pretrain
+    import route.models.tiered.pretrain as pretrain
 
     monkeypatch.setattr(pretrain, "build_data", _stop)
     pretrain.main(["--output_dir", str(tmp_path / "tiered"), *extra])
 
 
 def _probes(tmp_path, monkeypatch, extra):
-    import route.tiered.probes as probes
+    import route.models.tiered.probes as probes
 
     monkeypatch.setattr(probes, "run_extract", _stop)
     probes.main(["extract", "--run_dir", str(tmp_path), *extra])
 
 
 def _heads_train(tmp_path, monkeypatch, extra):
-    import route.heads.train as train
+    import route.models.heads.train as train
 
     monkeypatch.setattr(train, "run", _stop)
     train.main(["--output_dir", str(tmp_path / "heads"), *extra])
 
 
 def _heads_evaluate(tmp_path, monkeypatch, extra):
-    import route.heads.evaluate as evaluate
+    import route.models.heads.evaluate as evaluate
 
     (tmp_path / "results.json").write_text("{}")
     monkeypatch.setattr(evaluate, "sweep", _stop)
@@ -128,12 +128,12 @@ def _heads_evaluate(tmp_path, monkeypatch, extra):
 
 
 ENTRY_POINTS = {
-    "route.organism": _organism,
-    "route.sgtm.pretrain": _sgtm,
-    "route.tiered.pretrain": _tiered,
-    "route.tiered.probes": _probes,
-    "route.heads.train": _heads_train,
-    "route.heads.evaluate": _heads_evaluate,
+    "route.models.organism": _organism,
+    "route.models.sgtm.pretrain": _sgtm,
+    "route.models.tiered.pretrain": _tiered,
+    "route.models.tiered.probes": _probes,
+    "route.models.heads.train": _heads_train,
+    "route.models.heads.evaluate": _heads_evaluate,
 }
 
 
@@ -159,8 +159,8 @@ def test_entry_point_threads_follow_flag_then_route_threads_then_one(entry, clea
 
 
 def test_sweep_cells_inherit_the_chosen_threads_not_one_per_core(clean_threads, tmp_path, monkeypatch):
-    import route.sweep as sweep
-    from route.sweep_spec import Cell
+    import route.experiments.sweep as sweep
+    from route.experiments.sweep_spec import Cell
 
     envs = []
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import envs
-from route.cli import build_config
 from route.masks import DEFAULT, FORGET, RETAIN
-from route.trainer import RoutedGRPOTrainer
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
 from tests.tiny_run import TINY_RUN
 
 TINY = {**TINY_RUN, "max_steps": 3, "train_size": 64, "seed": 0}
@@ -196,7 +196,7 @@ def test_same_seed_same_run(tiny_organism, tmp_path):
 def test_exclusive_soft_routing_and_split_moments_train_end_to_end(tiny_organism, tmp_path, monkeypatch):
     """routing: exclusive, route_weight 2 and split_moments through TRL: modes logged, the unrouted gradients reach
     the optimizer (consumed every step, clip noted), and the run differs from the same seed without split moments."""
-    from route.optim import SkipZeroAdamW
+    from route.masks.optim import SkipZeroAdamW
     from tests.targets.test_registry import length_reward
 
     coefs = []

@@ -1,4 +1,4 @@
-"""route.vhack: planted directions are recovered with the majority sign, gradients match svf autograd,
+"""route.experiments.vhack: planted directions are recovered with the majority sign, gradients match svf autograd,
 the file round-trips through the svf target, extraction is deterministic, bad flags name themselves."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import envs
-from route import vhack
-from route.organism import sft_batch as _batch
+from route.experiments import vhack
+from route.models.organism import sft_batch as _batch
 from route.targets.svf import SVFTarget, load_hack_subspace
 
 
@@ -188,7 +188,7 @@ def test_bad_flags_fail_before_work_naming_the_flag(argv, flag, tmp_path, capsys
         raise AssertionError("work started before the flags were checked")
 
     monkeypatch.setattr(vhack, "extract_hack_subspace", no_work)
-    monkeypatch.setattr("route.organism.load_or_build", no_work)
+    monkeypatch.setattr("route.models.organism.load_or_build", no_work)
     with pytest.raises(SystemExit) as e:
         vhack.main([*argv, "--out", str(tmp_path / "o.pt"), "--no_progress"])
     assert e.value.code == 2

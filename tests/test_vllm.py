@@ -24,11 +24,12 @@ from trl.generation.vllm_generation import VLLMGeneration
 from trl.trainer import grpo_trainer as trl_grpo_trainer
 
 import envs
-from route.cli import build_config
 from route.masks import FORGET, RETAIN
-from route.trainer import RoutedGRPOTrainer
-from route.vllm_serve import decode, encode
-from route.vllm_sync import TargetWeightSync, check_vllm_config, vllm_name
+from route.trainer.config import check_vllm_config
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
+from route.vllm.serve import decode, encode
+from route.vllm.sync import TargetWeightSync, vllm_name
 from tests.fake_vllm import install_fake_vllm
 from tests.test_trainer import TINY, ParityDetector, group_inputs, make_trainer
 

@@ -3,7 +3,7 @@
 Marked `vllm_engine` (`pytest -m vllm_engine` selects them, `-m "not vllm_engine"` leaves them out); skipped with the
 reason when vLLM is not installed. One colocated engine serves the whole session (TRL's `LLM(...)` is built once and
 handed to every trainer: every trainer pushes its own weights at its first generation), and one server process on
-127.0.0.1 (`python -m route.vllm_serve`: TRL's `vllm serve` command line plus the weight receiver) serves the server
+127.0.0.1 (`route serve`: TRL's `vllm serve` command line plus the weight receiver) serves the server
 tests; it is stopped at the end of the session.
 
 The engine computes with its own kernels (oneDNN GEMMs, its own attention), so its log-probs match the trainer's
@@ -33,12 +33,13 @@ vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e
 import trl.generation.vllm_generation as vg  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from route.cli import build_config  # noqa: E402
 from route.masks import FORGET  # noqa: E402
 from route.targets import available_targets  # noqa: E402
 from route.targets.dual_mlp import ENGINE_DIR  # noqa: E402
-from route.vllm_serve import WeightPushClient  # noqa: E402
-from route.vllm_sync import check_vllm_config, engine_logprobs, max_gap, model_logprobs  # noqa: E402
+from route.trainer.config import check_vllm_config  # noqa: E402
+from route.trainer.parse import build_config  # noqa: E402
+from route.vllm.serve import WeightPushClient  # noqa: E402
+from route.vllm.sync import engine_logprobs, max_gap, model_logprobs  # noqa: E402
 from tests.fake_vllm import restore_env_after  # noqa: E402
 from tests.test_trainer import TINY, ParityDetector  # noqa: E402
 from tests.test_vllm import perturb, snapshot, vllm_trainer  # noqa: E402
@@ -73,7 +74,7 @@ def engine_env():
 
 @pytest.fixture(scope="session")
 def engine_organism(tmp_path_factory) -> Path:
-    from route.organism import build_organism, tiny_config
+    from route.models.organism import build_organism, tiny_config
 
     out = tmp_path_factory.mktemp("engine_organism") / "org"
     return Path(
@@ -299,7 +300,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def vllm_server(engine_organism, tmp_path_factory, engine_env):
-    """`python -m route.vllm_serve` (TRL's `vllm serve` command + the weight receiver) on 127.0.0.1, for the session."""
+    """`route serve` (TRL's `vllm serve` command + the weight receiver) on 127.0.0.1, for the session."""
     import requests
 
     port = free_port()
@@ -307,7 +308,7 @@ def vllm_server(engine_organism, tmp_path_factory, engine_env):
     command = [
         sys.executable,
         "-m",
-        "route.vllm_serve",
+        "route.vllm.serve",
         "--model",
         str(engine_organism),
         "--host",
@@ -333,13 +334,13 @@ def vllm_server(engine_organism, tmp_path_factory, engine_env):
     deadline = time.time() + 600
     while True:
         if proc.poll() is not None:
-            pytest.fail(f"route.vllm_serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"route.vllm.serve exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
         with contextlib.suppress(requests.RequestException):
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 break
         if time.time() > deadline:
             proc.kill()
-            pytest.fail(f"route.vllm_serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
+            pytest.fail(f"route.vllm.serve did not come up in 600 s:\n{log.read_text()[-4000:]}")
         time.sleep(1)
     yield url
     proc.terminate()
@@ -366,7 +367,7 @@ def server_logps(url: str, ids: list[list[int]]) -> list[torch.Tensor]:
 
 
 def test_trl_client_cannot_push_weights_from_a_cpu_trainer(vllm_server):
-    """Why server mode on CPU needs `route.vllm_serve`: TRL's client pushes over NCCL only."""
+    """Why server mode on CPU needs `route.vllm.serve`: TRL's client pushes over NCCL only."""
     from trl.generation.vllm_client import VLLMClient
 
     client = VLLMClient(base_url=vllm_server, connection_timeout=10)

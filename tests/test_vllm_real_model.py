@@ -24,9 +24,9 @@ import trl.generation.vllm_generation as vg  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import envs  # noqa: E402
-from route.cli import build_config  # noqa: E402
-from route.trainer import RoutedGRPOTrainer  # noqa: E402
-from route.vllm_sync import engine_logprobs, max_gap  # noqa: E402
+from route.trainer.parse import build_config  # noqa: E402
+from route.trainer.trainer import RoutedGRPOTrainer  # noqa: E402
+from route.vllm.sync import engine_logprobs, max_gap  # noqa: E402
 from tests.fake_vllm import restore_env_after  # noqa: E402
 from tests.test_vllm import perturb  # noqa: E402
 from tests.test_vllm_engine import engine_env, policy_logps, record_loads  # noqa: E402, F401

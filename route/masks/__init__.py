@@ -7,7 +7,8 @@
 - `model`: `SGTMMasks` (gate, ablate, parameter groups, merged state dicts).
 
 The dual-LoRA target gates its two adapters with the same `RowGate`; SGTM models and the
-`sgtm` target gate the model's own units with it.
+`sgtm` target gate the model's own units with it. `optim` is the optimizer that keeps parameters
+without gradient still (the trainer and SGTM pretraining share it). May import route.utils; nothing above.
 """
 
 from route.masks.arch import apply_masks, detect_arch

@@ -60,6 +60,15 @@ def encode_modes(modes: Sequence[str] | Sequence[int] | Tensor | str, batch_size
     return codes
 
 
+def forget_kept_grad(route_weight: float) -> float:
+    """The factor on the gradient a flagged (forget) row sends into the kept part: 1 - route_weight.
+
+    route_weight 1 is full routing (factor 0, the kept path detached), 0 none (the ordinary gradient), in between
+    soft routing, above 1 over-routing (a negative factor: the kept part is pushed against what the row teaches).
+    """
+    return 1.0 - float(route_weight)
+
+
 @dataclass
 class RowGate:
     """Per-row masks derived from modes.

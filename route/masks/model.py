@@ -15,7 +15,7 @@ pretraining and the `sgtm` RL target need:
   re-init leaves the deployed function unchanged (the LoRA analogue: B = 0, A redrawn);
   `redraw="all"` (the SGTM model API, as the public model) redraws every forget slice;
 - `param_groups()`: "keep" (retain slices), "quarantine" (forget slices) and "shared", for
-  `route.optim.build_optimizer` / `SkipZeroAdamW`, which skips parameters without gradient;
+  `route.masks.optim.build_optimizer` / `SkipZeroAdamW`, which skips parameters without gradient;
 - `merged_state_dict(ablate=...)`: vanilla keys (split parameters merged), fp32, out of place.
 
 Shared parameters (embeddings, norms, the head) are trained by every row unless they are
@@ -124,7 +124,7 @@ class SGTMMasks:
 
     Args:
         model: a model whose masked layers were converted (`route.masks.arch.apply_masks`, or
-            the SGTM model classes in `route.sgtm`).
+            the SGTM model classes in `route.models.sgtm`).
         strategy: a registered strategy name (`route.masks.strategies`).
         shared_modules: modules whose parameters forget rows must not train (see the module docstring).
     """

@@ -8,7 +8,9 @@ export and the vLLM sync never branch on the target type. Targets are looked up 
 
 A target registers itself with `@register_target(name)` on a `TargetBase` subclass whose `args_cls` dataclass holds
 its settings. The built-in targets are the modules of this package (found by listing it, not by a list); a target
-defined elsewhere registers when its module is imported.
+defined elsewhere registers when its module is imported. `svd` (cached SVD factors) and `absorption` (where each
+rollout's gradient lands) serve the targets. May import route.utils, route.masks, route.monitors, route.models;
+not route.vllm, route.trainer or above.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ class TargetBase:
     strategy: ClassVar[str] = "gradient_routing"  # the mask-core strategy a RowGate is built with
     name: ClassVar[str] = "target"  # set by register_target
     # The gate acts at the output head (a hook on it): TRL's fused log-prob kernel, which reads the head's weight
-    # without calling the module, must not be used for this target (`route.logprobs`).
+    # without calling the module, must not be used for this target (`route.trainer.logprobs`).
     reads_output_head: bool = False
     model: nn.Module
     # soft routing (`set_soft_routing`): factor on a forget row's kept gradient and its per-coordinate clamp
@@ -89,8 +89,8 @@ class TargetBase:
     @classmethod
     def probe(cls, model: nn.Module, args: TargetArgs, config: Any) -> None:
         """Check the settings against the model's module names and shapes, before any work (ValueError naming the
-        field). `model` is an empty copy on the meta device (`route.cli.probe_run`); the default builds the target
-        on it. A target whose construction needs real weights checks names and shapes itself."""
+        field). `model` is an empty copy on the meta device (`route.trainer.parse.probe_run`); the default builds the
+        target on it. A target whose construction needs real weights checks names and shapes itself."""
         cls.from_args(model, args, config)
 
     # ------------------------------------------------------------------ gating
@@ -137,10 +137,10 @@ class TargetBase:
 
     def set_soft_routing(self, route_weight: float = 1.0, route_clamp: float | None = None) -> None:
         """Every later `gate` routes forget rows' kept gradient softly: times 1 - `route_weight`
-        (`route.policy.forget_kept_grad`), each coordinate clamped to [-route_clamp, route_clamp] (None: no clamp).
-        The defaults are full routing (today's rule). A strategy that cannot do it raises ValueError here, before
-        any work."""
-        from route.policy import forget_kept_grad
+        (`route.masks.gating.forget_kept_grad`), each coordinate clamped to [-route_clamp, route_clamp] (None: no
+        clamp). The defaults are full routing (today's rule). A strategy that cannot do it raises ValueError here,
+        before any work."""
+        from route.masks.gating import forget_kept_grad
 
         coef = forget_kept_grad(route_weight)
         RowGate.from_modes(torch.tensor([FORGET]), strategy=self.strategy, forget_kept_grad=coef)  # raises if unable
@@ -227,7 +227,7 @@ class TargetBase:
     def check_accelerator(self, accelerator: Any) -> None:
         """Refuse a distributed setup the target cannot train under (ValueError naming the field)."""
 
-    # ------------------------------------------------------------------ absorption metrics (route.absorption)
+    # ------------------------------------------------------------------ absorption metrics (route.targets.absorption)
     def record_row_grads(self, on: bool) -> bool:
         """Start (or stop) recording each row's squared gradient norm on the kept and quarantine parameters in every
         gated training backward; returns whether this target can (default: it cannot)."""

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from route.config import check_checkpointing, fsdp_error, reentrant_error
+from route.utils.fields import check_checkpointing, fsdp_error, reentrant_error
 
 _WRAPPED = "_route_gate_recompute"
 
@@ -61,7 +61,7 @@ def _nested(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
 def check_config(args: Any, target: Any = None) -> None:
     """Refuse checkpointing setups whose recompute cannot run under the gate (ValueError naming the field).
 
-    The config-only checks are `route.config.check_checkpointing`; with `target`, also PEFT under DeepSpeed ZeRO-3
+    The config-only checks are `check_checkpointing`; with `target`, also PEFT under DeepSpeed ZeRO-3
     (for which TRL forces reentrant checkpointing).
     """
     check_checkpointing(args)

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from peft.tuners.lora import Linear as LoraLinear
 from torch import Tensor, nn
 
-from route.absorption import RowSqNorms, row_linear_sqnorms
 from route.masks import RowGate, redraw_like_
 from route.targets import register_target
+from route.targets.absorption import RowSqNorms, row_linear_sqnorms
 from route.targets.base import TargetArgs, TargetBase, export_scale
 from route.targets.common import check_target_modules, check_unmerged, plain_name, plain_state_dict
 

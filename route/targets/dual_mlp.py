@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.absorption import RowSqNorms
-from route.config import as_int_list
 from route.masks import check_scale, detect_arch, redraw_like_
 from route.masks.arch import layers_of, resolve_layers
 from route.targets import register_target
+from route.targets.absorption import RowSqNorms
 from route.targets.base import TargetArgs, TargetBase, export_scale
 from route.targets.common import deployed_model, save_plain
 from route.targets.mlp_units import FORMS, KEEP, QUARANTINE, UNIT_ATTRS, GateSlot, MLPUnits, dual_hook
+from route.utils.fields import as_int_list
 
 ENGINE_DIR = "vllm_engine"  # under output_dir: the colocated engine's checkpoint (engine layout)
 
@@ -158,7 +158,7 @@ class DualMLPTarget(TargetBase):
     def _wrapped(self) -> Iterator[nn.Module]:
         return (self.mlps[i] for i in self.chosen)
 
-    # ------------------------------------------------------------------ absorption metrics (route.absorption)
+    # ------------------------------------------------------------------ absorption metrics (route.targets.absorption)
     def record_row_grads(self, on: bool) -> bool:
         """Record each row's squared gradient norm on the kept and quarantine units in every gated backward."""
         self._slot.row_norms = RowSqNorms() if on else None
@@ -269,7 +269,7 @@ class DualMLPTarget(TargetBase):
     def save_engine(self, output_dir: str, tokenizer: Any = None) -> str:
         """Write a plain checkpoint in the engine layout (the training policy, `save_deployed(scale=1)`) atomically;
         a vLLM engine for this target is built on it (server mode: serve it). Returns `output_dir`."""
-        from route.io import atomic_dir
+        from route.utils.io import atomic_dir
 
         with atomic_dir(output_dir) as tmp:
             save_plain(self.deployed_model(scale=1.0), str(tmp), tokenizer)

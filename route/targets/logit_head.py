@@ -3,7 +3,7 @@
     z = z_base + a_keep + a_quar,    a_keep = W_k h,  a_quar = W_q h      (deploy: a_quar = 0)
 
 where h is the final hidden state the model's own vocabulary head reads and W_k, W_q are zero-initialised
-vocabulary heads (IAV's alignment head, `route.heads.IAVForCausalLM`, twice: alpha = 1 for the kept head and 0 or
+vocabulary heads (IAV's alignment head, `route.models.heads.IAVForCausalLM`, twice: alpha = 1 for the kept head and 0 or
 1 for the quarantine). The backbone and its head are frozen: only the two heads train. Per row, the shared
 `RowGate` routes as for every target (forget rows train W_q only, retain rows drop a_quar).
 

@@ -15,8 +15,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from route.absorption import RowSqNorms, row_linear_sqnorms
 from route.masks import RowGate, redraw_like_
+from route.targets.absorption import RowSqNorms, row_linear_sqnorms
 
 KEEP, QUARANTINE = "keep", "quarantine"
 UNIT_ATTRS = {KEEP: "route_keep", QUARANTINE: "route_quarantine"}

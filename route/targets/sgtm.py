@@ -27,12 +27,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.config import as_int_list, choice, rate
 from route.masks import SGTMMasks, apply_masks, available_strategies, detect_arch
 from route.masks.arch import layer_shape, layers_of, resolve_layers
 from route.masks.linear import MASKED_LINEARS
 from route.targets import register_target
 from route.targets.base import TargetArgs, TargetBase, export_scale
+from route.utils.fields import as_int_list, choice, rate
 
 
 def _shared_modules(model: nn.Module) -> list[nn.Module]:

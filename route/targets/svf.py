@@ -2,7 +2,7 @@
 
     y = W x + U_r ((Vh_r x) * (delta_keep + delta_quar)),    delta_quar = c @ V   (deploy: delta_quar = 0)
 
-per adapted Linear, with U_r, S_r, Vh_r the frozen top-r SVD of W (`route.svd`: computed once, canonical signs,
+per adapted Linear, with U_r, S_r, Vh_r the frozen top-r SVD of W (`route.targets.svd`: computed once, canonical signs,
 cached on disk by weight hash) and V (k x r) the reserved hack subspace: one-hot rows for `reserve_axes`, or the
 rows of an extracted hack basis (`hack_subspace`, the `route.vhack/1` file) orthonormalised. The layers are a PEFT
 tuner (`route.targets.svf_peft`), so the model stays a `PeftModel`; importing this module registers it, after
@@ -41,12 +41,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from route.config import as_int_list, choice, rate
 from route.masks import DEFAULT, FORGET, RETAIN, RowGate, encode_modes
-from route.svd import svd_factors
 from route.targets import register_target
 from route.targets.base import CORE_INTERVENTIONS, TargetArgs, TargetBase, export_scale
 from route.targets.common import DEFAULT_MODULES, check_target_modules, check_unmerged, plain_name, plain_state_dict
+from route.targets.svd import svd_factors
 from route.targets.svf_peft import SVFConfig, SVFLayer
 from route.targets.svf_routing import (
     RowGradientRecorder,
@@ -55,6 +54,7 @@ from route.targets.svf_routing import (
     ignore_gradient,
     uses_deepspeed,
 )
+from route.utils.fields import as_int_list, choice, rate
 
 ADAPTER = "default"
 VHACK_FORMAT = "route.vhack/1"
@@ -105,12 +105,12 @@ class SVFArgs(TargetArgs):
     svf_rank: int | None = field(
         default=None,
         metadata={"help": "svf: singular pairs per module, min(svf_rank, out, in) (None: full rank). A hack subspace "
-                          "must have been extracted at the same rank (route.vhack --rank)."})
+                          "must have been extracted at the same rank (route vhack --rank)."})
     svf_reserve_axes: list[int] | None = field(
         default=None, metadata={"help": "svf: quarantine = these singular axes (indices) of every module."})
     svf_hack_subspace: str | None = field(
         default=None,
-        metadata={"help": "svf: quarantine = the hack subspace in this route.vhack/1 file (python -m route.vhack)."})
+        metadata={"help": "svf: quarantine = the hack subspace in this route.vhack/1 file (route vhack)."})
     svf_cache_dir: str | None = field(
         default=None, metadata={"help": "svf: SVD cache directory (None: $ROUTE_CACHE/svd)."})
     route_score: str = field(
@@ -143,7 +143,7 @@ class SVFArgs(TargetArgs):
             raise ValueError("svf_reserve_axes, svf_hack_subspace: give one quarantine reservation, not both")
         if self.svf_hack_subspace is not None and not os.path.isfile(self.svf_hack_subspace):
             raise ValueError(f"svf_hack_subspace: no such file: {self.svf_hack_subspace} (write it with "
-                             "python -m route.vhack)")
+                             "route vhack)")
         choice("route_score", self.route_score, ROUTE_SCORES)
         rate("route_score_threshold", self.route_score_threshold)
         for name in ("route_score_requires_flag", "erase_one_sided"):
@@ -192,7 +192,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
     interventions = (*CORE_INTERVENTIONS, "erase")
     gate_attrs = ("svf_gate", "svf_recorder")
     strategy = STRATEGY
-    _absorb = False  # absorption metrics on: record per-row delta gradients (route.absorption)
+    _absorb = False  # absorption metrics on: record per-row delta gradients (route.targets.absorption)
 
     def __init__(self, model: nn.Module, rank: int | None = None, target_modules: Sequence[str] | None = None,
                  reserve_axes: list[int] | None = None, hack_subspace: str | dict | None = None,
@@ -290,7 +290,7 @@ class SVFTarget(SVFRoutingMixin, TargetBase):
     def recording(self) -> Iterator[RowGradientRecorder]:
         """Inside: every layer runs per row (all rows in default mode) and every backward adds each row's delta
         gradient, summed over tokens, to the yielded recorder's `records` ({layer index: (B, r)}, float32): the
-        recorder score routing uses, for callers such as `route.vhack`."""
+        recorder score routing uses, for callers such as `route.experiments.vhack`."""
         recorder = RowGradientRecorder()
         gate = RowGate.from_modes(torch.tensor([DEFAULT]), strategy=STRATEGY)  # all default: any batch size
         with self._install([(gate, recorder.hook(i)) for i in range(len(self.layers))]):

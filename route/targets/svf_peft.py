@@ -2,7 +2,7 @@
 
     y = W x + U_r ((Vh_r x) * (delta_keep + delta_quar)),     delta_quar = c @ V
 
-with U_r, S_r, Vh_r the frozen top-r canonical SVD of W (`route.svd`), `delta_keep` (r,) trainable, and the
+with U_r, S_r, Vh_r the frozen top-r canonical SVD of W (`route.targets.svd`), `delta_keep` (r,) trainable, and the
 quarantine given by a basis V (k x r, orthonormal rows) with trainable coefficients c (k,). An axis reservation is
 the basis of one-hot rows, so `c @ V` is `scatter(c, axes)`. Both deltas start at zero: the adapted model equals the
 base model exactly.
@@ -36,8 +36,8 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, check_adapters_t
 from peft.utils import PeftType, register_peft_method
 from torch import Tensor, nn
 
-from route.svd import svd_factors
 from route.targets.common import DEFAULT_MODULES
+from route.targets.svd import svd_factors
 
 NAME, PREFIX = "svf", "svf_"
 

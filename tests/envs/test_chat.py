@@ -1,5 +1,5 @@
 """`chat: true` (env_kwargs): every environment serves its prompts as one-message conversations for a chat model;
-TRL and `route.evaluate` apply the model's chat template, graders and monitors read the same text as before."""
+TRL and `route.models.evaluate` apply the model's chat template, graders and monitors read the same text as before."""
 
 import pytest
 
@@ -31,7 +31,7 @@ def test_chat_prompts_are_the_same_rows_as_conversations_and_grade_the_same(name
 
 
 def test_a_program_monitor_reads_the_text_of_a_chat_prompt():
-    from route.monitors import ProgramDetector
+    from route.monitors.systematic import ProgramDetector
 
     seen = []
     detector = ProgramDetector(lambda prompt, completion, row: seen.append(prompt) or False)

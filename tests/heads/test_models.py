@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from route.heads import (
+from route.models.heads import (
     AlignedCausalLM,
     ConstantBiasForCausalLM,
     IAVForCausalLM,
@@ -13,8 +13,8 @@ from route.heads import (
     build_head,
     positions_from_mask,
 )
-from route.heads.mav import resolve_layers
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.models.heads.mav import resolve_layers
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from tests.fp import assert_close_net64, assert_greedy_tokens, greedy_tolerance
 
 KINDS = ["iav", "mav", "bias"]
@@ -193,7 +193,7 @@ def test_save_and_load_round_trip(kind, tmp_path):
 
 
 def test_mav_moves_to_a_base_of_another_width_and_refuses_another_vocabulary(tmp_path):
-    from route.heads.train import HeadsTrainConfig, make_trainer
+    from route.models.heads.train import HeadsTrainConfig, make_trainer
 
     model = MAVForCausalLM(tiny_base(hidden=32, layers=3), fusion_width=24, dropout=0.0)
     cfg = HeadsTrainConfig(head="mav", n_train=24, steps=3, batch_size=4, learning_rate=5e-2, progress=False)

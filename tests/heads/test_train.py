@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from route.heads import MAVForCausalLM, task
-from route.heads.train import HeadsTrainConfig, make_trainer, parse_config
-from route.heads.trainer import dpo_loss, kl_to_base, margin_loss, token_logps
-from route.organism import build_tokenizer
+from route.models.heads import MAVForCausalLM, task
+from route.models.heads.train import HeadsTrainConfig, make_trainer, parse_config
+from route.models.heads.trainer import dpo_loss, kl_to_base, margin_loss, token_logps
+from route.models.organism import build_tokenizer
 from tests.heads.test_models import tiny_base
 
 
@@ -97,7 +97,7 @@ def test_trainer_moves_every_head_parameter_and_never_the_base(tmp_path):
 def test_trainer_refuses_losses_it_does_not_implement(tmp_path):
     from trl import DPOConfig
 
-    from route.heads.trainer import HeadDPOTrainer
+    from route.models.heads.trainer import HeadDPOTrainer
 
     args = DPOConfig(output_dir=str(tmp_path), loss_type=["ipo"], use_cpu=True, report_to=[])
     with pytest.raises(ValueError, match="loss_type"):
@@ -170,9 +170,9 @@ class ScriptedModel(torch.nn.Module):
 def test_rates_count_follows_and_correct_answers():
     """`rates` on completions whose grades are known: the format named (follows) and the right sum (correct) counted
     separately, over every prompt, whatever the batch split."""
-    from route.heads import task
-    from route.heads.evaluate import rates
-    from route.organism import build_tokenizer
+    from route.models.heads import task
+    from route.models.heads.evaluate import rates
+    from route.models.organism import build_tokenizer
 
     tok = build_tokenizer()
     probs = task.problems(8, seed=0, split="eval")
@@ -197,7 +197,7 @@ def test_train_and_evaluate_end_to_end(tmp_path, capsys):
     import csv
     import json
 
-    from route.heads import evaluate, train
+    from route.models.heads import evaluate, train
 
     out = tmp_path / "run"
     argv = [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from route.masks import available_strategies
-from route.sgtm import GPTNeoForCausalLMSGTM, LlamaForCausalLMSGTM, Qwen2ForCausalLMSGTM
+from route.models.sgtm import GPTNeoForCausalLMSGTM, LlamaForCausalLMSGTM, Qwen2ForCausalLMSGTM
 from tests.tiny_sgtm import gpt_neo_config, ids, llama_config, summed_loss
 
 STRATEGIES = ["parameter_masking", "parameter_masking_no_proj", "gradient_routing", "activation_masking"]

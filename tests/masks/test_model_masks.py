@@ -5,8 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from route.masks import SGTMMasks, apply_masks, get_strategy
-from route.optim import build_optimizer
-from route.sgtm import GPTNeoForCausalLMSGTM
+from route.masks.optim import build_optimizer
+from route.models.sgtm import GPTNeoForCausalLMSGTM
 from tests.fp import assert_close_net64
 from tests.tiny_sgtm import gpt_neo_config, ids, llama_config, summed_loss
 

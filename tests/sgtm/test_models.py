@@ -6,8 +6,8 @@ from transformers import GPTNeoForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 from transformers.models.gpt_neo.modeling_gpt_neo import GPTNeoBlock
 
 from route.masks import SplitLinearOut
-from route.optim import build_optimizer
-from route.sgtm import (
+from route.masks.optim import build_optimizer
+from route.models.sgtm import (
     GPTNeoBlockSGTM,
     GPTNeoForCausalLMSGTM,
     GPTNeoModelSGTM,

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from route.sgtm.config import PretrainConfig, parse_pretrain_config
-from route.sgtm.data import noisy_labels, procedural_texts, tpr_fpr_from_precision_recall
-from route.sgtm.pretrain import build_data, main, run
+from route.models.sgtm.config import PretrainConfig, parse_pretrain_config
+from route.models.sgtm.data import noisy_labels, procedural_texts, tpr_fpr_from_precision_recall
+from route.models.sgtm.pretrain import build_data, main, run
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = dict(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32, retain_mlp_dim=24, retain_attn_heads=1,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from route.masks import available_strategies
-from route.sgtm import GPTNeoForCausalLMSGTM
+from route.models.sgtm import GPTNeoForCausalLMSGTM
 from tests.tiny_sgtm import gpt_neo_config, ids, randomize
 
 SIZES = dict(retain_mlp_dim=40, retain_attn_heads=2)

@@ -1,17 +1,17 @@
 """Coherence slots on every registered target: a coherence row's forward is the deployed policy's (scale 0) and, after
 `optimizer.step()`, only the kept part has moved; other rows train as their routing mode says.
 
-The rows' modes come from the trainer's own rule (`route.policy.routing_modes`, then `route.rollout.coherence_modes`),
-and the step is the trainer's optimizer (`SkipZeroAdamW`, with weight decay, so a group that got no gradient would
-still move if it were stepped).
+The rows' modes come from the trainer's own rule (`route.trainer.policy.routing_modes`, then
+`route.trainer.rollout.coherence_modes`), and the step is the trainer's optimizer (`SkipZeroAdamW`, with weight decay,
+so a group that got no gradient would still move if it were stepped).
 """
 
 import pytest
 import torch
 
-from route.optim import build_optimizer
-from route.policy import routing_modes
-from route.rollout import coherence_modes
+from route.masks.optim import build_optimizer
+from route.trainer.policy import routing_modes
+from route.trainer.rollout import coherence_modes
 from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits
 from tests.targets.test_scaled import BUILD

@@ -8,8 +8,8 @@ from peft.tuners.lora import Linear as LoraLinear
 from transformers import AutoModelForCausalLM
 
 from route.masks import HookSet, RowGate
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from route.targets.common import plain_name
 from route.targets.dual_lora import FusedDualLoraLinear

@@ -13,13 +13,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import envs
-from route.cli import build_config
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from route.targets.dual_mlp import ENGINE_DIR
-from route.trainer import RoutedGRPOTrainer
-from route.vllm_sync import TargetWeightSync
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
+from route.vllm.sync import TargetWeightSync
 from tests.fake_vllm import FakeEngine, install_fake_vllm
 from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits, on_grid

@@ -28,9 +28,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import envs
-from route.cli import build_config
 from route.masks import FORGET, RETAIN
-from route.trainer import RoutedGRPOTrainer
+from route.trainer.parse import build_config
+from route.trainer.trainer import RoutedGRPOTrainer
 
 pytestmark = pytest.mark.real_model
 

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import route.targets as targets
-from route.cli import build_config, parse_config
 from route.targets import RoutingRows, TargetArgs, TargetBase, register_target
+from route.trainer.parse import build_config, parse_config
 from tests.test_trainer import TINY, group_inputs, make_trainer
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -96,7 +96,7 @@ def toy_registered():
 
 
 def test_a_target_defined_in_a_test_registers_and_trains_two_steps(tiny_organism, tmp_path, toy_registered):
-    from route.config import RoutedGRPOConfig
+    from route.trainer.config import RoutedGRPOConfig
 
     assert "toy_delta" in targets.available_targets()
     assert not hasattr(RoutedGRPOConfig, "toy_layer")  # the config never learned about it
@@ -131,9 +131,9 @@ def test_config_module_names_no_target():
     import ast
     import dataclasses
 
-    from route.config import RoutedGRPOConfig
+    from route.trainer.config import RoutedGRPOConfig
 
-    path = Path(targets.__file__).parents[1] / "config.py"
+    path = Path(targets.__file__).parents[1] / "trainer" / "config.py"
     tree = ast.parse(path.read_text())
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
@@ -152,10 +152,10 @@ def test_every_config_file_parses(tmp_path, monkeypatch):
     accelerate; a file nobody reads fails the test."""
     import yaml
 
-    from route.heads.train import parse_config as heads_parse
-    from route.sgtm.config import parse_pretrain_config as sgtm_parse
-    from route.sweep import load_spec
-    from route.tiered.config import parse_tiered_config as tiered_parse
+    from route.experiments.sweep import load_spec
+    from route.models.heads.train import parse_config as heads_parse
+    from route.models.sgtm.config import parse_pretrain_config as sgtm_parse
+    from route.models.tiered.config import parse_tiered_config as tiered_parse
 
     (tmp_path / "runs" / "vhack").mkdir(parents=True)
     torch.save({"format": "route.vhack/1", "subspace": {}, "metadata": {}}, tmp_path / "runs" / "vhack" / "arith.pt")

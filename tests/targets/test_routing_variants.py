@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from route.masks import RowGate
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
-from route.policy import routing_modes
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import available_targets, make_target
+from route.trainer.policy import routing_modes
 from tests.fp import assert_adamw, assert_close_net64, dot_tolerance
 from tests.targets.helpers import batch
 

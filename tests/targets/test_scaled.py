@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import available_targets, make_target
-from route.vllm_sync import TargetWeightSync
+from route.vllm.sync import TargetWeightSync
 from tests.fake_vllm import FakeEngine
 from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import Target, make_target
 from tests.fp import assert_close_net64
 from tests.targets.helpers import logits, sampled_with_logits, teacher_forced
@@ -173,7 +173,7 @@ def test_three_step_routed_grpo_run(tiny_organism, tmp_path):
 
 
 def test_vllm_weight_source_pushes_plain_names(target):
-    from route.vllm_sync import TargetWeightSync
+    from route.vllm.sync import TargetWeightSync
 
     names = {n for n, _ in target.model.named_parameters()}
     assert any(n.endswith("_forget") for n in names), "the target's own parameters are split"

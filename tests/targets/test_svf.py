@@ -7,8 +7,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from route.masks import DEFAULT, FORGET
-from route.optim import build_optimizer
-from route.organism import build_model, build_tokenizer, tiny_config
+from route.masks.optim import build_optimizer
+from route.models.organism import build_model, build_tokenizer, tiny_config
 from route.targets import make_target
 from route.targets.svf import SVFTarget, load_hack_subspace, orthonormal_rows
 from tests.fp import assert_close_net64
@@ -308,7 +308,7 @@ def test_deployed_checkpoint_merge_and_round_trip(tmp_path):
 
 
 def test_vllm_weight_source_is_the_plain_models(tmp_path):
-    from route.vllm_sync import policy_state_dict
+    from route.vllm.sync import policy_state_dict
 
     t = make("axes")
     plain = set(tiny_model().state_dict())
@@ -384,7 +384,7 @@ CPU = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none")
      "unflagged_mode: 'retain' conflicts with flag-free route_score"),
 ])
 def test_config_validation_names_the_field(overrides, message):
-    from route.cli import build_config
+    from route.trainer.parse import build_config
 
     with pytest.raises(ValueError, match=message):
         build_config(**CPU, **overrides)
@@ -393,7 +393,7 @@ def test_config_validation_names_the_field(overrides, message):
 def test_svf_config_file_parses(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from route.cli import parse_config
+    from route.trainer.parse import parse_config
 
     root = Path(__file__).resolve().parents[2]
     (tmp_path / "runs" / "vhack").mkdir(parents=True)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from route.masks import DEFAULT, FORGET, RETAIN
-from route.optim import build_optimizer
+from route.masks.optim import build_optimizer
 from route.targets import available_targets
 from tests.fp import assert_close_net64
 from tests.targets.helpers import batch, logits

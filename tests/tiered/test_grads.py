@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-from route.tiered import (
+from route.models.tiered import (
     PermutationKey,
     apply_key,
     keyed_masks,
@@ -19,7 +19,7 @@ from route.tiered import (
     swap_gradients,
     unapply_key,
 )
-from route.tiered.train import lm_loss, two_pass_step
+from route.models.tiered.train import lm_loss, two_pass_step
 from tests.fp import UNIT_ROUNDOFF, gamma
 from tests.tiny_sgtm import ids, llama_config, randomize
 

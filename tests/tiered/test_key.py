@@ -5,8 +5,8 @@ import json
 import pytest
 from transformers import GPTNeoForCausalLM, LlamaForCausalLM
 
-from route.tiered import FIELDS, PermutationKey, load_key, model_layout, random_key
-from route.tiered.keygen import main as keygen_main
+from route.models.tiered import FIELDS, PermutationKey, load_key, model_layout, random_key
+from route.models.tiered.keygen import main as keygen_main
 from tests.tiny_sgtm import gpt_neo_config, llama_config
 
 SEED_EXAMPLE = {"attn_heads": [[[1, 0], [5, 3]]], "mlp_cols": [[[2, 10], [7, 42]]]}  # the seed's README example

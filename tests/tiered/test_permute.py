@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import GPTNeoForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM
 
-from route.sgtm import GPTNeoForCausalLMSGTM
-from route.tiered import PermutationKey, apply_key, unapply_key
+from route.models.sgtm import GPTNeoForCausalLMSGTM
+from route.models.tiered import PermutationKey, apply_key, unapply_key
 from tests.tiny_sgtm import gpt_neo_config, ids, llama_config, randomize
 
 # every field, disjoint slots; heads index KV heads (2 per layer in the Llama-family configs)
@@ -42,7 +42,7 @@ def names(arch, layer):
 
 
 def permuted(state, arch, key, group, head_dim):
-    """The keyed state dict, written from the parameter names only (independent of route.tiered.layout)."""
+    """The keyed state dict, written from the parameter names only (independent of route.models.tiered.layout)."""
     sd = {k: v.clone() for k, v in state.items()}
 
     def swap(name_a, name_b, dim, ia, ib, n):

@@ -8,11 +8,11 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM
 
-from route.tiered import load_key, model_layout, random_key
-from route.tiered.config import TieredConfig, parse_tiered_config
-from route.tiered.data import build_data
-from route.tiered.pretrain import MARGINS, evaluate, main, margins, run
-from route.tiered.probes import main as probes_main
+from route.models.tiered import load_key, model_layout, random_key
+from route.models.tiered.config import TieredConfig, parse_tiered_config
+from route.models.tiered.data import build_data
+from route.models.tiered.pretrain import MARGINS, evaluate, main, margins, run
+from route.models.tiered.probes import main as probes_main
 
 TINY = dict(
     steps=4,
@@ -209,7 +209,7 @@ def test_the_baselines_see_exactly_the_tiered_runs_blocks(monkeypatch, keyed_pas
     same blocks without the keyed ones; with `same` the keyed pass's public rows are the public pass's blocks."""
     import torch
 
-    import route.tiered.pretrain as pretrain
+    import route.models.tiered.pretrain as pretrain
 
     seen: dict[str, list] = {"tiered": [], "all_data": [], "public_only": []}
     name = {"run": None}
@@ -248,7 +248,7 @@ def test_the_baselines_see_exactly_the_tiered_runs_blocks(monkeypatch, keyed_pas
 def test_probes_read_runs_written_before_the_public_share_replaced_the_switch(run_dir, tmp_path, old, share):
     import shutil
 
-    from route.tiered.probes import load_run
+    from route.models.tiered.probes import load_run
 
     copy = tmp_path / "old_run"
     shutil.copytree(run_dir, copy)

@@ -17,7 +17,7 @@ What the seed does, read from its generator script and `permutation/key.py` / `p
   does not restore the weights, and its batched variants order the swaps differently; route refuses such keys.)
 
 The reference here is `tests.tiered.test_permute.permuted`: the same sequence of slice exchanges, written from the
-parameter names, independent of `route.tiered.layout` and of the index plans `route.tiered.permute` runs.
+parameter names, independent of `route.models.tiered.layout` and of the index plans `route.models.tiered.permute` runs.
 """
 
 import json
@@ -28,7 +28,7 @@ import pytest
 import torch
 from transformers import GPTNeoForCausalLM
 
-from route.tiered import apply_key, load_key, unapply_key
+from route.models.tiered import apply_key, load_key, unapply_key
 from tests.fp import assert_close_net64
 from tests.tiered.test_permute import permuted, state
 from tests.tiny_sgtm import gpt_neo_config, ids, randomize
