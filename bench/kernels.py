@@ -77,7 +77,8 @@ def measure(mode: str, args: argparse.Namespace) -> float:
 
 def main(argv: list[str] | None = None) -> float:
     p = argparse.ArgumentParser(prog="bench/kernels.py", description=__doc__.split("\n\n")[0])
-    p.add_argument("--workload", choices=["job", "model"], default="job")
+    p.add_argument("--workload", choices=["job", "model"], default="job",
+                   help="job: the main job's training phase; model: forward + backward + AdamW of a Llama")
     p.add_argument("--model_shape", choices=list(SHAPES), default="organism", help="--workload model: the shapes")
     p.add_argument("--max_steps", type=int, default=60, help="steps per measurement")
     p.add_argument("--batch", type=int, default=8, help="--workload model: sequences per step")

@@ -87,9 +87,10 @@ def check_fingerprints() -> bool:
     print(f"{'':{width}}  {'here':12}  {'emulated Intel (Haswell)':24}")
     same = True
     for key in here:
-        ok = here[key] == there.get(key) or key == "capability"
+        ok = here[key] == there.get(key) or key == "capability"  # the CPUs' own: not a result
         same &= ok
-        print(f"{key:{width}}  {here[key]:12}  {there.get(key, '-'):24}  {'same' if ok else 'DIFFERS'}")
+        verdict = "(the CPU's)" if key == "capability" else "same" if ok else "DIFFERS"
+        print(f"{key:{width}}  {here[key]:12}  {there.get(key, '-'):24}  {verdict}")
     return same
 
 
