@@ -59,6 +59,18 @@ def test_points_and_summary_group_seeds_and_settings():
     assert [r["arm"] for r in rows if r["env"] == "arith"] == ["base", "none"]
 
 
+def test_each_organism_has_its_own_base_point():
+    """Runs from several organisms of one environment: one base point per organism, never their mean."""
+    runs = [result("sort", "penalty", s, policy(0.6, 0.2, 0.0, 0.4), organism_seed=o) for o in (0, 1) for s in (0, 1)]
+    runs[2]["base"] = runs[3]["base"] = policy(0.2, 0.3, 0.2, 0.4)
+    base = {r["arm"]: r for r in summarise(points(runs)) if r["arm"].startswith("base")}
+    assert sorted(base) == ["base organism_seed=0", "base organism_seed=1"]
+    b0 = base["base organism_seed=0"]
+    assert (b0["solve_mean"], b0["n_seeds"]) == (pytest.approx(0.5), 2)
+    b1 = base["base organism_seed=1"]
+    assert (b1["solve_mean"], b1["n_seeds"]) == (pytest.approx(0.2), 2)
+
+
 def test_write_pareto_per_environment(tmp_path):
     per_env = write_pareto(RESULTS, tmp_path)
     assert set(per_env) == {"sort", "arith"}

@@ -31,6 +31,7 @@ from route.utils.io import write_json_atomic
 SETTINGS = {"penalty": "penalty", "filter": "detector_tpr", "none": "detector_tpr"}  # route: quarantine scale
 PANELS = (("all", "all test prompts"), ("detectable", "detectable part"), ("undetectable", "undetectable part"))
 STATS = ("solve", "hack", "hack_detectable", "hack_undetectable")
+BASE_FIELDS = ("env_kwargs", "organism_seed", "model_name_or_path")  # what the base model is, beside the env
 PICKED = "picked"  # route's setting for the policy at the scale its deployment rule picked (drawn between 0 and 1)
 
 
@@ -86,7 +87,7 @@ def points(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         same_env = [r for r in results if r["config"]["env"] == cfg["env"]]
         extra = varying_fields([r for r in same_env if r["config"]["intervention"] == cfg["intervention"]])
         env, arm = cfg["env"], arm_of(cfg, extra)
-        base_extra = [k for k in extra if k == "env_kwargs"]  # the base model's rates depend only on the env
+        base_extra = [k for k in extra if k in BASE_FIELDS]  # the base model's rates depend on these only
         out.append(
             {
                 "env": env,
@@ -224,6 +225,9 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
                     zorder=5,
                     label=r["arm"].replace("base", "base organism", 1),
                 )
+                if r["arm"] != "base":  # several base models (organisms): name each star
+                    ax.annotate(r["arm"].removeprefix("base "), (r[f"{h}_mean"], r["solve_mean"]), xytext=(6, -9),
+                                textcoords="offset points", fontsize=7, color="0.2")
         ax.set_xlabel(f"deployed hack rate ({label})")
         ax.set_ylabel("deployed solve rate")
         ax.set_title(label)
