@@ -140,3 +140,13 @@ def test_a_picked_point_on_top_of_scale_0_is_dropped():
     assert sorted(p["setting"] for p in points(runs) if p["arm"] != "base") == [0.0, 0.0, 1.0, 1.0]
     runs[1]["deploy_scale"] = {"picked": 0.5}  # one seed picked another scale: the point is kept, over both seeds
     assert sum(p["setting"] == "picked" for p in points(runs)) == 2
+
+
+def test_equal_values_over_three_seeds_draw(tmp_path):
+    """Three seeds with the same rates: the mean rounds an ulp above them (0.1 x 3), and the figure still draws."""
+    runs = [result("sort", "penalty", s, policy(0.1, 0.1, 0.1, 0.1)) for s in (0, 1, 2)]
+    rows = [r for r in summarise(points(runs)) if r["arm"] != "base"]
+    assert len(rows) == 1 and rows[0]["solve_min"] <= rows[0]["solve_mean"] <= rows[0]["solve_max"]
+    assert (tmp_path / "sort").exists() is False
+    write_pareto(runs, tmp_path)
+    assert (tmp_path / "sort" / "pareto.png").stat().st_size > 5000

@@ -138,7 +138,7 @@ def _finite(v: Any) -> bool:
 
 
 def summarise(pts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Mean, min and max over seeds of every stat, per (env, arm, setting); base pooled per env."""
+    """Mean, min and max over seeds of every stat, per (env, arm, setting); base pooled per base model."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for p in pts:
         groups[(p["env"], p["arm"], p["setting_name"], p["setting"])].append(p)
@@ -147,9 +147,10 @@ def summarise(pts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         row = {"env": env, "arm": arm, "setting_name": name, "setting": setting, "n_seeds": len(ps)}
         for s in STATS:
             vals = [p[s] for p in ps if _finite(p[s])]
-            row[f"{s}_mean"] = sum(vals) / len(vals) if vals else float("nan")
-            row[f"{s}_min"] = min(vals) if vals else float("nan")
-            row[f"{s}_max"] = max(vals) if vals else float("nan")
+            lo, hi = (min(vals), max(vals)) if vals else (float("nan"), float("nan"))
+            # the mean of equal values can round an ulp outside them (3 x 0.1): keep it inside, error bars >= 0
+            row[f"{s}_mean"] = min(max(sum(vals) / len(vals), lo), hi) if vals else float("nan")
+            row[f"{s}_min"], row[f"{s}_max"] = lo, hi
         rows.append(row)
     order = {"base": 0, "none": 1, "filter": 2, "penalty": 3, "route": 4}
     return sorted(
