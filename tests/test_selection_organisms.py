@@ -110,3 +110,21 @@ def test_the_report_prints_every_part(capsys, tmp_path):
                  "best in hindsight", "Protocol 5's goal"):
         assert part in out, part
     assert json.loads((tmp_path / "o" / "select.json").read_text())["pooled"]["sort_named"]["units"] == 6
+    png = tmp_path / "o" / "ratios.png"
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+
+
+def test_the_ratio_figure_has_a_row_per_organism_and_lambda_and_the_pooled_rows(tmp_path):
+    from route.experiments.selection_plots import plot_ratios, ratio_rows
+
+    summary = selection.summarise(organism_runs(0) + organism_runs(1), monitor_weight=2.0, n_boot=50)
+    rows = ratio_rows(summary, "sort_named")
+    labels = [r[0] for r in rows]
+    assert len(labels) == 2 * 3 + 2  # 2 organisms x lambda 2/4/8, then over organisms: selected and best
+    assert "organism 0: / penalty 2.0 (selected)" in labels and "organism 0: / penalty 8.0 (best)" in labels
+    assert labels[-2:] == ["over organisms: / selected", "over organisms: / best"]
+    assert rows[0][1] == summary["organisms"]["sort_named, organism 0"]["against"]["penalty 2.0"]["hack"]
+    assert plot_ratios(summary, tmp_path / "r.png") and (tmp_path / "r.png").stat().st_size > 10_000
+    one = selection.summarise(organism_runs(0), n_boot=50)  # one organism: no pooled rows, still its lambdas
+    assert len(ratio_rows(one, "sort_named")) == 3
+    assert not plot_ratios({"organisms": {}}, tmp_path / "none.png") and not (tmp_path / "none.png").exists()

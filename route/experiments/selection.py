@@ -41,6 +41,7 @@ from route.experiments.selection_core import (  # noqa: F401 - part of route.exp
     stats_over_seeds,
     validation_point,
 )
+from route.experiments.selection_plots import plot_ratios
 from route.experiments.selection_probes import (  # noqa: F401 - part of route.experiments.selection's API
     PROBE_ARMS,
     plot_relearn_arms,
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                         "write them to probes.sh in --output_dir")
     parser.add_argument("--probe_steps", type=int, default=40, help="--probe_commands: training steps per probe")
     parser.add_argument("--probe_every", type=int, default=10, help="--probe_commands: measure every k steps")
-    parser.add_argument("--output_dir", help="write select.json and select.md here")
+    parser.add_argument("--output_dir", help="write select.json, select.md and (several organisms) ratios.png here")
     args = parser.parse_args(argv)
     try:
         results = [json.loads(p.read_text()) for p in _result_paths(args.results)]
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomic(out / "select.md", text)
         if probes:
             write_text_atomic(out / "probes.sh", "\n".join(probes) + "\n")
+        if plot_ratios(summary, out / "ratios.png"):
+            print(f"wrote {out / 'ratios.png'}")
         if args.relearn and plot_relearn_arms(args.relearn, out / "relearn_arms.png"):
             print(f"wrote {out / 'relearn_arms.png'}")
         print(f"wrote {out / 'select.json'} and {out / 'select.md'}")
