@@ -22,7 +22,7 @@ def ratio_rows(summary: dict[str, Any], env: str) -> list[tuple[str, list, list]
     """(label, hack [mean, lo, hi], solve [mean, lo, hi]) per organism and lambda of `env`, then its pooled rows."""
     rows = []
     for name, rep in sorted(summary.get("organisms", {}).items()):
-        if not name.startswith(env) or not rep.get("against"):
+        if name.split(", ")[0] != env or not rep.get("against"):  # "sort" is not "sort_named"
             continue
         org = name.split(", ", 1)[1] if ", " in name else name
         for label, r in rep["against"].items():
