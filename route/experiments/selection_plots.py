@@ -14,6 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from route.utils.io import atomic_file
+
 HACK_LIM = (1e-2, 20.0)  # log axis; ratios outside are drawn at the edge
 SOLVE_LIM = (0.0, 2.0)
 
@@ -28,7 +30,7 @@ def ratio_rows(summary: dict[str, Any], env: str) -> list[tuple[str, list, list]
         for label, r in rep["against"].items():
             if label.endswith("(ablated)"):
                 continue
-            tags = [t for t, k in (("selected", "selected"), ("best", "best")) if rep.get(k) == label]
+            tags = [k for k in ("selected", "best") if rep.get(k) == label]
             rows.append((f"{org}: / {label}" + (f" ({', '.join(tags)})" if tags else ""), r["hack"], r["solve"]))
     for label, r in summary.get("pooled", {}).get(env, {}).items():
         if isinstance(r, dict) and "hack_ratio" in r and label in ("selected", "best"):
@@ -82,8 +84,7 @@ def plot_ratios(summary: dict[str, Any], path: Path) -> bool:
     fig.suptitle("route (its selected configuration, at the rule's scale) against every penalty lambda; red: the "
                  "selected lambda, black: over organisms; 95% bootstrap intervals", fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
-    tmp.replace(path)
     return True
