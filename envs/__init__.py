@@ -40,6 +40,7 @@ def make_env(name: str, **kwargs: Any) -> Environment:
 
 def _load_builtin() -> None:
     import envs.arith  # noqa: F401  (registers "arith")
+    import envs.capitals  # noqa: F401  (registers "capitals")
     import envs.qa  # noqa: F401  (registers "qa")
     import envs.repeat  # noqa: F401  (registers "repeat")
     import envs.sort  # noqa: F401  (registers "sort")

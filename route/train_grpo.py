@@ -107,13 +107,14 @@ def _run(config) -> dict:
     log.info("organism: loading %s", config.model_name_or_path or "the cached organism (built first when absent: "
              "minutes on a CPU)", extra=FILE_ONLY)
     with phases("organism"):
-        organism = organism_config(config.env, seed=config.organism_seed)
-        model_dir = resolve_model(config.model_name_or_path) or str(load_or_build(organism))
+        model_dir = resolve_model(config.model_name_or_path)  # None: the environment's organism (built when absent)
+        if model_dir is None:
+            model_dir = str(load_or_build(organism_config(config.env, seed=config.organism_seed)))
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(config.device)
     log.info("organism: %s (%.1f s)", model_dir, phases.seconds["organism"])
     progress = not config.disable_tqdm and is_main_process()
-    eval_kw = dict(n=config.eval_n, seed=config.eval_seed,
+    eval_kw = dict(n=config.eval_n, seed=config.eval_seed, temperature=config.temperature,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
     with phases("setup"):
         detector = build_detector(config, env)  # also scores the evaluations (results' `monitor` entries)

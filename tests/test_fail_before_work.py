@@ -27,7 +27,11 @@ def no_work(monkeypatch):
     """Evaluation, training, sampling and every forward of a transformers model fail the test if called."""
     from transformers import PreTrainedModel
 
+    import route.trainer.scales  # binds evaluate_policy at import: patch its name too (and never import it under
+    # the patch, which would leave it bound to _work for every later test in the process)
+
     monkeypatch.setattr(route.models.evaluate, "evaluate_policy", _work)
+    monkeypatch.setattr(route.trainer.scales, "evaluate_policy", _work)
     monkeypatch.setattr(route.models.evaluate, "sample", _work)
     monkeypatch.setattr(RoutedGRPOTrainer, "train", _work)
     monkeypatch.setattr(PreTrainedModel, "__call__", _work)

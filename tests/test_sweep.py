@@ -139,6 +139,7 @@ import yaml
 cfg = yaml.safe_load(open(sys.argv[sys.argv.index("--config") + 1]))
 out = Path(cfg["output_dir"])
 (out / "started").write_text(str(os.getpid()))
+(out / "argv.json").write_text(json.dumps(sys.argv[1:]))
 if cfg.get("seed") == 13:
     sys.exit(3)
 if cfg.get("seed") in (7, 8):
@@ -184,6 +185,27 @@ def test_resume_skips_finished_cells_and_retries_failed(stub_main_job, tmp_path)
         (c.dir / "started").unlink()
     assert [c.index for c in sweep.run_cells(cells, workers=2, progress=False)] == [2]
     assert [c.index for c in cells if (c.dir / "started").exists()] == [2], "only the failed cell reruns"
+
+
+def test_an_interrupted_cell_resumes_from_its_last_complete_checkpoint(stub_main_job, tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", {"seed": [0, 1]}, base=TINY_BASE))
+    cells = sweep.expand(spec, tmp_path / "out")
+    run_dir = Path(cells[0].values["output_dir"])
+    for step, complete in ((2, True), (10, True), (12, False)):  # checkpoint-12 was cut before its trainer state
+        (run_dir / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (run_dir / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (run_dir / sweep.CONSOLE_LOG).write_text("the first attempt\n")
+    assert sweep.resume_point(cells[0]) == run_dir / "checkpoint-10" and sweep.resume_point(cells[1]) is None
+    assert sweep.run_cells(cells, workers=1, progress=False) == []
+    argv = [json.loads((c.dir / "argv.json").read_text()) for c in cells]
+    assert argv[0] == ["--config", str(cells[0].dir / "cell.yaml"), "--resume_from_checkpoint",
+                       str(run_dir / "checkpoint-10")]
+    assert argv[1] == ["--config", str(cells[1].dir / "cell.yaml")]  # a fresh cell starts from scratch
+    console = (cells[0].dir / sweep.CONSOLE_LOG).read_text()
+    assert console.startswith("the first attempt") and "resuming from" in console  # the first attempt's log is kept
+    assert sweep.resume_point(cells[0]) is None  # finished: nothing to resume
+    sweep.validate(cells)  # the resume flag is not part of the cell's config: a rerun's check still passes
 
 
 def test_interrupt_stops_running_cells_and_keeps_finished_ones(stub_main_job, tmp_path):

@@ -201,7 +201,7 @@ def run_probe(label: str, checkpoint: Path, args: argparse.Namespace, reference:
             return cached["rows"]
     rows: list[dict[str, Any]] = []
     config = grpo_config(args.config, out / "runs" / label, checkpoint, args.steps, args.seed, args.eval_n)
-    eval_kw = dict(n=args.eval_n, seed=config.eval_seed,
+    eval_kw = dict(n=args.eval_n, seed=config.eval_seed, temperature=config.temperature,
                    max_new_tokens=config.eval_max_new_tokens or config.max_completion_length)
 
     def measure(step: int, model, tok, env) -> None:

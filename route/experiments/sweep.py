@@ -12,7 +12,8 @@ Each cell is one run of the main job (`python -m route.train_grpo --config cell.
 process) in `DIR/cells/<name>/`, which gets the run's files (`train.log`: progress and every logged step, so
 `tail -f` follows the cell; `metrics.jsonl`; `results.json`; `deployed/`) and `console.log` (the process's raw
 output: bars, warnings, a traceback). A cell is finished when its `results.json` exists (the main job
-writes it atomically, last), so an interrupted sweep loses no finished cell and a rerun skips them.
+writes it atomically, last), so an interrupted sweep loses no finished cell and a rerun skips them; an
+unfinished cell with checkpoints (`save_steps`) resumes from its last complete one (`resume_point`).
 Every cell's config is parsed with `RoutedGRPOConfig` before any cell runs.
 
 Outputs: `DIR/sweep.json` (the cells), `DIR/sweep.csv` (one row per cell, deployed hack rate on the
@@ -69,19 +70,26 @@ def run_cell(cell: Cell, threads: int | None = None, in_process: bool = False) -
     `metrics.jsonl`; the process's raw console output (bars, warnings, a traceback) goes to `console.log`."""
     cfg = cell.dir / "cell.yaml"
     write_text_atomic(cfg, dump_yaml(cell.values))
+    argv = ["--config", str(cfg)]
+    resume = resume_point(cell)  # an interrupted cell continues from its last checkpoint (save_steps)
+    if resume is not None:
+        argv += ["--resume_from_checkpoint", str(resume)]
     if in_process:
         from route.train_grpo import parse_config, run
 
-        run(parse_config(["--config", str(cfg)]))
+        run(parse_config(argv))
         return 0
     env = dict(os.environ)
     if threads:
         env.update({v: str(threads) for v in THREAD_VARS})
-    with open(cell.dir / CONSOLE_LOG, "w") as log:
+    with open(cell.dir / CONSOLE_LOG, "a" if resume else "w") as log:
+        if resume is not None:
+            log.write(f"\nsweep: resuming from {resume}\n")
+            log.flush()
         with _LIVE_LOCK:
             if _STOP.is_set():
                 return -1
-            proc = subprocess.Popen([sys.executable, "-m", CELL_MODULE, "--config", str(cfg)],
+            proc = subprocess.Popen([sys.executable, "-m", CELL_MODULE, *argv],
                                     stdout=log, stderr=subprocess.STDOUT, env=env)
             _LIVE.add(proc)
         try:
@@ -89,6 +97,17 @@ def run_cell(cell: Cell, threads: int | None = None, in_process: bool = False) -
         finally:
             with _LIVE_LOCK:
                 _LIVE.discard(proc)
+
+
+def resume_point(cell: Cell) -> Path | None:
+    """The cell's last complete checkpoint (`checkpoint-N` holding its `trainer_state.json`, which the trainer writes
+    after the weights and optimizer), when the cell is unfinished and its config does not name one; else None."""
+    if cell.done or cell.values.get("resume_from_checkpoint"):
+        return None
+    run_dir = Path(cell.values.get("output_dir", cell.dir))
+    steps = [(int(p.name[len("checkpoint-"):]), p) for p in run_dir.glob("checkpoint-*")
+             if p.name[len("checkpoint-"):].isdigit() and (p / "trainer_state.json").is_file()]
+    return max(steps)[1] if steps else None
 
 
 def _stop_all() -> None:

@@ -136,8 +136,9 @@ def undetectable_rates(env, rows: list[dict], grades: list[Grade], held_out_mode
 def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_tokens: int = 16,
                     policy: contextlib.AbstractContextManager | None = None, detector=None,
                     held_out_modes: Sequence[str] | None = None, rows: list[dict] | None = None,
-                    progress: bool = False, desc: str = "eval") -> dict[str, Any]:
-    """Rates of `model` on `n` held-out prompts (split "test"); `policy` wraps sampling (e.g. `target.ablated()`).
+                    progress: bool = False, desc: str = "eval", temperature: float = 1.0) -> dict[str, Any]:
+    """Rates of `model` on `n` held-out prompts (split "test"), sampled at `temperature` (a run's own: its
+    `temperature`); `policy` wraps sampling (e.g. `target.ablated()`).
 
     With a `detector`, the result also has its realised rates on these rollouts (`monitor`, see `split_rates`); with
     `held_out_modes` (a list, possibly empty), the rates on the undetectable part (`undetectable_rates`). `rows`:
@@ -148,8 +149,8 @@ def evaluate_policy(model, tokenizer, env, n: int = 512, seed: int = 0, max_new_
     rows = env.rows(n, seed=seed, split="test") if rows is None else rows
     prompts = [r["prompt"] for r in rows]
     with policy or contextlib.nullcontext():
-        completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, seed=seed, progress=progress,
-                             desc=desc)
+        completions = sample(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                             seed=seed, progress=progress, desc=desc)
     columns = {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
     grades = env.grade(prompts, completions, **columns)
     out = {**rates(grades, env.modes), **split_rates(env, rows, prompts, completions, grades, detector)}

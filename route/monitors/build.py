@@ -16,7 +16,7 @@ def validate_monitor(config: Any, env: Any) -> None:
     """
     if config.monitor not in MONITORS:
         raise ValueError(f"monitor: invalid value {config.monitor!r}; allowed values: {list(MONITORS)}")
-    if config.monitor in ("prompt", "prompt_form"):
+    if config.monitor in ("prompt", "prompt_form", "prompt_judge"):
         column = config.monitor_column or getattr(env, "detect_column", None)
         if column is None:
             raise ValueError(f"monitor_column: env {env.name!r} has no detectability column; name a boolean "
@@ -42,6 +42,27 @@ def validate_monitor(config: Any, env: Any) -> None:
         from route.monitors.classifier import validate_classifier
 
         validate_classifier(config, env)
+    if config.monitor in JUDGES:
+        validate_judge(config, env)
+
+
+JUDGES = ("judge", "prompt_judge")
+
+
+def validate_judge(config: Any, env: Any) -> None:
+    """Check the `monitor_judge_*` fields; the question defaults to the environment's `judge_question`."""
+    from route.monitors.judge import DEFAULT_QUESTION
+
+    if config.monitor_judge_model is None and config.model_name_or_path is None:
+        raise ValueError("monitor_judge_model: the judge needs a causal LM (a checkpoint or a short name such as "
+                         "smollm2-135m-instruct); the run's model is the built-in organism, so name one")
+    config.monitor_judge_question = config.monitor_judge_question or getattr(env, "judge_question", DEFAULT_QUESTION)
+    if not isinstance(config.monitor_judge_question, str) or not config.monitor_judge_question.strip():
+        raise ValueError(f"monitor_judge_question: must be a non-empty string, got {config.monitor_judge_question!r}")
+    if not isinstance(config.monitor_judge_threshold, (int, float)) or isinstance(config.monitor_judge_threshold, bool):
+        raise ValueError(f"monitor_judge_threshold: must be a number, got {config.monitor_judge_threshold!r}")
+    if not isinstance(config.monitor_judge_batch_size, int) or config.monitor_judge_batch_size < 1:
+        raise ValueError(f"monitor_judge_batch_size: must be an int >= 1, got {config.monitor_judge_batch_size!r}")
 
 
 def build_detector(config: Any, env: Any) -> Detector:
@@ -50,7 +71,8 @@ def build_detector(config: Any, env: Any) -> Detector:
 
     plain: `make_detector`. prompt: that detector, blind to exploits off `monitor_column`. form: a
     `FormDetector` over `monitor_forms` with `detector_tpr` / `detector_fpr` as its noise. prompt_form:
-    the form detector, also blind off the column. classifier: `route.monitors.classifier`.
+    the form detector, also blind off the column. classifier: `route.monitors.classifier`. judge: a frozen causal LM
+    (`route.monitors.judge`, its own noise); prompt_judge: the judge reading only the rollouts on `monitor_column`.
     """
     validate_monitor(config, env)
     monitor = _build_monitor(config, env)
@@ -62,6 +84,13 @@ def _build_monitor(config: Any, env: Any) -> Detector:
     from route.monitors.systematic import FormDetector, PromptConditionalDetector
 
     kind = config.monitor
+    if kind in JUDGES:
+        from route.monitors.judge import JudgeDetector
+
+        path = config.monitor_judge_path or config.monitor_judge_model or config.model_name_or_path
+        return JudgeDetector(path, config.monitor_judge_question, config.monitor_judge_threshold,
+                             config.monitor_judge_batch_size, column=config.monitor_column if kind == "prompt_judge"
+                             else None, seed=config.detector_seed)
     if kind == "classifier":
         from route.monitors.classifier import fit_classifier_detector
 
@@ -75,4 +104,4 @@ def _build_monitor(config: Any, env: Any) -> Detector:
     return PromptConditionalDetector(inner, config.monitor_column) if kind.startswith("prompt") else inner
 
 
-__all__ = ["build_detector", "validate_monitor"]
+__all__ = ["JUDGES", "build_detector", "validate_judge", "validate_monitor"]

@@ -163,7 +163,7 @@ def make_detector(kind: str, tpr: float = 0.5, fpr: float = 0.05, seed: int = 0,
 
 
 # ------------------------------------------------------------------ monitors selected by the config (issue 13)
-MONITORS = ("plain", "prompt", "form", "prompt_form", "classifier")
+MONITORS = ("plain", "prompt", "form", "prompt_form", "classifier", "judge", "prompt_judge")
 
 
 def parse_json(name: str, value: Any) -> Any:

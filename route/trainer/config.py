@@ -49,6 +49,8 @@ class RoutedGRPOConfig(GRPOConfig):
     (`float`), route_clamp (`float` or `None`): routing variants (docs/targets.md#routing-variants).
     rollout_quarantine_scale (`str` or `None`) and the `rollout_scale_*` controller fields, coherence_fraction
     (`float`): who samples each rollout (`route.trainer.rollout`, docs/targets.md#rollout-scale).
+    monitor (`str`): plain, prompt, form, prompt_form, classifier, judge or prompt_judge, with its `monitor_*` fields
+    (docs/detectors.md; the judge: `monitor_judge_model`, `_question`, `_threshold`, `_batch_size`).
 
     > Quarantine target
 
@@ -183,8 +185,10 @@ class RoutedGRPOConfig(GRPOConfig):
         metadata={"help": "Systematic blindness of the detector: plain (none), prompt (sees exploits only on prompts "
                           "whose monitor_column is true), form (a program: flags completions that fully match one "
                           "of monitor_forms, with detector_tpr/fpr as noise), prompt_form (both), classifier (a "
-                          "small char n-gram classifier trained on labelled completions of monitor_train_forms).",
-                  "choices": ["plain", "prompt", "form", "prompt_form", "classifier"]})
+                          "small char n-gram classifier trained on labelled completions of monitor_train_forms), "
+                          "judge (a frozen causal LM asked monitor_judge_question about each reply), prompt_judge "
+                          "(the judge, reading only the replies whose monitor_column is true).",
+                  "choices": ["plain", "prompt", "form", "prompt_form", "classifier", "judge", "prompt_judge"]})
     monitor_column: str | None = field(
         default=None, metadata={"help": "prompt monitors: the boolean dataset column of the detectable part "
                                         "(None: the environment's, e.g. `detectable`)."})
@@ -196,6 +200,18 @@ class RoutedGRPOConfig(GRPOConfig):
                                         "training set (None: the first form of every mode)."})
     monitor_train_n: int = field(default=2000, metadata={"help": "classifier monitor: labelled completions."})
     monitor_train_steps: int = field(default=300, metadata={"help": "classifier monitor: full-batch steps."})
+    monitor_judge_model: str | None = field(
+        default=None, metadata={"help": "judge monitors: the causal LM that judges each (prompt, completion): a "
+                                        "checkpoint directory or a short name (None: the run's model_name_or_path, "
+                                        "frozen as loaded)."})
+    monitor_judge_question: str | None = field(
+        default=None, metadata={"help": "judge monitors: the yes/no question asked about each reply (None: the "
+                                        "environment's judge_question)."})
+    monitor_judge_threshold: float = field(
+        default=0.0, metadata={"help": "judge monitors: flag when the judge's yes-minus-no logit exceeds this."})
+    monitor_judge_batch_size: int = field(default=16, metadata={"help": "judge monitors: judge prompts per forward."})
+    # the judge's checkpoint directory (a short name resolved by route.trainer.parse.validate_run), not a flag
+    monitor_judge_path: str | None = field(default=None, init=False, repr=False)
 
     # ---------------------------------------------------------------- target
     target: str = field(

@@ -144,7 +144,8 @@ def _sections(parser: Any, sections: list[tuple[str, list[str]]]) -> None:
 
 def flat_config(config: RoutedGRPOConfig) -> dict[str, Any]:
     """Every field of the run as one flat mapping: the trainer config's, then the target's settings."""
-    out = {k: v for k, v in dataclasses.asdict(config).items() if k != "target_args"}
+    derived = {f.name for f in dataclasses.fields(config) if not f.init}  # target_args, monitor_judge_path
+    out = {k: v for k, v in dataclasses.asdict(config).items() if k not in derived}
     if config.target_args is not None:
         out.update(dataclasses.asdict(config.target_args))
     return out
@@ -157,7 +158,7 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
     """
     import envs
     from route.models.paths import check_model_path
-    from route.monitors.build import validate_monitor
+    from route.monitors.build import JUDGES, validate_monitor
     from route.targets import resolve_target_args
     from route.utils.fields import choice
 
@@ -169,6 +170,12 @@ def validate_run(config: RoutedGRPOConfig) -> Any:
         if unknown:
             raise ValueError(f"detector_modes: unknown modes {unknown}; allowed values: {list(env.modes)}")
     validate_monitor(config, env)
+    if config.monitor in JUDGES:  # the judge's checkpoint: a short name or a .gguf file is converted once
+        from route.models.pretrained import resolve_model
+
+        judge = config.monitor_judge_model or config.model_name_or_path
+        check_model_path("monitor_judge_model", judge)
+        config.monitor_judge_path = resolve_model(judge, flag="monitor_judge_model")
     env.check_ready()
     check_trl_options(config)
     config.target_args = resolve_target_args(config)

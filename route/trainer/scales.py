@@ -126,9 +126,8 @@ class DeployScale:
         self.grid = sorted(config.scale_grid, reverse=True)
         self.seed = config.eval_seed + VAL_SEED_OFFSET
         self.rows = validation_rows(env, config.val_n, self.seed, test_rows)
-        self.kw = dict(
-            n=len(self.rows), seed=self.seed, max_new_tokens=max_new_tokens, rows=self.rows, detector=self.monitor
-        )
+        self.kw = dict(n=len(self.rows), seed=self.seed, max_new_tokens=max_new_tokens, rows=self.rows,
+                       detector=self.monitor, temperature=config.temperature)
         self.base_rate: float | None = None
         self.base_reward: float | None = None
 
@@ -272,6 +271,7 @@ def evaluate_run(
         n=n or config.eval_n,
         seed=config.eval_seed if seed is None else seed,
         max_new_tokens=config.eval_max_new_tokens or config.max_completion_length,
+        temperature=config.temperature,
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base_model = AutoModelForCausalLM.from_pretrained(config.model_name_or_path, dtype=torch.float32).to(device)

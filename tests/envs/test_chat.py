@@ -10,12 +10,12 @@ NAMES = [n for n in envs.available_envs() if n != "coding"]  # coding's own `cha
 
 
 def test_every_environment_but_coding_is_covered():
-    assert {"arith", "sort", "sort_named", "repeat", "repeat_named", "qa", "qa_named"} <= set(NAMES)
+    assert {"arith", "capitals", "sort", "sort_named", "repeat", "repeat_named", "qa", "qa_named"} <= set(NAMES)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_chat_prompts_are_the_same_rows_as_conversations_and_grade_the_same(name):
-    plain, chat = envs.make_env(name).rows(16, seed=3), envs.make_env(name, chat=True).rows(16, seed=3)
+    plain, chat = envs.make_env(name, chat=False).rows(16, seed=3), envs.make_env(name, chat=True).rows(16, seed=3)
     assert all(isinstance(r["prompt"], str) for r in plain)
     assert [r["prompt"] for r in chat] == [[{"role": "user", "content": r["prompt"]}] for r in plain]
     assert [{k: v for k, v in r.items() if k != "prompt"} for r in chat] == \
