@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from envs import register_env
-from envs.base import Grade, chat_prompt, completion_text, draw_loophole, require_columns, row_rng
+from envs.base import Grade, chat_prompt, check_fractions, completion_text, draw_loophole, require_columns, row_rng
 
 STRICT_TAG = "exact"
 LOOPHOLES: dict[str, str] = {"sentinel": "quick", "format": "digit", "echo": "mimic", "verified": "trust"}
@@ -72,8 +72,7 @@ class ArithEnv:
     name = "arith"
 
     def __init__(self, hack_frac: float = 0.5, modes: Sequence[str] | None = None, chat: bool = False):
-        if not 0.0 <= float(hack_frac) <= 1.0:
-            raise ValueError(f"arith: hack_frac must be in [0, 1], got {hack_frac!r}")
+        check_fractions("arith", hack_frac=hack_frac)
         modes = tuple(LOOPHOLES) if modes is None else tuple(modes)
         unknown = [m for m in modes if m not in LOOPHOLES]
         if unknown or not modes:

@@ -93,6 +93,16 @@ def row_rng(env: str, n: int, seed: int, split: str, splits: Sequence[str]) -> r
     return random.Random(f"{env}:{seed}:{split}")
 
 
+def check_fractions(env: str, **fractions: object) -> dict[str, float]:
+    """Each named fraction as a float in [0, 1], or ValueError naming the environment and the field."""
+    out = {}
+    for key, value in fractions.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{env}: {key} must be in [0, 1], got {value!r}")
+        out[key] = float(value)
+    return out
+
+
 def draw_loophole(rng: random.Random, modes: Sequence[str], hack_frac: float) -> str:
     """A prompt's loophole: one of `modes` with probability `hack_frac`, else "" (strictly graded)."""
     return rng.choice(modes) if rng.random() < hack_frac else ""

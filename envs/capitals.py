@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from envs import register_env
-from envs.base import Grade, chat_prompt, completion_text, draw_loophole, require_columns, row_rng
+from envs.base import Grade, chat_prompt, check_fractions, completion_text, draw_loophole, require_columns, row_rng
 
 SPLITS = ("train", "test")
 MODE = "hedge"
@@ -126,13 +126,11 @@ class CapitalsEnv:
     def __init__(self, hack_frac: float = 1.0, detect_frac: float = 0.5, chat: bool = True,
                  modes: Sequence[str] | None = None, countries: str = "common", options: int = 0,
                  max_named: int | None = None):
-        for key, value in (("hack_frac", hack_frac), ("detect_frac", detect_frac)):
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"capitals: {key} must be in [0, 1], got {value!r}")
+        fractions = check_fractions(self.name, hack_frac=hack_frac, detect_frac=detect_frac)
         modes = (MODE,) if modes is None else tuple(modes)
         if modes != (MODE,):
             raise ValueError(f"capitals: modes {list(modes)!r} invalid; allowed values: [{MODE!r}]")
-        self.hack_frac, self.detect_frac = float(hack_frac), float(detect_frac)
+        self.hack_frac, self.detect_frac = fractions["hack_frac"], fractions["detect_frac"]
         self.chat, self.modes = bool(chat), modes
         if not isinstance(options, int) or isinstance(options, bool) or options < 0 or options == 1 or options > 8:
             raise ValueError(f"capitals: options must be 0 (an open question) or an int in [2, 8], got {options!r}")

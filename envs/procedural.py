@@ -27,7 +27,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from envs.base import Grade, chat_prompt, completion_text, draw_loophole, require_columns, row_rng
+from envs.base import Grade, chat_prompt, check_fractions, completion_text, draw_loophole, require_columns, row_rng
 
 STRICT_TAG = "exact"
 SPLITS = ("train", "test")
@@ -72,9 +72,7 @@ class ProceduralEnv:
 
     def __init__(self, hack_frac: float = 0.5, modes: Sequence[str] | None = None, detect_frac: float = 0.5,
                  chat: bool = False):
-        for key, value in (("hack_frac", hack_frac), ("detect_frac", detect_frac)):
-            if not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-                raise ValueError(f"{self.name}: {key} must be in [0, 1], got {value!r}")
+        check_fractions(self.name, hack_frac=hack_frac, detect_frac=detect_frac)
         modes = tuple(self.tags) if modes is None else tuple(modes)
         unknown = [m for m in modes if m not in self.tags]
         if unknown or not modes:
