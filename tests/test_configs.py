@@ -59,7 +59,10 @@ def test_config_parses(path, tmp_path, monkeypatch, real_model_packages):
         assert cells
         first = tmp_path / "cell.yaml"
         first.write_text(dump_yaml(cells[0].values))
-        parse_config(["--config", str(first)])
+        gpu = bool(cells[0].values.get("bf16"))
+        if gpu:
+            assert path.read_text().startswith(GPU_ONLY), f"{path.name}: a sweep of a bf16 config must be marked"
+        parse_config(["--config", str(first), *(["--bf16", "false"] if gpu else [])])
     elif what in ("iav", "mav"):
         from route.models.heads.train import parse_config
 
@@ -89,7 +92,7 @@ def test_config_parses(path, tmp_path, monkeypatch, real_model_packages):
 
 
 GPU_CONFIGS = {"gpu_smollm2_vllm.yaml": "smollm2-135m-instruct", "gpu_qwen05b_vllm.yaml": "Qwen/Qwen2.5-0.5B-Instruct",
-               "gpu_qwen15b_vllm.yaml": "Qwen/Qwen2.5-1.5B-Instruct"}
+               "gpu_qwen15b_vllm.yaml": "Qwen/Qwen2.5-1.5B-Instruct", "real_gpu.yaml": "Qwen/Qwen2.5-0.5B-Instruct"}
 
 
 @pytest.mark.parametrize("name", list(GPU_CONFIGS))

@@ -176,3 +176,17 @@ def test_cli_writes_json_and_markdown(tmp_path):
     assert data["selection"]["sort_named"]["penalty"]["selected"] == "default"
     assert "NaN" not in (tmp_path / "out" / "select.json").read_text()  # strict JSON
     assert "Route / penalty" in (tmp_path / "out" / "select.md").read_text()
+
+
+def test_each_configuration_reports_its_mean_wall_time_per_run():
+    results = grid(p=(("penalty",), {}), r=(("route",), dict(route_weight=4.0)))
+    for i, r in enumerate(results):  # penalty runs 60 s, 120 s, ...; route runs take 10 minutes each
+        r["seconds"] = {"total": 600.0 if r["config"]["intervention"] == "route" else 60.0 * (i + 1)}
+    results[0].pop("seconds")  # a run written before results.json kept its time counts as unknown, not as zero
+    rep = selection.summarise(results, n_boot=50)["envs"]["sort_named"]
+    assert rep["all"]["route"]["minutes"] == pytest.approx(10.0)
+    assert rep["all"]["penalty"]["minutes"] != rep["all"]["penalty"]["minutes"]  # NaN: one run has no time
+    del results[0]
+    rep = selection.summarise(results, n_boot=50)["envs"]["sort_named"]
+    assert rep["all"]["penalty"]["minutes"] == pytest.approx((2 + 3 + 4 + 5) / 4)
+    assert "| minutes per run |" in selection.markdown(selection.summarise(results, n_boot=50))

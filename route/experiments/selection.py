@@ -128,17 +128,20 @@ def markdown(summary: dict[str, Any]) -> str:
                              f"{', '.join(f'{s:g}' for s in c['picked_scales'])} | "
                              f"{'yes' if c['configuration'] == p['selected'] else ''} |")
         b = rep["base"]
-        lines += ["", f"Deployed, test split (mean over seeds, 95% bootstrap interval); base organism: solve "
-                  f"{b['solve']:.3f}, hack {b['hack']:.3f} (detectable {b.get('hack_detectable', float('nan')):.3f}"
-                  f", undetectable {b.get('hack_undetectable', float('nan')):.3f}):", "",
+        lines += ["", "Deployed, test split (mean over seeds, 95% bootstrap interval); base model (the runs' starting "
+                  f"policy): solve {b['solve']:.3f}, hack {b['hack']:.3f} (detectable "
+                  f"{b.get('hack_detectable', math.nan):.3f}, undetectable "
+                  f"{b.get('hack_undetectable', math.nan):.3f}):",
+                  "",
                   "| arm | seeds | solve | hack | hack detectable | hack undetectable |", "|---|---|---|---|---|---|"]
         for arm, s in rep["selected"].items():
             lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS) + " |")
         lines += ["", "Every configuration, test split (not read by the selection):", "",
-                  "| arm, configuration | seeds | solve | hack | hack detectable | hack undetectable |",
-                  "|---|---|---|---|---|---|"]
+                  "| arm, configuration | seeds | solve | hack | hack detectable | hack undetectable "
+                  "| minutes per run |", "|---|---|---|---|---|---|---|"]
         for arm, s in rep["all"].items():
-            lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS) + " |")
+            lines.append(f"| {arm} | {len(s['seeds'])} | " + " | ".join(fmt(s[k]) for k in STATS)
+                         + f" | {s['minutes']:.1f} |")
         if "headline" in rep:
             h = rep["headline"]
             met = ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in h["goal"].items())

@@ -49,8 +49,10 @@ def deployed(result: dict[str, Any], at_picked: bool = True) -> dict[str, float]
 
 
 def stats_over_seeds(runs: dict[int, dict], n_boot: int, at_picked: bool = True) -> dict[str, Any]:
-    """{"seeds", stat: (mean, low, high)} of the deployed policy over a configuration's runs (bootstrap over seeds)."""
-    return {"seeds": sorted(runs),
+    """{"seeds", stat: (mean, low, high)} of the deployed policy over a configuration's runs (bootstrap over seeds),
+    and "minutes": the mean wall time of a run (`seconds.total` of results.json; NaN when a run has none)."""
+    minutes = [r.get("seconds", {}).get("total", math.nan) / 60 for r in runs.values()]
+    return {"seeds": sorted(runs), "minutes": sum(minutes) / len(minutes),
             **{s: bootstrap([deployed(r, at_picked)[s] for r in runs.values()], n_boot) for s in STATS}}
 
 
