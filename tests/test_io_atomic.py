@@ -138,3 +138,23 @@ def test_pop_config_arg_refuses_a_missing_file_before_any_heavy_import(tmp_path)
     assert pop_config_arg(["--seed", "2"], default="d.yaml") == ("d.yaml", ["--seed", "2"])
     with pytest.raises(ValueError, match="--config: no such file: nope.yaml"):
         pop_config_arg(["--config", "nope.yaml"])
+
+
+def test_a_figure_that_fails_to_render_leaves_the_old_png_and_is_closed(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "plots" / "curve.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    assert rio.save_figure(fig, path, dpi=50) == path and path.read_bytes().startswith(b"\x89PNG")
+    assert not plt.fignum_exists(fig.number)  # closed after saving
+    old = path.read_bytes()
+    bad, ax = plt.subplots()
+    ax.set_title("$\\unknowncommand$")  # mathtext fails inside savefig, after the temporary file was opened
+    with pytest.raises(ValueError):
+        rio.save_figure(bad, path, dpi=50)
+    assert path.read_bytes() == old and not plt.fignum_exists(bad.number)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["curve.png"]  # no temporary file left behind

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from route.experiments.report import arm_labels, group_arms, load
-from route.utils.io import write_json_atomic, write_text_atomic
+from route.utils.io import save_figure, write_json_atomic, write_text_atomic
 
 STATS = ("solve", "hack", "hack_known", "hack_held_out")
 
@@ -202,11 +202,7 @@ def plot_curves(data: dict[str, dict[str, list[tuple[int, float]]]], path: Path)
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def _result_paths(inputs: Sequence[str]) -> list[Path]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from route.utils.errors import ArgumentParser, check_paths, cli
-from route.utils.io import write_json_atomic
+from route.utils.io import save_figure, write_json_atomic
 
 SETTINGS = {"penalty": "penalty", "filter": "detector_tpr", "none": "detector_tpr"}  # route: quarantine scale
 PANELS = (("all", "all test prompts"), ("detectable", "detectable part"), ("undetectable", "undetectable part"))
@@ -236,9 +236,7 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=min(3, len(labels)), fontsize=7)
     fig.suptitle(f"{title}: each arm over its setting (labels), mean and seed range; upper left is better")
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def usable(result: dict[str, Any]) -> bool:

@@ -39,7 +39,7 @@ from typing import Any
 
 from route.models.evaluate import steps_to_threshold
 from route.utils.errors import ArgumentParser, UsageError, at_least, check_paths, cli, naming
-from route.utils.io import check_checkpoint, write_csv, write_json_atomic
+from route.utils.io import check_checkpoint, save_figure, write_csv, write_json_atomic
 from route.utils.kernels import adamw_kwargs
 from route.utils.threads import configure_threads
 
@@ -256,10 +256,7 @@ def plot_relearn(rows: list[dict[str, Any]], path: str | Path, threshold: float,
         ax.set_title(name)
     axes[0].legend(fontsize=8)
     fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def write_outputs(out: Path, rows: list[dict[str, Any]], threshold: float, title: str) -> list[dict[str, Any]]:

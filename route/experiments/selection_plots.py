@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from route.utils.io import atomic_file
+from route.utils.io import save_figure
 
 HACK_LIM = (1e-2, 20.0)  # log axis; ratios outside are drawn at the edge
 SOLVE_LIM = (0.0, 2.0)
@@ -83,8 +83,5 @@ def plot_ratios(summary: dict[str, Any], path: Path) -> bool:
         ax_s.set_title(f"{env}: deployed solve, route / penalty (goal >= 0.95)", fontsize=9)
     fig.suptitle("route (its selected configuration, at the rule's scale) against every penalty lambda; red: the "
                  "selected lambda, black: over organisms; 95% bootstrap intervals", fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return True

@@ -17,6 +17,7 @@ from typing import Any
 
 from route.experiments.compare import bootstrap, fmt
 from route.experiments.relearn import picked_scale
+from route.utils.io import save_figure
 
 
 def relearn_arms(dirs: Sequence[str | Path], n_boot: int = 10_000) -> dict[str, Any]:
@@ -82,9 +83,7 @@ def plot_relearn_arms(dirs: Sequence[str | Path], path: Path) -> Path | None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Relearn probes from each arm's deployed model: mean over seeds")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def relearn_markdown(table: dict[str, Any]) -> str:

@@ -15,6 +15,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from route.utils.io import save_figure
+
 MEASURES = (("deployed_hack_rate", "all prompts"), ("deployed_hack_known", "known-mode prompts"),
             ("deployed_hack_held_out", "held-out-mode prompts"))
 
@@ -76,10 +78,7 @@ def plot_heatmap(rows: list[dict[str, Any]], path: str | Path) -> Path | None:
                 ax.set_title(arm)
         fig.colorbar(im, ax=list(axes[i]), label=f"deployed hack rate\n({label})", shrink=0.9)
     fig.suptitle("Deployed (ablated) policy: hack rate on test prompts by detector quality")
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)
 
 
 def _avg(values: list[float] | None) -> float:
@@ -115,7 +114,4 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8, title="intervention", title_fontsize=8)
     fig.suptitle("Deployed policy, one point per cell (labels: detector TPR/FPR); lower right is better")
-    path = Path(path)
-    fig.savefig(path, dpi=130)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=130)

@@ -351,7 +351,7 @@ def plot_scales(points: Sequence[dict], path: str | os.PathLike, base: dict | No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from route.utils.io import atomic_file
+    from route.utils.io import save_figure
 
     xs = [p["scale"] for p in points]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -371,9 +371,7 @@ def plot_scales(points: Sequence[dict], path: str | os.PathLike, base: dict | No
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=130)
-    plt.close(fig)
+    save_figure(fig, path, dpi=130)
 
 
 __all__ = [

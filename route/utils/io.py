@@ -59,6 +59,19 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
         f.write("\n")
 
 
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Write a matplotlib figure to `path` atomically (format from the suffix, PNG by default) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_file(path, "wb") as f:
+            fig.savefig(f, format=path.suffix.lstrip(".") or "png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def torch_save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """`torch.save(obj)` to `path` atomically (`atomic_file`)."""
     import torch

@@ -21,6 +21,7 @@ import torch
 
 from route.models.heads import task
 from route.utils.errors import ArgumentParser, at_least, check_paths, cli
+from route.utils.io import save_figure
 from route.utils.threads import THREADS_DEFAULT, configure_threads
 
 
@@ -145,11 +146,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path, dpi=120)
 
 
 @cli("route heads-evaluate")

@@ -32,7 +32,7 @@ from route.masks.optim import build_optimizer
 from route.models.sgtm.config import PretrainConfig, parse_pretrain_config
 from route.models.sgtm.data import KINDS, char_tokenizer, load_texts, noisy_labels, pack, procedural_texts
 from route.utils.errors import cli
-from route.utils.io import write_json_atomic
+from route.utils.io import save_figure, write_json_atomic
 from route.utils.threads import configure_threads
 
 RUNS = ("sgtm", "filter", "none")
@@ -260,8 +260,7 @@ def plot(results: dict, path: Path) -> None:
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def run(cfg: PretrainConfig, progress: bool = True) -> dict:

@@ -36,7 +36,7 @@ from route.models.tiered.layout import model_layout
 from route.models.tiered.permute import apply_key, keyed_masks, unapply_key
 from route.models.tiered.train import lm_loss, two_pass_step
 from route.utils.errors import cli
-from route.utils.io import atomic_dir, write_json_atomic
+from route.utils.io import atomic_dir, save_figure, write_json_atomic
 from route.utils.kernels import adamw_kwargs
 from route.utils.threads import configure_threads
 
@@ -213,19 +213,8 @@ def plot(runs: dict, path: Path) -> None:
         ax.set(title=f"held-out loss on {kind} data", xlabel="step", ylabel="loss (nats/char)")
         ax.legend()
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
-
-def save_figure(fig, path: Path) -> None:
-    """Save a matplotlib figure as PNG atomically (a temporary file and a rename) and close it."""
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
 
 
 def run(cfg: TieredConfig) -> dict:

@@ -36,9 +36,10 @@ from route.models.tiered.config import TieredConfig
 from route.models.tiered.data import build_data, sample
 from route.models.tiered.key import PermutationKey, load_key
 from route.models.tiered.permute import apply_key
-from route.models.tiered.pretrain import build_model, evaluate, save_figure
+from route.models.tiered.pretrain import build_model, evaluate
 from route.models.tiered.train import lm_loss
 from route.utils.errors import ArgumentParser, check_paths, cli
+from route.utils.io import save_figure
 from route.utils.kernels import adamw_kwargs
 from route.utils.threads import THREADS_DEFAULT, configure_threads
 
@@ -159,7 +160,7 @@ def plot_extract(rows: list[dict], threshold: float, path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def run_leak(args: argparse.Namespace) -> list[dict]:
@@ -221,7 +222,7 @@ def plot_leak(summary: list[dict], path: Path) -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 @cli("route tiered-probes")
