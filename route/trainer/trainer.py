@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -67,15 +66,15 @@ from trl import GRPOTrainer
 from trl.trainer import grpo_trainer
 
 import envs
-from route.masks import DEFAULT, EXCLUSIVE, FORGET, RETAIN
 from route.masks.optim import build_optimizer, unwrap_optimizer
 from route.monitors.build import build_detector
-from route.monitors.detectors import Detector, call_detector, realised_rates
-from route.monitors.systematic import detector_parts, realised_by_part
+from route.monitors.detectors import Detector, call_detector
+from route.monitors.systematic import detector_parts
 from route.targets import RoutingRows, Target, TargetArgs, build_target, check_target, checkpointing, configure_routing
 from route.targets.absorption import AbsorptionMeter, hack_mode_codes
 from route.trainer.config import RoutedGRPOConfig, check_vllm_config
 from route.trainer.logprobs import install_unfused_log_probs
+from route.trainer.metrics import log_monitor, log_routing
 from route.trainer.parse import validate_run
 from route.trainer.policy import filter_advantages, penalize_rewards, routing_modes
 from route.trainer.rollout import RolloutPlan, RolloutSampler, sampling_context, scored_as_gate
@@ -263,47 +262,16 @@ class RoutedGRPOTrainer(GRPOTrainer):
         all_grades, all_flags = gather_object(grades), gather_object(flags)
         if self.args.intervention == "penalty":
             penalize_rewards(rewards_per_func, all_flags, self.args.penalty, float(self.reward_weights[0]))
-        self._log_routing(all_grades, all_flags, gather_object(modes.tolist()),
-                          gather_object(parts) if parts is not None else None)
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        log_routing(metrics, all_grades, all_flags, gather_object(modes.tolist()),
+                    gather_object(parts) if parts is not None else None, self.env.modes,
+                    exclusive=self.args.routing == "exclusive")
         monitor_flags = getattr(self.detector, "monitor_flags", None)  # a flag control's real monitor
         if monitor_flags is not None:
-            self._log_monitor(all_grades, gather_object(monitor_flags))
+            log_monitor(metrics, all_grades, gather_object(monitor_flags))
         if self._plan is not None and self.model.training:
             self.rollout.observe(all_flags, self._plan, self._metrics["train"])
         return rewards_per_func
-
-    def _log_monitor(self, grades, monitor_flags) -> None:
-        """Under a flag control (`flag_control`), the real monitor's rates beside the control's `routing/*`."""
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        r = realised_rates(grades, monitor_flags)
-        metrics["routing/monitor/flag_rate"].append(r["flag_rate"])
-        for key, n in (("tpr", "n_exploited"), ("fpr", "n_clean")):
-            if r[n]:
-                metrics[f"routing/monitor/realised_{key}"].append(r[key])
-
-    def _log_routing(self, grades, flags, modes, parts=None) -> None:
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        for part, r in realised_by_part(grades, flags, parts).items() if parts is not None else ():
-            metrics[f"routing/hack_rate/{part}"].append(r["hack_rate"])
-            if r["n_exploited"]:
-                metrics[f"routing/realised_tpr/{part}"].append(r["tpr"])
-        n = len(grades)
-        r = realised_rates(grades, flags)
-        metrics["routing/flag_rate"].append(r["flag_rate"])
-        if r["n_exploited"]:
-            metrics["routing/realised_tpr"].append(r["tpr"])
-        if r["n_clean"]:
-            metrics["routing/realised_fpr"].append(r["fpr"])
-        counts = Counter(modes)
-        names = ((FORGET, "forget"), (RETAIN, "retain"), (DEFAULT, "default"))
-        for code, name in names + (((EXCLUSIVE, "exclusive"),) if self.args.routing == "exclusive" else ()):
-            metrics[f"routing/frac_{name}"].append(counts.get(code, 0) / n)
-        metrics["env/solve_rate"].append(sum(g.solved for g in grades) / n)
-        metrics["env/hack_rate"].append(sum(g.exploited for g in grades) / n)
-        for mode in self.env.modes:
-            on_mode = [g.exploited for g in grades if g.mode == mode]
-            if on_mode:
-                metrics[f"env/hack_rate/{mode}"].append(sum(on_mode) / len(on_mode))
 
     def _get_per_token_logps_and_entropies(self, model, *args, **kwargs):
         # With vLLM's IS correction on, TRL's scoring forward is the numerator of its ratio against the sampling
