@@ -64,7 +64,8 @@ def test_a_routing_setting_at_its_default_joins_runs_written_before_it_existed()
 
 def test_seeds_output_dir_and_logging_do_not_split_an_arm():
     rs = [result("route", 0.5, 0.2, seed=s, detector_seed=s, output_dir=f"runs/{s}", absorption_metrics=s == 1,
-                 disable_tqdm=s == 2) for s in range(3)]
+                 disable_tqdm=s == 2, resume_from_checkpoint=f"runs/{s}/checkpoint-10" if s == 0 else None)
+          for s in range(3)]  # seed 0 was interrupted and resumed by its sweep: the same arm
     for s, r in enumerate(rs):  # the base row's monitor entry depends on the detector seed: not a different base
         r["base"] = {**r["base"], "monitor": {"flag_rate": 0.1 * s}}
     rows = _arm_rows(table(rs))

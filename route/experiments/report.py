@@ -56,9 +56,10 @@ def arm_label(config: dict) -> str:
             f"fpr {config.get('detector_fpr')}{''.join(', ' + e for e in extra)})")
 
 
-# Fields that vary between seeds of one arm, or only say where a run was written: ignored when grouping.
+# Fields that vary between seeds of one arm, or only say where a run was written or resumed from (an interrupted
+# sweep cell resumes from its last checkpoint): ignored when grouping.
 SEED_FIELDS = ("seed", "detector_seed", "data_seed")
-LOCATION_FIELDS = ("output_dir", "logging_dir", "run_name")
+LOCATION_FIELDS = ("output_dir", "logging_dir", "run_name", "resume_from_checkpoint")
 # Fields that change what a run logs or shows, not what it trains: runs that differ only in them are one arm.
 LOGGING_FIELDS = ("absorption_metrics", "disable_tqdm", "logging_steps", "report_to")
 
