@@ -192,16 +192,19 @@ def plot_curves(data: dict[str, dict[str, list[tuple[int, float]]]], path: Path)
     names = sorted(data)
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    arms = sorted({arm for curves in data.values() for arm in curves})
+    colors = {arm: plt.get_cmap("tab10" if len(arms) <= 10 else "tab20")(i) for i, arm in enumerate(arms)}
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows + 0.25 * len(arms)), squeeze=False,
+                             layout="constrained")
     for ax, name in zip(axes.flat, names):
-        for arm, pts in sorted(data[name].items()):
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=arm)
+        for arm, pts in sorted(data[name].items()):  # one colour per arm in every panel
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=colors[arm], label=arm)
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    axes.flat[0].legend(fontsize=7)
-    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=colors[arm]) for arm in arms]
+    fig.legend(handles, arms, loc="outside lower center", fontsize=7, ncol=1 if len(arms) > 4 else len(arms))
     return save_figure(fig, path, dpi=110)
 
 
